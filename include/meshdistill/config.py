@@ -1,0 +1,48 @@
+"""Settings from the environment.
+
+Secrets (database passwords, the NCBI API key) only ever come from here or from Airflow
+connections resolved by the DAG files; they are never logged (``repr`` hides them).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFAULT_EUTILS_URL = "https://eutils.ncbi.nlm.nih.gov/entrez/eutils/"
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    value = os.environ.get(name)
+    return value if value not in (None, "") else default
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything configurable, read once from the environment."""
+
+    home: Path
+    database_url: str | None = field(default=None, repr=False)
+    ncbi_email: str | None = None
+    ncbi_tool: str = "meshdistill"
+    ncbi_api_key: str | None = field(default=None, repr=False)
+    eutils_url: str = DEFAULT_EUTILS_URL
+    mesh_cache: Path | None = None
+
+    @classmethod
+    def from_env(cls) -> Settings:
+        home = Path(_env("MESHDISTILL_HOME", ".meshdistill") or ".meshdistill").resolve()
+        return cls(
+            home=home,
+            database_url=_env("MESHDISTILL_DATABASE_URL") or _env("AIRFLOW_CONN_MESHDISTILL_DB"),
+            ncbi_email=_env("NCBI_EMAIL"),
+            ncbi_tool=_env("NCBI_TOOL", "meshdistill") or "meshdistill",
+            ncbi_api_key=_env("NCBI_API_KEY"),
+            eutils_url=_env("MESHDISTILL_EUTILS_URL", DEFAULT_EUTILS_URL) or DEFAULT_EUTILS_URL,
+            mesh_cache=Path(p) if (p := _env("MESHDISTILL_MESH_CACHE")) else None,
+        )
+
+    @property
+    def mesh_cache_dir(self) -> Path:
+        return self.mesh_cache or self.home / "mesh"

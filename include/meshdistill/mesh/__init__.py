@@ -1,0 +1,1 @@
+"""NLM MeSH: release file readers, joining of sources, tree operations, subtree queries."""

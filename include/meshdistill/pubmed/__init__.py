@@ -1,0 +1,1 @@
+"""PubMed: the MEDLINE XML parser, the E-utilities client, loading and ingestion."""

@@ -1,0 +1,58 @@
+"""An embedded PostgreSQL (``pgserver``) for machines without a configured server.
+
+The server is started once under ``MESHDISTILL_HOME/pgdata`` and left running
+(``cleanup_mode=None``) so that every CLI command, Airflow task and test that follows
+reuses it instead of paying the start-up again; ``meshdistill db down`` stops it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+DATABASE_NAME = "meshdistill"
+
+
+def pgdata_dir(home: Path) -> Path:
+    return home / "pgdata"
+
+
+def start(home: Path) -> str:
+    """Start (or find running) the embedded server and return a SQLAlchemy URL for it."""
+    # XDG_RUNTIME_DIR unset makes platformdirs warn on every start; pgserver only needs a
+    # writable runtime directory for its lock files.
+    os.environ.setdefault("XDG_RUNTIME_DIR", str(home / "run"))
+    (home / "run").mkdir(parents=True, exist_ok=True)
+    import pgserver  # imported lazily: it is only needed when no DSN is configured
+
+    pgdata = pgdata_dir(home)
+    pgdata.parent.mkdir(parents=True, exist_ok=True)
+    server = pgserver.get_server(pgdata, cleanup_mode=None)
+    exists = server.psql(
+        f"SELECT 1 FROM pg_database WHERE datname = '{DATABASE_NAME}';"
+    )
+    if "(1 row)" not in exists:
+        server.psql(f"CREATE DATABASE {DATABASE_NAME};")
+        log.info("created database %s in embedded PostgreSQL at %s", DATABASE_NAME, pgdata)
+    uri: str = server.get_uri(DATABASE_NAME)
+    return uri.replace("postgresql://", "postgresql+psycopg2://", 1)
+
+
+def stop(home: Path) -> bool:
+    """Stop the embedded server if it runs; True when one was stopped."""
+    pgdata = pgdata_dir(home)
+    if not (pgdata / "postmaster.pid").exists():
+        return False
+    import pgserver
+
+    pg_ctl = Path(pgserver.__file__).parent / "pginstall" / "bin" / "pg_ctl"
+    cmd = [str(pg_ctl), "-D", str(pgdata), "-m", "fast", "-w", "stop"]
+    if os.geteuid() == 0:
+        # pgserver runs the server as its own unprivileged user when started by root.
+        cmd = ["su", "pgserver", "-s", "/bin/sh", "-c", " ".join(cmd)]
+    subprocess.run(cmd, check=True, capture_output=True)
+    return True
