@@ -25,8 +25,12 @@ def start(home: Path) -> str:
     """Start (or find running) the embedded server and return a SQLAlchemy URL for it."""
     # XDG_RUNTIME_DIR unset makes platformdirs warn on every start; pgserver only needs a
     # writable runtime directory for its lock files.
-    os.environ.setdefault("XDG_RUNTIME_DIR", str(home / "run"))
-    (home / "run").mkdir(parents=True, exist_ok=True)
+    run_dir = home / "run"
+    run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    run_dir.chmod(0o700)
+    os.environ.setdefault("XDG_RUNTIME_DIR", str(run_dir))
+    # pgserver logs every command line and its full output at INFO.
+    logging.getLogger("pgserver").setLevel(logging.WARNING)
     import pgserver  # imported lazily: it is only needed when no DSN is configured
 
     pgdata = pgdata_dir(home)

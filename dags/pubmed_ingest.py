@@ -1,0 +1,99 @@
+"""Daily PubMed ingestion, one mapped task per MeSH subtree."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pendulum
+from airflow.sdk import Param, dag, get_current_context, task
+from meshdistill_airflow import (
+    ARTICLES,
+    DEFAULT_ARGS,
+    SUBTREE_PATTERN,
+    database_url,
+    ncbi_credentials,
+    window,
+)
+
+from meshdistill import pipeline
+
+DOC = """
+### pubmed_ingest
+Pulls what PubMed added or revised, per MeSH subtree, into the pipeline database.
+
+- **source = `eutils`** (default): for each subtree, `esearch "<descriptor>"[MeSH Terms]`
+  over the run's data interval (Entrez date `edat`, or `mdat` for revisions) on NCBI's
+  history server, then `efetch` in batches. Windows holding more than 9,999 records are
+  split until each part fits. The subtree's watermark advances only when every id esearch
+  counted was fetched. All mapped tasks share one NCBI rate limit (3 requests/s, 10 with
+  an API key), kept in Postgres; the `ncbi` pool caps how many run at once.
+- **source = `files`**: loads the given MEDLINE baseline/update files (in order; update
+  files carry deletions), then reports per-subtree counts.
+
+Backfills just work: `airflow backfill create --dag-id pubmed_ingest --from-date ... --to-date ...`
+gives each run its own window, and loads are idempotent. A manual run without a data
+interval continues from each subtree's watermark.
+
+Credentials: connection `meshdistill_ncbi` (login = e-mail, password = API key), or the
+`NCBI_EMAIL`/`NCBI_API_KEY` environment variables. Database: connection `meshdistill_db`.
+Each mapped task is named by its tree number and updates the asset `meshdistill://articles`.
+"""
+
+
+@dag(
+    dag_id="pubmed_ingest",
+    schedule="@daily",
+    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+    catchup=False,
+    max_active_runs=1,
+    default_args=DEFAULT_ARGS,
+    tags=["meshdistill", "pubmed", "ingest"],
+    doc_md=DOC,
+    params={
+        "subtrees": Param(["C04"], type="array", minItems=1,
+                          items={"type": "string", "pattern": SUBTREE_PATTERN},
+                          description="MeSH tree-number prefixes, e.g. C04 (Neoplasms)"),
+        "source": Param("eutils", enum=["eutils", "files"],
+                        description="E-utilities, or local MEDLINE XML files"),
+        "files": Param([], type="array", items={"type": "string"},
+                       description="baseline/update files when source = files, in order"),
+        "datetype": Param("edat", enum=["edat", "mdat"],
+                          description="window on Entrez date (new) or modification date"),
+    },
+)
+def pubmed_ingest() -> None:
+    @task
+    def validate_subtrees(params: dict[str, Any] | None = None) -> list[str]:
+        assert params is not None
+        return pipeline.validate_subtrees(params["subtrees"], database_url())
+
+    @task
+    def load_files(params: dict[str, Any] | None = None) -> dict[str, Any] | None:
+        assert params is not None
+        if params["source"] != "files":
+            return None
+        return pipeline.load_pubmed_files(params["files"], database_url())
+
+    @task(pool="ncbi", map_index_template="{{ subtree }}", outlets=[ARTICLES])
+    def ingest_subtree(subtree: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
+        assert params is not None
+        context = get_current_context()
+        context["subtree"] = subtree  # type: ignore[typeddict-unknown-key]
+        if params["source"] == "files":
+            return pipeline.subtree_counts(subtree, database_url())
+        start, end = window(context)
+        return pipeline.ingest_subtree_window(
+            subtree,
+            start,
+            end,
+            database_url=database_url(),
+            datetype=params["datetype"],
+            **ncbi_credentials(),
+        )
+
+    subtrees = validate_subtrees()
+    load_files() >> subtrees
+    ingest_subtree.expand(subtree=subtrees)
+
+
+pubmed_ingest()

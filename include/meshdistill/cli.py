@@ -1,0 +1,288 @@
+"""The ``meshdistill`` command: every pipeline step without Airflow (and the demo's engine).
+
+Errors a user can act on (:class:`MeshDistillError`) print one line and exit 2;
+progress goes to stderr as log lines, results to stdout (``--json`` where it helps).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+from meshdistill.config import Settings
+from meshdistill.errors import MeshDistillError
+
+log = logging.getLogger("meshdistill")
+
+
+def _print_json(data: Any) -> None:
+    json.dump(data, sys.stdout, indent=2, default=str)
+    sys.stdout.write("\n")
+
+
+# --- db -------------------------------------------------------------------------------
+
+
+def cmd_db(args: argparse.Namespace) -> int:
+    from meshdistill.store import embedded
+    from meshdistill.store.db import get_engine, resolve_database_url, safe_url
+    from meshdistill.store.migrate import current_revision
+
+    settings = Settings.from_env()
+    if args.action == "down":
+        stopped = embedded.stop(settings.home)
+        print("embedded PostgreSQL stopped" if stopped else "embedded PostgreSQL was not running")
+        return 0
+    url = resolve_database_url(settings=settings)
+    engine = get_engine(url)  # migrates
+    where = "embedded" if not settings.database_url else "configured"
+    print(f"database ({where}): {safe_url(url)}")
+    print(f"schema revision: {current_revision(engine)}")
+    return 0
+
+
+# --- mesh -----------------------------------------------------------------------------
+
+
+def cmd_mesh_load(args: argparse.Namespace) -> int:
+    from meshdistill.mesh.load import load_sources
+    from meshdistill.mesh.sources import nlm_release_urls
+    from meshdistill.store import connect
+
+    settings = Settings.from_env()
+    sources = args.sources or nlm_release_urls(args.year or date.today().year)
+    t0 = time.perf_counter()
+    with connect() as conn:
+        out = load_sources(
+            conn, sources, settings.mesh_cache_dir, year=args.year, replace_trees=args.replace
+        )
+    out["seconds"] = round(time.perf_counter() - t0, 2)
+    if args.json:
+        _print_json(out)
+    else:
+        counts, report = out["counts"], out["report"]
+        print(
+            f"MeSH {report['year']}: {counts['descriptors']} descriptors, "
+            f"{counts['tree_numbers']} tree numbers, {counts['entry_terms']} entry terms "
+            f"({out['seconds']}s)"
+        )
+        if report["names_unjoined"]:
+            sample = ", ".join(report["names_unjoined_sample"][:5])
+            print(
+                f"  {report['tree_numbers_unjoined']} tree numbers ({report['names_unjoined']} "
+                f"names) found no descriptor UI in these sources, e.g. {sample}; "
+                f"{counts['tree_numbers_unjoined']} still without UI after joining with the "
+                f"database (article headings supply more as they load)"
+            )
+    return 0
+
+
+def cmd_mesh_subtree(args: argparse.Namespace) -> int:
+    from meshdistill.mesh.subtree import get_subtree
+    from meshdistill.store import connect
+
+    with connect() as conn:
+        sub = get_subtree(conn, args.prefix)
+    if args.json:
+        _print_json(sub.as_dict())
+    else:
+        path = " > ".join([*sub.ancestry, sub.name or sub.prefix])
+        print(f"{sub.prefix}  {path}  ({sub.ui or 'no UI'})")
+        print(f"  {sub.tree_numbers} tree numbers, {sub.descriptors} descriptors")
+        if sub.scope_note:
+            print(f"  {sub.scope_note}")
+    return 0
+
+
+# --- pubmed ---------------------------------------------------------------------------
+
+
+def cmd_pubmed_parse(args: argparse.Namespace) -> int:
+    from meshdistill.pubmed.parser import iter_records
+    from meshdistill.pubmed.records import Skip
+
+    out = sys.stdout if args.out == "-" else open(args.out, "w", encoding="utf-8")  # noqa: SIM115
+    failed = 0
+    try:
+        for path in args.files:
+            t0 = time.perf_counter()
+            n = skipped = 0
+            try:
+                for record in iter_records(path):
+                    if isinstance(record, Skip):
+                        skipped += 1
+                        log.warning("%s: skipped a record (%s): %s", path, record.pmid, record.reason)
+                        continue
+                    out.write(json.dumps(record.to_json(), ensure_ascii=False))
+                    out.write("\n")
+                    n += 1
+            except MeshDistillError as exc:
+                failed += 1
+                log.error("%s", exc)
+            dt = time.perf_counter() - t0
+            log.info("%s: %d records (%d skipped) in %.1fs, %.0f/s", path, n, skipped, dt,
+                     n / dt if dt else 0)
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    return 1 if failed else 0
+
+
+def cmd_pubmed_load(args: argparse.Namespace) -> int:
+    from meshdistill.pubmed.files import load_files
+
+    results = load_files(args.files)
+    if args.json:
+        _print_json([r.as_dict() for r in results])
+    else:
+        for r in results:
+            rate = r.parsed / r.seconds if r.seconds else 0
+            print(
+                f"{r.item}: {r.status}: {r.parsed} parsed, {r.loaded} loaded, "
+                f"{r.unchanged} unchanged, {r.deleted} deleted, {r.skipped} skipped "
+                f"({r.without_abstract} without abstract, {r.without_mesh} without MeSH) "
+                f"in {r.seconds:.1f}s ({rate:.0f}/s)"
+            )
+            if r.error:
+                print(f"  error: {r.error}", file=sys.stderr)
+    return 0 if all(r.status == "succeeded" for r in results) else 1
+
+
+def cmd_pubmed_fetch(args: argparse.Namespace) -> int:
+    from meshdistill.pubmed.eutils import EutilsClient
+    from meshdistill.pubmed.ingest import ingest_subtree
+    from meshdistill.store.db import get_engine
+
+    settings = Settings.from_env()
+    client = EutilsClient.from_settings(settings, base_url=args.eutils_url)
+    summary = ingest_subtree(
+        get_engine(), args.subtree, args.date_from, args.date_to, client=client,
+        datetype=args.datetype,
+    )
+    if args.json:
+        _print_json(summary)
+    else:
+        print(
+            f"{summary['subtree']} {args.date_from}..{args.date_to}: {summary['expected']} "
+            f"found, {summary['fetched']} fetched, {summary['loaded']} loaded, "
+            f"{summary['unchanged']} unchanged; "
+            + ("reconciled, watermark advanced" if summary["reconciled"]
+               else f"NOT reconciled ({len(summary['missing'])} missing), watermark kept")
+        )
+    return 0 if summary["reconciled"] else 1
+
+
+# --- status ---------------------------------------------------------------------------
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from meshdistill.mesh.subtree import subtree_article_counts
+    from meshdistill.store import connect
+    from meshdistill.store.status import status
+
+    with connect() as conn:
+        data = status(conn)
+        if args.subtree:
+            data["subtrees"] = subtree_article_counts(conn, args.subtree)
+    if args.json:
+        _print_json(data)
+    else:
+        a = data["articles"]
+        print(
+            f"articles: {a['active']} active ({a['with_abstract']} with abstract), "
+            f"{a['deleted']} deleted, {a['retracted']} retracted; "
+            f"{data['article_mesh']} MeSH links"
+        )
+        m = data["mesh"]
+        print(f"MeSH {m['release_year']}: {m['descriptors']} descriptors, "
+              f"{m['tree_numbers']} tree numbers")
+        for prefix, n in data.get("subtrees", {}).items():
+            print(f"  {prefix}: {n} active articles")
+    return 0
+
+
+def _date(value: str) -> date:
+    try:
+        return date.fromisoformat(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a date (YYYY-MM-DD)") from exc
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="meshdistill", description=__doc__.splitlines()[0])
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    db = sub.add_parser("db", help="the pipeline database")
+    db.add_argument("action", choices=["up", "down", "migrate"])
+    db.set_defaults(func=cmd_db)
+
+    mesh = sub.add_parser("mesh", help="MeSH releases and subtrees").add_subparsers(
+        dest="mesh_command", required=True
+    )
+    ml = mesh.add_parser("load", help="load NLM MeSH files (paths or URLs)")
+    ml.add_argument("sources", nargs="*", help="descYYYY.xml[.gz], mtreesYYYY.bin, MeshTree.txt; "
+                    "none: NLM's release for --year, downloaded once and cached")
+    ml.add_argument("--year", type=int, help="MeSH year (default: from file names)")
+    ml.add_argument("--replace", action="store_true",
+                    help="remove tree numbers not in this release (use for a full release)")
+    ml.add_argument("--json", action="store_true")
+    ml.set_defaults(func=cmd_mesh_load)
+    ms = mesh.add_parser("subtree", help="describe the subtree at a tree-number prefix")
+    ms.add_argument("prefix")
+    ms.add_argument("--json", action="store_true")
+    ms.set_defaults(func=cmd_mesh_subtree)
+
+    pm = sub.add_parser("pubmed", help="PubMed parsing, loading, fetching").add_subparsers(
+        dest="pubmed_command", required=True
+    )
+    pp = pm.add_parser("parse", help="MEDLINE/PubMed XML to JSON lines")
+    pp.add_argument("files", nargs="+")
+    pp.add_argument("--out", required=True, help="output .jsonl ('-' for stdout)")
+    pp.set_defaults(func=cmd_pubmed_parse)
+    pl = pm.add_parser("load", help="load baseline/update files into Postgres, in order")
+    pl.add_argument("files", nargs="+")
+    pl.add_argument("--json", action="store_true")
+    pl.set_defaults(func=cmd_pubmed_load)
+    pf = pm.add_parser("fetch", help="fetch a subtree's articles from E-utilities")
+    pf.add_argument("--subtree", required=True)
+    pf.add_argument("--from", dest="date_from", type=_date, required=True)
+    pf.add_argument("--to", dest="date_to", type=_date, required=True)
+    pf.add_argument("--datetype", choices=["edat", "mdat"], default="edat")
+    pf.add_argument("--eutils-url", help="E-utilities base URL (default: NCBI's)")
+    pf.add_argument("--json", action="store_true")
+    pf.set_defaults(func=cmd_pubmed_fetch)
+
+    st = sub.add_parser("status", help="what the pipeline database holds")
+    st.add_argument("--subtree", action="append", help="also count active articles under it")
+    st.add_argument("--json", action="store_true")
+    st.set_defaults(func=cmd_status)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    for noisy in ("alembic", "httpx", "httpcore"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        code: int = args.func(args)
+    except MeshDistillError as exc:
+        print(f"meshdistill: error: {exc}", file=sys.stderr)
+        return 2
+    return code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

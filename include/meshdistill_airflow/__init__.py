@@ -1,0 +1,69 @@
+"""Airflow glue shared by the meshdistill DAG files.
+
+Kept out of ``meshdistill`` so that package stays importable and testable without
+Airflow; kept out of ``dags/`` so it is importable whatever the DAG folder is.
+
+Secrets stay in Airflow connections: the pipeline database is the ``meshdistill_db``
+connection and NCBI credentials the ``meshdistill_ncbi`` connection (login = e-mail,
+password = API key, host = an E-utilities base URL if not NCBI's). Without them the
+package falls back to environment variables and, for the database, an embedded
+PostgreSQL.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+import pendulum
+from airflow.sdk import Asset, Connection
+from airflow.sdk.exceptions import AirflowNotFoundException
+
+ARTICLES = Asset("meshdistill://articles")
+
+DEFAULT_ARGS: dict[str, Any] = {
+    "owner": "meshdistill",
+    "retries": 2,
+    "retry_delay": timedelta(minutes=1),
+    "retry_exponential_backoff": True,
+    "max_retry_delay": timedelta(minutes=15),
+}
+
+# A tree-number prefix: a category letter, or a tree number such as C04 or C04.557.337.
+SUBTREE_PATTERN = r"^[A-Z](\d{2}(\.\d{3})*)?$"
+
+
+def _connection(conn_id: str) -> Connection | None:
+    try:
+        return Connection.get(conn_id)
+    except AirflowNotFoundException:
+        return None
+
+
+def window(context: Any) -> tuple[Any, Any]:
+    """The run's data interval as inclusive dates, or (None, today) when it has none.
+
+    A manual run's interval is empty (start == end): the pipeline then continues each
+    subtree from its watermark instead.
+    """
+    start = context.get("data_interval_start")
+    end = context.get("data_interval_end")
+    if start is None or end is None or start >= end:
+        return None, (end or pendulum.now("UTC")).date()
+    return start.date(), (end - timedelta(microseconds=1)).date()
+
+
+def database_url() -> str | None:
+    conn = _connection("meshdistill_db")
+    return conn.get_uri() if conn else None
+
+
+def ncbi_credentials() -> dict[str, str | None]:
+    """E-mail, API key and base URL for E-utilities, from the ``meshdistill_ncbi`` connection."""
+    conn = _connection("meshdistill_ncbi")
+    if conn is None:
+        return {"ncbi_email": None, "ncbi_api_key": None, "eutils_url": None}
+    base = None
+    if conn.host:
+        base = conn.host if "://" in conn.host else f"https://{conn.host}"
+    return {"ncbi_email": conn.login, "ncbi_api_key": conn.password, "eutils_url": base}
