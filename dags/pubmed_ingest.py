@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pendulum
-from airflow.sdk import Param, dag, get_current_context, task
+from airflow.sdk import CronDataIntervalTimetable, Param, dag, get_current_context, task
 from meshdistill_airflow import (
     ARTICLES,
     DEFAULT_ARGS,
@@ -42,7 +42,9 @@ Each mapped task is named by its tree number and updates the asset `meshdistill:
 
 @dag(
     dag_id="pubmed_ingest",
-    schedule="@daily",
+    # A data-interval timetable: each run covers [start, end) of its day, which becomes
+    # the E-utilities date window (a plain "@daily" gives runs without an interval).
+    schedule=CronDataIntervalTimetable("@daily", timezone="UTC"),
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
     max_active_runs=1,

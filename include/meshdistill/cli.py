@@ -183,14 +183,14 @@ def cmd_pubmed_fetch(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from meshdistill.mesh.subtree import subtree_article_counts
+    from meshdistill.mesh.subtree import subtree_stats
     from meshdistill.store import connect
     from meshdistill.store.status import status
 
     with connect() as conn:
         data = status(conn)
         if args.subtree:
-            data["subtrees"] = subtree_article_counts(conn, args.subtree)
+            data["subtrees"] = {p: subtree_stats(conn, p) for p in args.subtree}
     if args.json:
         _print_json(data)
     else:
@@ -203,8 +203,11 @@ def cmd_status(args: argparse.Namespace) -> int:
         m = data["mesh"]
         print(f"MeSH {m['release_year']}: {m['descriptors']} descriptors, "
               f"{m['tree_numbers']} tree numbers")
-        for prefix, n in data.get("subtrees", {}).items():
-            print(f"  {prefix}: {n} active articles")
+        for prefix, st in data.get("subtrees", {}).items():
+            print(
+                f"  {prefix:<8} {st['name'] or '':<40} {st['active_articles']:>7} articles, "
+                f"{st['with_abstract']:>6} with abstract, {st['as_major_topic']:>6} as major topic"
+            )
     return 0
 
 

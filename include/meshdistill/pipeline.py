@@ -15,7 +15,7 @@ from typing import Any
 
 from meshdistill.config import Settings
 from meshdistill.errors import MeshDistillError, UnknownSubtreeError
-from meshdistill.mesh.subtree import get_subtree, subtree_article_counts
+from meshdistill.mesh.subtree import get_subtree, subtree_stats
 from meshdistill.store.db import connect, get_engine
 
 log = logging.getLogger(__name__)
@@ -91,9 +91,12 @@ def load_pubmed_files(paths: Sequence[str], database_url: str | None = None) -> 
 
 def subtree_counts(prefix: str, database_url: str | None = None) -> dict[str, Any]:
     with connect(database_url) as conn:
-        count = subtree_article_counts(conn, [prefix])[prefix]
-    log.info("%s: %d active articles", prefix, count)
-    return {"subtree": prefix, "active_articles": count}
+        stats = subtree_stats(conn, prefix)
+    log.info(
+        "%s (%s): %d active articles, %d with abstract",
+        prefix, stats["name"], stats["active_articles"], stats["with_abstract"],
+    )
+    return stats
 
 
 def ingest_subtree_window(

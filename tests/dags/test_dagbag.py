@@ -38,7 +38,10 @@ def test_pubmed_ingest_maps_one_task_per_subtree_in_the_ncbi_pool(dagbag: DagBag
     assert ingest.pool == "ncbi"
     assert ingest.map_index_template == "{{ subtree }}"
     assert [o.uri.rstrip("/") for o in ingest.outlets] == ["meshdistill://articles"]
-    assert dag.timetable.summary == "@daily"
+    from airflow.sdk import CronDataIntervalTimetable
+
+    # Runs must carry a data interval: it is the E-utilities date window.
+    assert isinstance(dag.timetable, CronDataIntervalTimetable)
     assert dag.params["subtrees"] == ["C04"]
     assert dag.params["source"] == "eutils"
 

@@ -135,3 +135,30 @@ def subtree_article_counts(conn: Connection, prefixes: list[str]) -> dict[str, i
             {"p": prefix, "like": like_pattern(prefix)},
         ).scalar_one()
     return out
+
+
+def subtree_stats(conn: Connection, prefix: str) -> dict[str, Any]:
+    """Per-subtree figures for summaries: articles, those with an abstract, major topics."""
+    sub = get_subtree(conn, prefix)
+    row = conn.execute(
+        text(
+            """
+            SELECT count(DISTINCT a.pmid),
+                   count(DISTINCT a.pmid) FILTER (WHERE a.abstract <> ''),
+                   count(DISTINCT a.pmid) FILTER (WHERE am.major)
+            FROM article_mesh am
+            JOIN article a ON a.pmid = am.pmid AND a.status = 'active'
+            WHERE am.ui IN (SELECT ui FROM mesh_tree
+                            WHERE tree_number = :p OR tree_number LIKE :like)
+            """
+        ),
+        {"p": prefix, "like": like_pattern(prefix)},
+    ).one()
+    return {
+        "subtree": prefix,
+        "name": sub.name,
+        "descriptors": sub.descriptors,
+        "active_articles": row[0],
+        "with_abstract": row[1],
+        "as_major_topic": row[2],
+    }

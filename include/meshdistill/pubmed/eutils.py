@@ -124,7 +124,7 @@ class _Retryable(Exception):
         self.retry_after = retry_after
 
 
-_TRANSIENT = (_Retryable, *_TRANSIENT_TRANSPORT)
+_TRANSIENT: tuple[type[BaseException], ...] = (_Retryable, *_TRANSIENT_TRANSPORT)
 
 
 def _retry_after(value: str | None) -> float | None:
