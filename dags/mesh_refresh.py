@@ -6,7 +6,7 @@ from typing import Any
 
 import pendulum
 from airflow.sdk import Param, dag, task
-from meshdistill_airflow import DEFAULT_ARGS, database_url
+from meshdistill_airflow import DEFAULT_ARGS, database_url, fail_fast
 
 from meshdistill import pipeline
 
@@ -50,10 +50,11 @@ def mesh_refresh() -> None:
     @task
     def load_release(params: dict[str, Any] | None = None) -> dict[str, Any]:
         assert params is not None
-        return pipeline.refresh_mesh(
-            params["sources"], year=params["year"], replace=params["replace"],
-            database_url=database_url(),
-        )
+        with fail_fast():
+            return pipeline.refresh_mesh(
+                params["sources"], year=params["year"], replace=params["replace"],
+                database_url=database_url(),
+            )
 
     load_release()
 

@@ -11,6 +11,7 @@ from meshdistill_airflow import (
     DEFAULT_ARGS,
     SUBTREE_PATTERN,
     database_url,
+    fail_fast,
     ncbi_credentials,
     window,
 )
@@ -67,14 +68,16 @@ def pubmed_ingest() -> None:
     @task
     def validate_subtrees(params: dict[str, Any] | None = None) -> list[str]:
         assert params is not None
-        return pipeline.validate_subtrees(params["subtrees"], database_url())
+        with fail_fast():
+            return pipeline.validate_subtrees(params["subtrees"], database_url())
 
     @task
     def load_files(params: dict[str, Any] | None = None) -> dict[str, Any] | None:
         assert params is not None
         if params["source"] != "files":
             return None
-        return pipeline.load_pubmed_files(params["files"], database_url())
+        with fail_fast():
+            return pipeline.load_pubmed_files(params["files"], database_url())
 
     @task(pool="ncbi", map_index_template="{{ subtree }}", outlets=[ARTICLES])
     def ingest_subtree(subtree: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -84,14 +87,15 @@ def pubmed_ingest() -> None:
         if params["source"] == "files":
             return pipeline.subtree_counts(subtree, database_url())
         start, end = window(context)
-        return pipeline.ingest_subtree_window(
-            subtree,
-            start,
-            end,
-            database_url=database_url(),
-            datetype=params["datetype"],
-            **ncbi_credentials(),
-        )
+        with fail_fast():
+            return pipeline.ingest_subtree_window(
+                subtree,
+                start,
+                end,
+                database_url=database_url(),
+                datetype=params["datetype"],
+                **ncbi_credentials(),
+            )
 
     subtrees = validate_subtrees()
     load_files() >> subtrees

@@ -12,12 +12,22 @@ PostgreSQL.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any
 
 import pendulum
 from airflow.sdk import Asset, Connection
-from airflow.sdk.exceptions import AirflowNotFoundException
+from airflow.sdk.exceptions import AirflowFailException, AirflowNotFoundException
+
+from meshdistill.errors import (
+    ConfigError,
+    MeshSourceError,
+    PubmedParseError,
+    UnknownSubtreeError,
+    WindowTooLargeError,
+)
 
 ARTICLES = Asset("meshdistill://articles")
 
@@ -31,6 +41,25 @@ DEFAULT_ARGS: dict[str, Any] = {
 
 # A tree-number prefix: a category letter, or a tree number such as C04 or C04.557.337.
 SUBTREE_PATTERN = r"^[A-Z](\d{2}(\.\d{3})*)?$"
+
+
+# Errors no retry can fix (a bad Param, a malformed file): fail the task at once.
+PERMANENT_ERRORS: tuple[type[Exception], ...] = (
+    ConfigError,
+    MeshSourceError,
+    PubmedParseError,
+    UnknownSubtreeError,
+    WindowTooLargeError,
+)
+
+
+@contextmanager
+def fail_fast() -> Iterator[None]:
+    """Turn permanent pipeline errors into AirflowFailException (no retries, clear message)."""
+    try:
+        yield
+    except PERMANENT_ERRORS as exc:
+        raise AirflowFailException(str(exc)) from exc
 
 
 def _connection(conn_id: str) -> Connection | None:
