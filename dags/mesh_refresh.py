@@ -6,9 +6,8 @@ from typing import Any
 
 import pendulum
 from airflow.sdk import Param, dag, task
-from meshdistill_airflow import DEFAULT_ARGS, database_url, fail_fast
-
 from meshdistill import pipeline
+from meshdistill_airflow import DEFAULT_ARGS, database_url, fail_fast
 
 DOC = """
 ### mesh_refresh

@@ -6,6 +6,7 @@ from typing import Any
 
 import pendulum
 from airflow.sdk import CronDataIntervalTimetable, Param, dag, get_current_context, task
+from meshdistill import pipeline
 from meshdistill_airflow import (
     ARTICLES,
     DEFAULT_ARGS,
@@ -15,8 +16,6 @@ from meshdistill_airflow import (
     ncbi_credentials,
     window,
 )
-
-from meshdistill import pipeline
 
 DOC = """
 ### pubmed_ingest

@@ -23,10 +23,10 @@ from pathlib import Path
 
 import psycopg2
 import pytest
-from sqlalchemy.engine import make_url
-
 from meshdistill.store import embedded
 from meshdistill.store.db import dispose_engines, get_engine, normalize_url
+from sqlalchemy.engine import make_url
+
 from tests.support import DESC_SAMPLES, MESH_TREE_2017, MTREES_2023
 
 LOCAL_SERVER = "postgresql://postgres@127.0.0.1:5432/postgres"

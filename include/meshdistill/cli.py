@@ -13,7 +13,6 @@ import sys
 import time
 from collections.abc import Sequence
 from datetime import date
-from pathlib import Path
 from typing import Any
 
 from meshdistill.config import Settings
@@ -118,7 +117,9 @@ def cmd_pubmed_parse(args: argparse.Namespace) -> int:
                 for record in iter_records(path):
                     if isinstance(record, Skip):
                         skipped += 1
-                        log.warning("%s: skipped a record (%s): %s", path, record.pmid, record.reason)
+                        log.warning(
+                            "%s: skipped a record (%s): %s", path, record.pmid, record.reason
+                        )
                         continue
                     out.write(json.dumps(record.to_json(), ensure_ascii=False))
                     out.write("\n")

@@ -93,7 +93,7 @@ def main() -> int:
         env, log_dir,
     )
     status = subprocess.run(
-        [*meshdistill, "status", "--json", *sum((["--subtree", s] for s in DEMO_SUBTREES), [])],
+        [*meshdistill, "status", "--json", *(a for s in DEMO_SUBTREES for a in ("--subtree", s))],
         env=env, capture_output=True, text=True, check=True,
     )
     data = json.loads(status.stdout)
@@ -109,7 +109,7 @@ def main() -> int:
     for prefix, st in data["subtrees"].items():
         print(f"    {prefix:<5} {st['name']:<34} {st['active_articles']:>6} "
               f"{st['with_abstract']:>6} {st['as_major_topic']:>6}")
-    print(f"  timings    " + ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()))
+    print("  timings    " + ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()))
     print(f"  logs       {log_dir}")
     print("  next       distillation and training shards come with the distill and export "
           "DAGs (not built yet)")

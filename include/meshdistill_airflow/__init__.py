@@ -20,7 +20,6 @@ from typing import Any
 import pendulum
 from airflow.sdk import Asset, Connection
 from airflow.sdk.exceptions import AirflowFailException, AirflowNotFoundException
-
 from meshdistill.errors import (
     ConfigError,
     MeshSourceError,

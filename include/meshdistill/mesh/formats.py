@@ -14,9 +14,9 @@ import gzip
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
-from typing import IO
+from typing import IO, cast
 
 from lxml import etree
 
@@ -26,7 +26,7 @@ TREE_NUMBER_RE = re.compile(r"^[A-Z]\d{2}(\.\d{3})*$")
 _YEAR_RE = re.compile(r"(19|20)\d{2}")
 
 
-class MeshFormat(str, Enum):
+class MeshFormat(StrEnum):
     DESCRIPTOR_XML = "descriptor-xml"
     MTREES = "mtrees"
     TREE_TABLE = "tree-table"
@@ -58,7 +58,7 @@ def _open_bytes(path: Path) -> IO[bytes]:
     with open(path, "rb") as probe:
         magic = probe.read(2)
     if magic == b"\x1f\x8b":
-        return gzip.open(path, "rb")
+        return cast(IO[bytes], gzip.open(path, "rb"))
     return open(path, "rb")
 
 

@@ -27,7 +27,8 @@ class ThreadedGunzip:
         self._buf = b""
         self._off = 0
         self._done = False
-        self._fh = open(path, "rb")  # opened here so a missing file fails in the caller
+        # Opened here so a missing file fails in the caller; closed by the reader thread.
+        self._fh = open(path, "rb")  # noqa: SIM115
         self._thread = threading.Thread(
             target=self._work, args=(chunk_size,), name="gunzip", daemon=True
         )

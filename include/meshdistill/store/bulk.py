@@ -54,8 +54,7 @@ def copy_rows(
 def copy_lines(conn: Connection, table: str, columns: Sequence[str], lines: list[str]) -> None:
     """COPY lines already in COPY text format (each ending in a newline)."""
     buf = io.StringIO("".join(lines))
-    dbapi = conn.connection.dbapi_connection
-    assert dbapi is not None
+    dbapi: Any = conn.connection.dbapi_connection  # psycopg2: copy_expert is driver-specific
     with dbapi.cursor() as cur:
         cur.copy_expert(f"COPY {table} ({', '.join(columns)}) FROM STDIN", buf, size=1 << 20)
 

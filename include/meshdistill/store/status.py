@@ -10,7 +10,7 @@ from meshdistill.mesh.load import mesh_counts
 
 
 def status(conn: Connection) -> dict[str, Any]:
-    articles = dict(
+    articles: dict[str, int] = dict(
         conn.exec_driver_sql("SELECT status, count(*) FROM article GROUP BY status").all()
     )
     row = conn.exec_driver_sql(
@@ -32,7 +32,7 @@ def status(conn: Connection) -> dict[str, Any]:
     release = conn.exec_driver_sql(
         "SELECT mesh_year, loaded_at FROM mesh_release ORDER BY id DESC LIMIT 1"
     ).first()
-    mesh = mesh_counts(conn)
+    mesh: dict[str, Any] = dict(mesh_counts(conn))
     mesh["release_year"] = release[0] if release else None
     return {
         "articles": {
