@@ -79,4 +79,5 @@ def test_pubmed_load_reports_a_truncated_file_and_exits_nonzero(
     assert result["status"] == "partial"
     assert "truncated" in result["error"]
     assert result["loaded"] > 0
-    assert result["parsed"] == result["loaded"] + result["unchanged"] + result["deleted"] + result["skipped"]
+    accounted = result["loaded"] + result["unchanged"] + result["deleted"] + result["skipped"]
+    assert result["parsed"] == accounted
