@@ -21,10 +21,11 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
-from typing import Any, Literal
+from typing import Any
 
 import httpx
 from lxml import etree
+from sqlalchemy import Engine
 from tenacity import (
     RetryCallState,
     RetryError,
@@ -36,6 +37,7 @@ from tenacity import (
 from meshdistill.config import Settings
 from meshdistill.errors import EutilsError
 from meshdistill.pubmed.ratelimit import (
+    DEFAULT_NAME,
     LocalRateLimiter,
     PostgresRateLimiter,
     RateLimiter,
@@ -44,7 +46,8 @@ from meshdistill.pubmed.ratelimit import (
 
 log = logging.getLogger(__name__)
 
-DateType = Literal["edat", "mdat"]
+#: The date types a window can be on: entry date (new records) or modification date.
+DATETYPES = ("edat", "mdat")
 #: PubMed esearch reaches only the first 9,999 records of a result set.
 PUBMED_MAX_IDS = 9_999
 #: Above this many ids efetch is sent as a form POST (NCBI's advice for > ~200 ids).
@@ -207,22 +210,36 @@ class EutilsClient:
         cls,
         settings: Settings | None = None,
         *,
-        engine: Any = None,
-        limiter_name: str = "ncbi-eutils",
+        base_url: str | None = None,
+        email: str | None = None,
+        api_key: str | None = None,
+        database_url: str | None = None,
+        engine: Engine | None = None,
+        shared_limiter: bool = True,
+        limiter_name: str = DEFAULT_NAME,
         **kwargs: Any,
     ) -> EutilsClient:
-        """A client from the environment; with ``engine`` (or a URL) the shared limiter."""
+        """A client configured from the environment, with the limiter all workers share.
+
+        Explicit ``base_url``/``email``/``api_key`` override the settings (the DAG passes
+        them from an Airflow connection). The rate limiter lives in the pipeline database
+        (``engine``, else ``database_url``, else the default one); ``shared_limiter=False``
+        gives a process-local limiter instead, for a machine without the database.
+        """
         settings = settings or Settings.from_env()
+        api_key = api_key or settings.ncbi_api_key
         limiter: RateLimiter | None = kwargs.pop("limiter", None)
-        if limiter is None and engine is not None:
-            limiter = PostgresRateLimiter(
-                engine, ncbi_rate(settings.ncbi_api_key), name=limiter_name
-            )
+        if limiter is None and shared_limiter:
+            if engine is None:
+                from meshdistill.store.db import get_engine
+
+                engine = get_engine(database_url)
+            limiter = PostgresRateLimiter(engine, ncbi_rate(api_key), name=limiter_name)
         return cls(
-            settings.eutils_url,
-            email=settings.ncbi_email,
-            tool=settings.ncbi_tool,
-            api_key=settings.ncbi_api_key,
+            base_url or settings.eutils_url,
+            email=email or settings.ncbi_email,
+            tool=kwargs.pop("tool", settings.ncbi_tool),
+            api_key=api_key,
             limiter=limiter,
             **kwargs,
         )
@@ -326,13 +343,13 @@ class EutilsClient:
         mindate: date | None = None,
         maxdate: date | None = None,
         *,
-        datetype: DateType = "edat",
+        datetype: str = "edat",
         usehistory: bool = True,
         retmax: int = 10_000,
         retstart: int = 0,
     ) -> SearchResult:
         """Search PubMed; dates are inclusive days on EDAT (entry) or MDAT (modified)."""
-        if datetype not in ("edat", "mdat"):
+        if datetype not in DATETYPES:
             raise ValueError(f"datetype must be 'edat' or 'mdat', not {datetype!r}")
         if (mindate is None) != (maxdate is None):
             raise ValueError("give both mindate and maxdate, or neither")

@@ -11,13 +11,16 @@ The flow per subtree and window:
 3. PubMed esearch reaches only the first 9,999 records of a result set, so a window
    holding more is halved recursively until every part fits; a single day that still
    holds more cannot be paged and raises :class:`WindowTooLargeError`.
-4. Each part is fetched in batches from the history server (WebEnv/query_key), parsed
-   and loaded in one transaction per part.
+4. Each part is fetched in batches from the history server (WebEnv/query_key), streamed
+   batch by batch through the parser into the loader: one transaction and one
+   ``ingest_batch`` row per part (the loader's staging tables live for one transaction,
+   so one load per transaction), memory bounded by one batch.
 5. Reconciliation: the PMIDs returned are compared with esearch's id list; the ones
-   missing (efetch sometimes omits records) are refetched once by id. The watermark in
-   ``ingest_watermark`` advances only when every id arrived, so a scheduled run without
-   an explicit window (:func:`next_window`) picks up again from the last window that
-   fully reconciled.
+   missing (efetch sometimes omits records, a truncated answer loses some) are refetched
+   once by id. The watermark in ``ingest_watermark`` advances only when every id arrived
+   and the window continues the previous one, so a scheduled run without an explicit
+   window (:func:`next_window`) picks up again after the last window that fully
+   reconciled, never skipping a gap.
 
 Loads are idempotent (the loader merges by PMID and content hash), so re-running a
 window, or ingesting overlapping subtrees, never duplicates rows.
@@ -28,16 +31,17 @@ from __future__ import annotations
 import io
 import logging
 import time
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from datetime import date, timedelta
+from functools import partial
 from typing import Any
 
 from sqlalchemy import Connection, Engine, text
 
-from meshdistill.errors import WindowTooLargeError
+from meshdistill.errors import PubmedParseError, WindowTooLargeError
 from meshdistill.mesh.subtree import Subtree, get_subtree
-from meshdistill.pubmed.eutils import PUBMED_MAX_IDS, DateType, EutilsClient, SearchResult
+from meshdistill.pubmed.eutils import DATETYPES, PUBMED_MAX_IDS, EutilsClient, SearchResult
 from meshdistill.pubmed.load import LoadResult, load_records
 from meshdistill.pubmed.parser import iter_records
 from meshdistill.pubmed.records import Article, Deletion, Record, Skip
@@ -48,7 +52,7 @@ SOURCE = "eutils"
 MISSING_CAP = 100
 
 
-def watermark_source(datetype: DateType) -> str:
+def watermark_source(datetype: str) -> str:
     """The ``ingest_watermark.source`` of a date type.
 
     Entry-date (EDAT) and modification-date (MDAT) windows are separate streams: a
@@ -79,7 +83,9 @@ def subtree_term(conn: Connection, subtree: Subtree) -> str:
 
 
 @dataclass
-class _Part:
+class WindowPart:
+    """A sub-window small enough for one esearch, with that esearch's answer."""
+
     start: date
     end: date
     result: SearchResult
@@ -91,9 +97,9 @@ def plan_windows(
     start: date,
     end: date,
     *,
-    datetype: DateType = "edat",
+    datetype: str = "edat",
     max_ids: int = PUBMED_MAX_IDS,
-) -> Iterator[_Part]:
+) -> Iterator[WindowPart]:
     """esearch the window, halving it until each part's count fits in ``max_ids``."""
     result = client.esearch(term, start, end, datetype=datetype, usehistory=True, retmax=max_ids)
     if result.phrases_not_found:
@@ -102,7 +108,7 @@ def plan_windows(
             ", ".join(result.phrases_not_found),
         )
     if result.count <= max_ids:
-        yield _Part(start, end, result)
+        yield WindowPart(start, end, result)
         return
     if start >= end:
         raise WindowTooLargeError(
@@ -121,57 +127,86 @@ def plan_windows(
     )
 
 
-@dataclass
-class _Totals:
-    fetched: set[str] = field(default_factory=set)
-    parsed: int = 0
-    loaded: int = 0
-    unchanged: int = 0
-    deleted: int = 0
-    skipped: int = 0
-    partial_batches: int = 0
+class _Run:
+    """Counts and progress of one ``ingest_subtree`` call, and the record stream it loads."""
 
-    def add(self, result: LoadResult) -> None:
-        self.parsed += result.parsed
+    def __init__(self, client: EutilsClient, label: str) -> None:
+        self.client = client
+        self.label = label
+        self.t0 = time.perf_counter()
+        self.requests0 = client.requests
+        self.expected = 0
+        self.fetched: set[str] = set()
+        self.loaded = self.unchanged = self.deleted = self.skipped = 0
+        self.partial_loads = 0
+        self.faults: list[str] = []
+
+    def stream(
+        self, batches: Iterable[tuple[str, Callable[[], bytes]]], name: str
+    ) -> Iterator[Record]:
+        """The records of each batch, fetched only when the loader asks for them.
+
+        Memory stays at one batch whatever the part's size. A batch that does not parse
+        (a truncated answer) keeps its complete records and does not stop the batches
+        after it; at the end the fault is raised as :class:`PubmedParseError`, which the
+        loader records as a ``partial`` load with the error, after merging the rest.
+        Every PMID that arrives is noted for reconciliation (skips included: they were
+        returned, and ``ingest_skip`` says why they were not loaded).
+        """
+        faults: list[str] = []
+        count = 0
+        for batch_name, fetch in batches:
+            xml = fetch()
+            got = 0
+            try:
+                for record in iter_records(io.BytesIO(xml), name=batch_name):
+                    if isinstance(record, (Article, Deletion)):
+                        self.fetched.add(record.pmid)
+                    elif isinstance(record, Skip) and record.pmid:
+                        self.fetched.add(record.pmid.strip())
+                    got += 1
+                    yield record
+            except PubmedParseError as exc:
+                log.warning("%s", exc)
+                faults.append(f"{batch_name}: {exc.reason} (after {exc.parsed} records)")
+            count += got
+            elapsed = time.perf_counter() - self.t0
+            log.info(
+                "%s: %d records; %d/%d fetched, %.1f records/s, %.2f requests/s",
+                batch_name, got, len(self.fetched), self.expected,
+                len(self.fetched) / elapsed if elapsed else 0.0,
+                (self.client.requests - self.requests0) / elapsed if elapsed else 0.0,
+            )
+        if faults:
+            self.faults.extend(faults)
+            raise PubmedParseError(name, "; ".join(faults), count)
+
+    def load(
+        self,
+        conn: Connection,
+        records: Iterable[Record],
+        *,
+        item: str,
+        subtree: str,
+        window: tuple[date, date],
+        expected: int,
+    ) -> LoadResult:
+        result = load_records(
+            conn, records, source=SOURCE, item=item, subtree=subtree, window=window,
+            expected=expected,
+        )
         self.loaded += result.loaded
         self.unchanged += result.unchanged
         self.deleted += result.deleted
         self.skipped += result.skipped
         if result.status != "succeeded":
-            self.partial_batches += 1
-
-
-def _noting_pmids(records: Iterable[Record], seen: set[str]) -> Iterator[Record]:
-    """Pass records through, remembering every PMID that arrived (skips included)."""
-    for record in records:
-        if isinstance(record, (Article, Deletion)):
-            seen.add(record.pmid)
-        elif isinstance(record, Skip) and record.pmid:
-            seen.add(record.pmid.strip())
-        yield record
-
-
-def _load_xml(
-    conn: Connection,
-    xml: bytes,
-    totals: _Totals,
-    *,
-    item: str,
-    subtree: str,
-    window: tuple[date, date],
-    expected: int,
-) -> LoadResult:
-    result = load_records(
-        conn,
-        _noting_pmids(iter_records(io.BytesIO(xml), name=item), totals.fetched),
-        source=SOURCE,
-        item=item,
-        subtree=subtree,
-        window=window,
-        expected=expected,
-    )
-    totals.add(result)
-    return result
+            self.partial_loads += 1
+        log.info(
+            "%s: %d records (%d loaded, %d unchanged, %d deleted, %d skipped) in %.1f s",
+            item, result.parsed, result.loaded, result.unchanged, result.deleted,
+            result.skipped, result.seconds,
+        )
+        return result
 
 
 def ingest_subtree(
@@ -182,93 +217,87 @@ def ingest_subtree(
     *,
     client: EutilsClient,
     batch_size: int = 500,
-    datetype: DateType = "edat",
+    datetype: str = "edat",
     max_ids: int = PUBMED_MAX_IDS,
     missing_cap: int = MISSING_CAP,
 ) -> dict[str, Any]:
     """Fetch and load every PubMed record of subtree ``prefix`` in ``[start, end]``.
 
-    ``db`` is a database URL or engine (not a connection: each part commits on its own,
-    so a failure late in a long window keeps the parts already loaded). ``max_ids`` is
-    the most ids one esearch may return (PubMed's 9,999; a parameter so tests can split
-    windows on small data). Returns a summary; ``reconciled`` says whether every esearch
-    id arrived, and only then does the watermark move.
+    ``db`` is a database URL or engine (not a connection: each part of the window is
+    loaded and committed in its own transaction, one ``ingest_batch`` row per part, so a
+    failure late in a long window keeps the parts already loaded; loads are idempotent).
+    ``batch_size`` records are fetched per efetch. ``max_ids`` is the most ids one esearch
+    may return (PubMed's 9,999; a parameter so tests can split windows on small data).
+    Returns a summary; ``reconciled`` says whether every esearch id arrived, and only
+    then does the watermark move.
     """
     if start > end:
         raise ValueError(f"empty window: {start} is after {end}")
     if batch_size < 1 or max_ids < 1:
         raise ValueError("batch_size and max_ids must be positive")
+    if datetype not in DATETYPES:
+        raise ValueError(f"datetype must be one of {DATETYPES}, not {datetype!r}")
     from meshdistill.store.db import get_engine
 
     engine = db if isinstance(db, Engine) else get_engine(db)
-    t0 = time.perf_counter()
-    requests0 = client.requests
     with engine.connect() as conn:
         subtree = get_subtree(conn, prefix)  # UnknownSubtreeError, with suggestions
         term = subtree_term(conn, subtree)
     prefix = subtree.prefix
     label = f"{prefix} {start.isoformat()}..{end.isoformat()}"
+    run = _Run(client, label)
     log.info("%s: esearch %s on %s", label, term, datetype.upper())
 
-    totals = _Totals()
+    # Plan every part before fetching any: a day too large fails before anything loads.
+    parts = list(plan_windows(client, term, start, end, datetype=datetype, max_ids=max_ids))
     expected_ids: dict[str, None] = {}
-    expected = 0
-    parts = 0
-    batch_no = 0
-    for part in plan_windows(client, term, start, end, datetype=datetype, max_ids=max_ids):
-        parts += 1
-        count = part.result.count
-        expected += count
+    for part in parts:
         expected_ids.update(dict.fromkeys(part.result.ids))
-        if len(part.result.ids) < count:
+        if len(part.result.ids) < part.result.count:
             log.warning(
                 "%s..%s: esearch counted %d but listed %d ids",
-                part.start, part.end, count, len(part.result.ids),
+                part.start, part.end, part.result.count, len(part.result.ids),
             )
+    expected = run.expected = sum(p.result.count for p in parts)
+    log.info("%s: %d records in %d part(s)", label, expected, len(parts))
+
+    for part in parts:
+        count, result = part.result.count, part.result
         if count == 0:
             continue
-        window = (part.start, part.end)
-        part_label = f"{prefix} {part.start.isoformat()}..{part.end.isoformat()}"
+        name = f"{prefix} {part.start.isoformat()}..{part.end.isoformat()}"
+        batches: list[tuple[str, Callable[[], bytes]]] = []
+        for n, retstart in enumerate(range(0, count, batch_size), 1):
+            size = min(batch_size, count - retstart)
+            if result.webenv and result.query_key:
+                fetch = partial(
+                    client.efetch_history, result.webenv, result.query_key, retstart, size
+                )
+            else:  # no history server in the answer: fetch the listed ids instead
+                fetch = partial(client.efetch_ids, result.ids[retstart : retstart + size])
+            batches.append((f"{name} batch {n}", fetch))
         with engine.begin() as conn:  # one transaction per part
-            for retstart in range(0, count, batch_size):
-                batch_no += 1
-                size = min(batch_size, count - retstart)
-                if part.result.webenv and part.result.query_key:
-                    xml = client.efetch_history(
-                        part.result.webenv, part.result.query_key, retstart, size
-                    )
-                else:  # no history server answer: fetch the listed ids instead
-                    xml = client.efetch_ids(part.result.ids[retstart : retstart + size])
-                result = _load_xml(
-                    conn, xml, totals, item=f"{part_label} batch {batch_no}",
-                    subtree=prefix, window=window, expected=size,
-                )
-                elapsed = time.perf_counter() - t0
-                log.info(
-                    "%s batch %d: %d records (%d loaded, %d unchanged, %d deleted, "
-                    "%d skipped); %d/%d fetched, %.1f records/s, %.2f requests/s",
-                    part_label, batch_no, result.parsed, result.loaded, result.unchanged,
-                    result.deleted, result.skipped, len(totals.fetched), expected,
-                    len(totals.fetched) / elapsed if elapsed else 0.0,
-                    (client.requests - requests0) / elapsed if elapsed else 0.0,
-                )
+            run.load(
+                conn, run.stream(batches, name), item=name, subtree=prefix,
+                window=(part.start, part.end), expected=count,
+            )
 
-    missing = [pmid for pmid in expected_ids if pmid not in totals.fetched]
+    missing = [pmid for pmid in expected_ids if pmid not in run.fetched]
     refetched = 0
     if missing:
         log.warning("%s: %d esearch ids not returned; refetching them by id", label, len(missing))
+        name = f"{label} refetch"
+        batches = [
+            (f"{name} {n}", partial(client.efetch_ids, missing[i : i + batch_size]))
+            for n, i in enumerate(range(0, len(missing), batch_size), 1)
+        ]
         with engine.begin() as conn:
-            for i in range(0, len(missing), batch_size):
-                chunk = missing[i : i + batch_size]
-                batch_no += 1
-                before = len(totals.fetched)
-                _load_xml(
-                    conn, client.efetch_ids(chunk), totals,
-                    item=f"{label} refetch {batch_no}", subtree=prefix,
-                    window=(start, end), expected=len(chunk),
-                )
-                refetched += len(totals.fetched) - before
-        missing = [pmid for pmid in missing if pmid not in totals.fetched]
+            run.load(
+                conn, run.stream(batches, name), item=name, subtree=prefix,
+                window=(start, end), expected=len(missing),
+            )
+        refetched = sum(1 for pmid in missing if pmid in run.fetched)
+        missing = [pmid for pmid in missing if pmid not in run.fetched]
     short = expected - len(expected_ids)  # ids esearch counted but never listed
     reconciled = not missing and short <= 0
 
@@ -288,34 +317,35 @@ def ingest_subtree(
             "watermark stays at %s",
             label, len(missing), max(short, 0), watermark,
         )
-    seconds = time.perf_counter() - t0
+    seconds = time.perf_counter() - run.t0
     summary: dict[str, Any] = {
         "subtree": prefix,
         "window": [start.isoformat(), end.isoformat()],
         "datetype": datetype,
         "term": term,
-        "parts": parts,
+        "parts": len(parts),
         "expected": expected,
-        "fetched": len(expected_ids.keys() & totals.fetched),
-        "loaded": totals.loaded,
-        "unchanged": totals.unchanged,
-        "deleted": totals.deleted,
-        "skipped": totals.skipped,
-        "partial_batches": totals.partial_batches,
+        "fetched": len(expected_ids.keys() & run.fetched),
+        "loaded": run.loaded,
+        "unchanged": run.unchanged,
+        "deleted": run.deleted,
+        "skipped": run.skipped,
+        "partial_loads": run.partial_loads,
+        "faults": run.faults[:missing_cap],
         "refetched": refetched,
         "missing": missing[:missing_cap],
         "missing_count": len(missing) + max(short, 0),
         "reconciled": reconciled,
         "watermark": watermark.isoformat() if watermark else None,
         "watermark_advanced": advanced,
-        "requests": client.requests - requests0,
+        "requests": client.requests - run.requests0,
         "seconds": round(seconds, 3),
     }
     log.info(
         "%s: %d expected, %d fetched, %d loaded, %d unchanged, %d deleted, %d skipped, "
         "reconciled=%s, watermark=%s, %d requests in %.1f s",
-        label, expected, summary["fetched"], totals.loaded, totals.unchanged, totals.deleted,
-        totals.skipped, reconciled, summary["watermark"], summary["requests"], seconds,
+        label, expected, summary["fetched"], run.loaded, run.unchanged, run.deleted,
+        run.skipped, reconciled, summary["watermark"], summary["requests"], seconds,
     )
     return summary
 
@@ -372,13 +402,15 @@ def next_window(
     default_start: date,
     end: date,
     *,
-    datetype: DateType = "edat",
-) -> tuple[date, date] | None:
-    """The window a run without an explicit one should ingest, or None when up to date.
+    datetype: str = "edat",
+) -> date:
+    """Where a run without an explicit window starts: the day after the watermark.
 
-    It starts the day after the watermark (where the last reconciled run ended), or at
-    ``default_start`` for a subtree never ingested, and ends at ``end``.
+    That is where the last reconciled run ended; a subtree never ingested starts at
+    ``default_start``. When the watermark already reaches ``end`` the result is ``end``
+    itself: the window is never empty, and re-reading one day is cheap and idempotent
+    (records that PubMed added late to that day are picked up).
     """
     watermark = read_watermark(conn, prefix.strip(), source=watermark_source(datetype))
     start = watermark + timedelta(days=1) if watermark else default_start
-    return (start, end) if start <= end else None
+    return min(start, end)
