@@ -45,7 +45,9 @@ Each mapped task is named by its tree number and updates the asset `meshdistill:
     # A data-interval timetable: each run covers [start, end) of its day, which becomes
     # the E-utilities date window (a plain "@daily" gives runs without an interval).
     schedule=CronDataIntervalTimetable("@daily", timezone="UTC"),
-    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+    # MEDLINE's earliest records: backfills may cover any past window. catchup=False keeps
+    # the scheduler from creating those runs by itself.
+    start_date=pendulum.datetime(1946, 1, 1, tz="UTC"),
     catchup=False,
     max_active_runs=1,
     default_args=DEFAULT_ARGS,

