@@ -15,6 +15,9 @@ from collections.abc import Sequence
 from datetime import date
 from typing import Any
 
+import psycopg2
+import sqlalchemy.exc
+
 from meshdistill.config import Settings
 from meshdistill.errors import MeshDistillError
 
@@ -285,6 +288,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MeshDistillError as exc:
         print(f"meshdistill: error: {exc}", file=sys.stderr)
         return 2
+    except (sqlalchemy.exc.DBAPIError, psycopg2.Error) as exc:
+        # Each batch is one transaction: whatever was interrupted was rolled back whole.
+        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        print(
+            f"meshdistill: database error: {reason}. The interrupted batch was rolled back "
+            "(nothing partial is kept); run the command again once the database is back.",
+            file=sys.stderr,
+        )
+        return 3
     return code
 
 

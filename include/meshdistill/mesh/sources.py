@@ -47,13 +47,16 @@ def resolve(source: str, cache_dir: Path, timeout: float = 120.0) -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     log.info("MeSH: downloading %s", source)
-    try:
-        with httpx.stream("GET", source, timeout=timeout, follow_redirects=True) as resp:
-            resp.raise_for_status()
-            with tempfile.NamedTemporaryFile(dir=target.parent, delete=False) as tmp:
+    # Download beside the target and rename when complete: a cut-off download never
+    # poses as a cached release.
+    with tempfile.NamedTemporaryFile(dir=target.parent, suffix=".part", delete=False) as tmp:
+        try:
+            with httpx.stream("GET", source, timeout=timeout, follow_redirects=True) as resp:
+                resp.raise_for_status()
                 for chunk in resp.iter_bytes(1 << 20):
                     tmp.write(chunk)
-    except httpx.HTTPError as exc:
-        raise MeshSourceError(f"cannot download MeSH source {source}: {exc}") from exc
+        except httpx.HTTPError as exc:
+            Path(tmp.name).unlink(missing_ok=True)
+            raise MeshSourceError(f"cannot download MeSH source {source}: {exc}") from exc
     shutil.move(tmp.name, target)
     return target

@@ -36,6 +36,11 @@ def start(home: Path) -> str:
     pgdata = pgdata_dir(home)
     pgdata.parent.mkdir(parents=True, exist_ok=True)
     server = pgserver.get_server(pgdata, cleanup_mode=None)
+    if not (pgdata / "postmaster.pid").exists():
+        # pgserver caches one handle per data directory per process; if the server was
+        # stopped since (``db down``, a restart), start it again through that handle.
+        with server._lock:
+            server.ensure_postgres_running()
     exists = server.psql(
         f"SELECT 1 FROM pg_database WHERE datname = '{DATABASE_NAME}';"
     )
