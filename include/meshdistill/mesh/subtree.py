@@ -45,12 +45,13 @@ def suggest(conn: Connection, prefix: str, n: int = 5) -> list[str]:
                 {"lo": max(dots - 1, 0), "hi": dots + 1},
             )
         ]
-        # 'C4' should point at 'C04': try the zero-padded spelling first.
-        padded = prefix[:1] + prefix[1:].zfill(2) if prefix[1:].isdigit() else prefix
+        # 'C4' (or 'c04') should point at 'C04': try the zero-padded, upper-case spelling first.
+        upper = prefix.upper()
+        padded = upper[:1] + upper[1:].zfill(2) if upper[1:].isdigit() else upper
         found = [padded] if padded != prefix and padded in set(candidates) else []
         found += difflib.get_close_matches(prefix, candidates, n=n, cutoff=0.5)
         return list(dict.fromkeys(found))[:n]
-    names = dict(
+    names: dict[str, str] = dict(
         conn.execute(text("SELECT name, min(tree_number) FROM mesh_tree GROUP BY name")).all()
     )
     close = difflib.get_close_matches(prefix, list(names), n=n, cutoff=0.6)
@@ -85,7 +86,7 @@ def get_subtree(conn: Connection, prefix: str) -> Subtree:
         {"p": prefix},
     ).first()
     path = ancestors(prefix) if len(prefix) > 1 else []
-    names = dict(
+    names: dict[str, str] = dict(
         conn.execute(
             text("SELECT tree_number, name FROM mesh_tree WHERE tree_number = ANY(:t)"),
             {"t": path},

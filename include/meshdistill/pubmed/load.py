@@ -190,7 +190,9 @@ def load_records(
             if stager.full():
                 stager.flush()
     except PubmedParseError as exc:
-        result.status = "partial"
+        # Nothing read at all (missing or unreadable file) is a failure, not a partial load:
+        # decided here so that the ingest_batch row and the returned result agree.
+        result.status = "partial" if result.parsed else "failed"
         result.error = str(exc)
         log.error("%s", exc)
     except BaseException:

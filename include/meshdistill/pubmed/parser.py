@@ -12,6 +12,7 @@ from __future__ import annotations
 import gzip
 import zlib
 from collections.abc import Iterator
+from datetime import date
 from pathlib import Path
 from typing import IO
 
@@ -51,7 +52,9 @@ def _date(el: etree._Element | None) -> str | None:
     if not month.isdigit():
         month = str(_MONTHS.get(month[:3].lower(), 1))
     try:
-        return f"{int(year):04d}-{int(month):02d}-{int(day or 1):02d}"
+        # date() rejects impossible dates ('2021-02-30'), which would otherwise fail the
+        # COPY into a ``date`` column and with it the whole file's load.
+        return date(int(year), int(month), int(day or 1)).isoformat()
     except ValueError:
         return None
 
@@ -297,7 +300,7 @@ def iter_records(source: str | Path | IO[bytes], name: str | None = None) -> Ite
     records before the fault have been yielded.
     """
     src: Path | IO[bytes] = Path(source) if isinstance(source, str) else source
-    label = name or (str(src) if isinstance(src, Path) else getattr(src, "name", "<stream>"))
+    label: str = name or (str(src) if isinstance(src, Path) else str(getattr(src, "name", "<stream>")))
     parsed = 0
     try:
         fh = _open(src)
