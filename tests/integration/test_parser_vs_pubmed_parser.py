@@ -16,9 +16,10 @@ The reasons (all observed on these files):
   returns one string ``"LABEL\\ntext\\n\\n\\nLABEL\\ntext"``; we keep the parts as sections
   and join their texts with ``"\\n"``. Rendering our sections pubmed_parser's way must give
   its string exactly (up to whitespace).
-- ``label-only-section``: an ``<AbstractText Label="LEVEL OF EVIDENCE: 4"/>`` with no text.
-  pubmed_parser prints the label; we keep only sections with text, so no abstract *text*
-  differs, but the label is not in our sections.
+- ``label-only-section``: an empty ``<AbstractText/>`` with no label either: pubmed_parser
+  renders an empty part, we keep no section for it. (A labelled empty part, such as
+  ``<AbstractText Label="LEVEL OF EVIDENCE: 4"/>``, is a section of ours with the label
+  and no text, rendered as pubmed_parser does; the abstract text skips it.)
 - ``nested-markup-lost``: pubmed_parser's ``stringify_children`` reads an element's text
   and its children's text and tails, but nothing deeper, so in ``NF-<i><sub>κ</sub></i>B``
   or ``<b><i>Methods:</i></b>`` the innermost text is lost. Checked by computing that
@@ -235,12 +236,21 @@ def classify(ours: Article, theirs: PPView, ev: Evidence) -> Outcome:
 
 
 def _classify_abstract(ours: Article, abstract: str, ev: Evidence, out: Outcome) -> None:
-    # Our sections are the raw parts that have text, in order.
+    # Our sections are the raw parts that have text or a label, in order.
     sections = iter(ours.sections)
     rebuilt: list[tuple[str, str]] = []
     for part in ev.parts:
-        if part.empty:
+        if part.empty and not part.label:
             out.reasons.add(LABEL_ONLY)
+            rebuilt.append((part.label, ""))
+            continue
+        if part.empty:
+            # A label-only part (e.g. 'LEVEL OF EVIDENCE: 4'): ours keeps the label with no
+            # text, so the rendering below prints the label as pubmed_parser does.
+            section = next(sections, None)
+            if section is None or (section.label or "") != part.label or section.text:
+                out.unexplained.append(f"abstract: label-only part {part.label!r} missing")
+                return
             rebuilt.append((part.label, ""))
             continue
         section = next(sections, None)
@@ -406,7 +416,8 @@ def test_reasons_seen_are_the_expected_ones(comparisons: dict[str, Comparison]) 
     baseline, update = comparisons[BASELINE_2020], comparisons[UPDATE_2021]
     assert dict(baseline.reasons) == {STRUCTURED: 9, WHITESPACE: 286}
     assert dict(update.reasons) == {
-        "deletion": 20, LABEL_ONLY: 38, NESTED: 158, STRUCTURED: 6393, WHITESPACE: 6002
+        # (38 articles with a label-only part, e.g. 'LEVEL OF EVIDENCE: 4', now agree.)
+        "deletion": 20, NESTED: 158, STRUCTURED: 6393, WHITESPACE: 6002
     }
     # MeSH UIs never differ: no descriptor without a UI, none repeated.
     assert baseline.agree_all == baseline.articles == 30_000
@@ -420,10 +431,13 @@ def test_known_examples(records: dict[str, list[Record]]) -> None:
     assert "NF-κB" in by_pmid["33183482"].title
     # <b><i>Introduction:</i></b> ...: pubmed_parser's abstract loses the run-in headings.
     assert by_pmid["32716832"].abstract.startswith("Introduction: Management of the distal")
-    # <AbstractText Label="LEVEL OF EVIDENCE: 4"/>: no text, so no section of ours.
-    assert [s.label for s in by_pmid["31617889"].sections] == [
-        "BACKGROUND", "OBJECTIVES", "METHODS", "RESULTS", "CONCLUSIONS"
+    # <AbstractText Label="LEVEL OF EVIDENCE: 4"/>: the label is kept, with no text, and
+    # the abstract text does not gain an empty line for it.
+    level = by_pmid["31617889"]
+    assert [s.label for s in level.sections] == [
+        "BACKGROUND", "OBJECTIVES", "METHODS", "RESULTS", "CONCLUSIONS", "LEVEL OF EVIDENCE: 4"
     ]
+    assert level.sections[-1].text == "" and not level.abstract.endswith("\n")
     baseline = {r.pmid: r for r in records[BASELINE_2020] if isinstance(r, Article)}
     assert [(s.label, s.category) for s in baseline["402750"].sections] == [
         ("UNLABELLED", None), ("METHOD", "METHODS")

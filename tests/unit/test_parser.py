@@ -279,7 +279,10 @@ def test_edge_cases() -> None:
         ("D009369", True, ["genetics", "pathology"]),  # repeated descriptor merged
         ("D006801", False, []),  # the descriptor without UI is dropped
     ]
-    assert odd.sections == [Section("BACKGROUND", "BACKGROUND", "Some text.")]  # label-only dropped
+    # A label-only section keeps its label (it is content); the abstract text skips it.
+    assert odd.sections[0] == Section("BACKGROUND", "BACKGROUND", "Some text.")
+    assert [(x.label, x.text) for x in odd.sections[1:]] == [(odd.sections[1].label, "")]
+    assert odd.abstract == "Some text."
     assert odd.doi == "10.0000/from-elocation"  # no ArticleIdList: the ELocationID
     assert odd.languages == ["eng", "fre"]
     assert odd.revised is None  # DateRevised 2021-02-30 does not exist: dropped, not loaded

@@ -13,8 +13,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from datetime import UTC, date, datetime
 from typing import Any
@@ -76,7 +76,9 @@ class LoadResult:
 def _article_row(seq: int, a: Article) -> str:
     """One staging line in COPY text format, ending with the content hash."""
     doc = {
-        "sections": [{"label": x.label, "category": x.category, "text": x.text} for x in a.sections],
+        "sections": [
+            {"label": x.label, "category": x.category, "text": x.text} for x in a.sections
+        ],
         "languages": a.languages,
         "publication_types": a.publication_types,
         "keywords": a.keywords,
@@ -176,7 +178,7 @@ def load_records(
             if isinstance(record, Article):
                 latest[record.pmid] = seq
                 stager.articles.append(_article_row(seq, record))
-                if not record.sections:
+                if not record.abstract:
                     result.without_abstract += 1
                 if not record.mesh:
                     result.without_mesh += 1
@@ -218,7 +220,9 @@ def _counted(
         result.parsed += 1
         if result.parsed % every == 0:
             elapsed = time.perf_counter() - t0
-            log.info("%s: %d records parsed (%.0f/s)", item, result.parsed, result.parsed / elapsed)
+            log.info(
+                "%s: %d records read (%.0f/s)", item, result.parsed, result.parsed / elapsed
+            )
         yield record
 
 
@@ -243,9 +247,9 @@ def _merge(conn: Connection, result: LoadResult, source: str) -> None:
                 INSERT INTO article AS a (pmid, title, abstract, sections, journal, pub_year,
                     languages, publication_types, keywords, doi, pmc, revised, entrez_date,
                     status, source, content_hash)
-                SELECT pmid, title, abstract, doc->'sections', journal, pub_year, doc->'languages', doc->'publication_types',
-                       doc->'keywords', doi, pmc, revised, entrez_date, status,
-                       :source, content_hash
+                SELECT pmid, title, abstract, doc->'sections', journal, pub_year,
+                       doc->'languages', doc->'publication_types', doc->'keywords', doi, pmc,
+                       revised, entrez_date, status, :source, content_hash
                 FROM stage_article
                 ON CONFLICT (pmid) DO UPDATE SET
                     title = EXCLUDED.title, abstract = EXCLUDED.abstract,
@@ -268,13 +272,23 @@ def _merge(conn: Connection, result: LoadResult, source: str) -> None:
     conn.exec_driver_sql(
         """
         DELETE FROM article_mesh WHERE pmid IN (SELECT pmid FROM stage_changed);
-        CREATE TEMP TABLE stage_mesh ON COMMIT DROP AS
-        SELECT l.pmid, m->>0 AS ui, m->>1 AS name, (m->>2)::boolean AS major, m->3 AS qualifiers
-        FROM stage_article l
-        JOIN stage_changed c ON c.pmid = l.pmid
-        CROSS JOIN LATERAL jsonb_array_elements(l.doc->'mesh') m;
-        INSERT INTO article_mesh (pmid, ui, major, qualifiers)
-        SELECT pmid, ui, major, qualifiers FROM stage_mesh;
+        WITH heading AS (
+            SELECT l.pmid, m->>0 AS ui, m->>1 AS name, (m->>2)::boolean AS major,
+                   m->3 AS qualifiers
+            FROM stage_article l
+            JOIN stage_changed c ON c.pmid = l.pmid
+            CROSS JOIN LATERAL jsonb_array_elements(l.doc->'mesh') m
+        ), linked AS (
+            INSERT INTO article_mesh (pmid, ui, major, qualifiers)
+            SELECT pmid, ui, major, qualifiers FROM heading
+        )
+        -- Headings carry UI + name: descriptors the MeSH files did not name (newer ones,
+        -- or a trees-only release) become known, so tree numbers can join to UIs later.
+        INSERT INTO mesh_descriptor (ui, name, source)
+        SELECT ui, min(name), 'pubmed-headings' FROM heading h
+        WHERE NOT EXISTS (SELECT 1 FROM mesh_descriptor d WHERE d.ui = h.ui)
+        GROUP BY ui
+        ON CONFLICT (ui) DO NOTHING;
         """
     )
     result.deleted = conn.execute(
@@ -315,13 +329,6 @@ def _merge(conn: Connection, result: LoadResult, source: str) -> None:
     conn.execute(
         text("UPDATE article SET status = 'retracted' WHERE pmid = ANY(:p) AND status = 'active'"),
         {"p": retracted},
-    )
-    conn.exec_driver_sql(
-        """
-        INSERT INTO mesh_descriptor (ui, name, source)
-        SELECT DISTINCT ON (ui) ui, name, 'pubmed-headings' FROM stage_mesh
-        ON CONFLICT (ui) DO NOTHING;
-        """
     )
     resolve_tree_uis(conn)
 

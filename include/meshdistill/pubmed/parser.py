@@ -100,8 +100,10 @@ def _sections(abstract: etree._Element) -> list[Section]:
     for part in abstract:
         if part.tag == "AbstractText":
             text = _flat(part)
-            if text:
-                out.append(Section(part.get("Label"), part.get("NlmCategory"), text))
+            label = part.get("Label")
+            # A labelled section may be empty ('LEVEL OF EVIDENCE: 4'): the label is content.
+            if text or label:
+                out.append(Section(label, part.get("NlmCategory"), text))
     return out
 
 
@@ -232,9 +234,13 @@ def parse_article(elem: etree._Element) -> Article | Skip:
                 languages.append(child.text)
         elif tag == "PublicationTypeList":
             publication_types = [t.text for t in child if t.text]
-        elif tag == "ELocationID":
-            if child.get("EIdType") == "doi" and child.text and eloc_doi is None:
-                eloc_doi = child.text.strip()
+        elif (
+            tag == "ELocationID"
+            and child.get("EIdType") == "doi"
+            and child.text
+            and eloc_doi is None
+        ):
+            eloc_doi = child.text.strip()
     pubmed_data = _PubmedData(data)
     retracted = retracted or not _RETRACTED_TYPES.isdisjoint(publication_types)
     return Article(
@@ -300,7 +306,12 @@ def iter_records(source: str | Path | IO[bytes], name: str | None = None) -> Ite
     records before the fault have been yielded.
     """
     src: Path | IO[bytes] = Path(source) if isinstance(source, str) else source
-    label: str = name or (str(src) if isinstance(src, Path) else str(getattr(src, "name", "<stream>")))
+    if name:
+        label = name
+    elif isinstance(src, Path):
+        label = str(src)
+    else:
+        label = str(getattr(src, "name", "<stream>"))
     parsed = 0
     try:
         fh = _open(src)
@@ -333,7 +344,8 @@ def iter_records(source: str | Path | IO[bytes], name: str | None = None) -> Ite
                 while elem.getprevious() is not None:
                     del parent[0]
     except etree.XMLSyntaxError as exc:
-        raise PubmedParseError(label, f"malformed XML at line {exc.lineno}: {exc.msg}", parsed) from exc
+        reason = f"malformed XML at line {exc.lineno}: {exc.msg}"
+        raise PubmedParseError(label, reason, parsed) from exc
     except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
         raise PubmedParseError(label, f"truncated or corrupt gzip ({exc})", parsed) from exc
     except OSError as exc:

@@ -46,7 +46,7 @@ class Article:
 
     @property
     def abstract(self) -> str:
-        return "\n".join(s.text for s in self.sections)
+        return "\n".join(s.text for s in self.sections if s.text)
 
     def to_json(self) -> dict[str, Any]:
         return {

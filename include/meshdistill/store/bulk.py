@@ -60,5 +60,9 @@ def copy_lines(conn: Connection, table: str, columns: Sequence[str], lines: list
 
 
 def create_staging(conn: Connection, name: str, columns_sql: str) -> None:
-    """A temporary table that disappears with the transaction."""
-    conn.exec_driver_sql(f"CREATE TEMP TABLE {name} ({columns_sql}) ON COMMIT DROP")
+    """An empty temporary table that disappears with the transaction.
+
+    Idempotent within a transaction, so one transaction may stage several batches.
+    """
+    conn.exec_driver_sql(f"CREATE TEMP TABLE IF NOT EXISTS {name} ({columns_sql}) ON COMMIT DROP")
+    conn.exec_driver_sql(f"TRUNCATE {name}")
