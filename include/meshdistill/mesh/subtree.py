@@ -118,26 +118,6 @@ def subtree_descriptor_uis(conn: Connection, prefix: str) -> list[str]:
     ]
 
 
-def subtree_article_counts(conn: Connection, prefixes: list[str]) -> dict[str, int]:
-    """Active articles with at least one heading in each subtree."""
-    out: dict[str, int] = {}
-    for prefix in prefixes:
-        get_subtree(conn, prefix)
-        out[prefix] = conn.execute(
-            text(
-                """
-                SELECT count(DISTINCT am.pmid)
-                FROM article_mesh am
-                JOIN article a ON a.pmid = am.pmid AND a.status = 'active'
-                WHERE am.ui IN (SELECT ui FROM mesh_tree
-                                WHERE tree_number = :p OR tree_number LIKE :like)
-                """
-            ),
-            {"p": prefix, "like": like_pattern(prefix)},
-        ).scalar_one()
-    return out
-
-
 def subtree_stats(conn: Connection, prefix: str) -> dict[str, Any]:
     """Per-subtree figures for summaries: articles, those with an abstract, major topics."""
     sub = get_subtree(conn, prefix)
