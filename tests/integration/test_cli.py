@@ -81,3 +81,33 @@ def test_pubmed_load_reports_a_truncated_file_and_exits_nonzero(
     assert result["loaded"] > 0
     accounted = result["loaded"] + result["unchanged"] + result["deleted"] + result["skipped"]
     assert result["parsed"] == accounted
+
+
+def test_pubmed_fetch_against_a_local_eutils_server(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, fresh_mesh_url: str
+) -> None:
+    from datetime import date
+
+    from tests.fakes.eutils_server import FakeEutils, baseline_corpus, explode_from_mtrees
+
+    monkeypatch.setenv("MESHDISTILL_DATABASE_URL", fresh_mesh_url)
+    monkeypatch.setenv("NCBI_EMAIL", "team@example.org")
+    corpus = baseline_corpus(date(1977, 5, 1), date(1977, 5, 31))
+    explode = explode_from_mtrees(["Neoplasms"])
+    want = {
+        a.pmid for a in corpus
+        if a.entrez and date(1977, 5, 2) <= a.entrez <= date(1977, 5, 9)
+        and a.mesh & explode["neoplasms"]
+    }
+    with FakeEutils(corpus, explode=explode) as fake:
+        argv = ["pubmed", "fetch", "--subtree", "C04", "--from", "1977-05-02",
+                "--to", "1977-05-09", "--eutils-url", fake.base_url, "--json"]
+        summary = _json(capsys, argv)
+        assert fake.requests_to("esearch.fcgi")[0].params["email"] == "team@example.org"
+        assert isinstance(summary, dict)
+        assert summary["reconciled"] is True
+        assert summary["expected"] == summary["fetched"] == len(want) > 0
+        # Unknown subtree: a clear error naming the closest valid ones, exit status 2.
+        assert main(["pubmed", "fetch", "--subtree", "C4", "--from", "1977-05-02",
+                     "--to", "1977-05-09", "--eutils-url", fake.base_url]) == 2
+    assert "closest valid: C04" in capsys.readouterr().err
