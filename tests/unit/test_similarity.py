@@ -1,0 +1,190 @@
+"""MeSH-hierarchy similarity on real 2023 tree numbers, against hand-computed figures.
+
+Tree numbers are read from mtrees2023.bin (``Name;tree number`` per line) so the test
+follows the real hierarchy; the expected values are literals worked out by hand from the
+numbers quoted in the comments. The descriptor *name* stands in for its UI.
+"""
+
+from __future__ import annotations
+
+import random
+from functools import cache
+
+import pytest
+from meshdistill.mesh.similarity import (
+    TreeIndex,
+    best_match_average,
+    descriptor_similarity,
+    hierarchy_score,
+    tree_similarity,
+)
+
+from tests.support import MTREES_2023
+
+BN = "Breast Neoplasms"  # C04.588.180, C17.800.090.500
+BNM = "Breast Neoplasms, Male"  # C04.588.180.260, C17.800.090.500.260
+N = "Neoplasms"  # C04
+SN = "Skin Neoplasms"  # C04.588.805, C17.800.882
+HD = "Heart Diseases"  # C14.280
+CVD = "Cardiovascular Diseases"  # C14
+T = "Tamoxifen"  # D02.455.426.559.389.150.700.900
+BREAST = "Breast"  # A01.236
+MEL = "Melanoma"  # C04.557.465.625.650.510, C04.557.580.625.650.510, C04.557.665.510
+CDB = "Carcinoma, Ductal, Breast"
+# C04.557.470.200.025.232.500, C04.557.470.615.132.500, C04.588.180.390,
+# C17.800.090.500.390
+
+
+@cache
+def all_trees() -> dict[str, list[str]]:
+    trees: dict[str, list[str]] = {}
+    with MTREES_2023.open(encoding="utf-8") as fh:
+        for line in fh:
+            name, _, number = line.rstrip("\n").rpartition(";")
+            if name and number:
+                trees.setdefault(name, []).append(number)
+    return trees
+
+
+def tn(name: str) -> list[str]:
+    return all_trees()[name]
+
+
+def test_fixture_tree_numbers_are_the_ones_hand_computed_on() -> None:
+    # If a future file moved these, the hand computations below would no longer apply.
+    assert sorted(tn(BN)) == ["C04.588.180", "C17.800.090.500"]
+    assert sorted(tn(BNM)) == ["C04.588.180.260", "C17.800.090.500.260"]
+    assert tn(N) == ["C04"]
+    assert sorted(tn(SN)) == ["C04.588.805", "C17.800.882"]
+    assert tn(HD) == ["C14.280"]
+    assert tn(CVD) == ["C14"]
+    assert tn(T) == ["D02.455.426.559.389.150.700.900"]
+    assert tn(BREAST) == ["A01.236"]
+    assert len(tn(MEL)) == 3 and len(tn(CDB)) == 4
+
+
+def test_tree_similarity_parts_not_characters() -> None:
+    # 'C04' vs 'C14': first parts differ -> lcp 0 -> 0 (no credit for the shared 'C').
+    assert tree_similarity("C04", "C14") == 0.0
+    # C04 vs C04.588.180: lcp 1, depths 1 + 3 -> 2·1/4 = 0.5
+    assert tree_similarity("C04", "C04.588.180") == pytest.approx(0.5)
+    # C04.588 vs C04.58: lcp 1 ('588' != '58'), depths 2 + 2 -> 2/4
+    assert tree_similarity("C04.588", "C04.58") == pytest.approx(0.5)
+
+
+def test_neoplasms_vs_breast_neoplasms() -> None:
+    # C04 vs C04.588.180: lcp 1, depths 1 + 3 -> 2·1/(1+3) = 0.5
+    # C04 vs C17.800.090.500: different category -> 0. max = 0.5
+    assert descriptor_similarity(tn(N), tn(BN)) == pytest.approx(0.5)
+
+
+def test_multiple_tree_numbers_take_the_max() -> None:
+    # C04.588.180 vs C04.588.180.260: lcp 3, depths 3 + 4 -> 6/7 ≈ 0.857
+    # C17.800.090.500 vs C17.800.090.500.260: lcp 4, depths 4 + 5 -> 8/9 ≈ 0.889
+    # cross pairs (C04 vs C17) -> 0. max = 8/9 (the C17 position, not the first one)
+    assert descriptor_similarity(tn(BN), tn(BNM)) == pytest.approx(8 / 9)
+    # C04.588.805 vs C04.588.180: lcp 2, depths 3 + 3 -> 4/6 = 2/3
+    # C17.800.882 vs C17.800.090.500: lcp 2, depths 3 + 4 -> 4/7 ≈ 0.571. max = 2/3
+    assert descriptor_similarity(tn(SN), tn(BN)) == pytest.approx(2 / 3)
+    # Melanoma (3 positions) vs Carcinoma, Ductal, Breast (4 positions), best pair:
+    # C04.557.665.510 vs C04.557.470.615.132.500: lcp 2, depths 4 + 6 -> 4/10 = 0.4
+    # (e.g. C04.557.465.625.650.510 vs C04.557.470.615.132.500: lcp 2, 6 + 6 -> 1/3;
+    #  C04.557.665.510 vs C04.588.180.390: lcp 1, 4 + 4 -> 0.25)
+    assert descriptor_similarity(tn(MEL), tn(CDB)) == pytest.approx(0.4)
+
+
+def test_cross_category_is_zero() -> None:
+    # A01.236 vs C04.588.180 / C17.800.090.500: first parts differ -> 0
+    assert descriptor_similarity(tn(BREAST), tn(BN)) == 0.0
+    # C04 vs C14: different first part -> 0
+    assert descriptor_similarity(tn(N), tn(CVD)) == 0.0
+    # C14.280 vs C04: 0; D02... vs C04...: 0
+    assert descriptor_similarity(tn(HD), tn(N)) == 0.0
+    assert descriptor_similarity(tn(T), tn(BN)) == 0.0
+
+
+def test_same_descriptor_and_empty() -> None:
+    # C04.588.180 vs itself: lcp 3, depths 3 + 3 -> 6/6 = 1
+    assert descriptor_similarity(tn(BN), tn(BN)) == 1.0
+    assert descriptor_similarity([], tn(BN)) == 0.0
+    assert descriptor_similarity(tn(BN), []) == 0.0
+    index = TreeIndex({BN: tn(BN)})
+    assert index.similarity("D999999", "D999999") == 1.0  # same UI, even without a tree
+    assert index.similarity("D999999", BN) == 0.0  # no position in the hierarchy
+
+
+# 2×3 example: A = {BN, T}, B = {BNM, N, HD}
+# sim matrix          BNM    N     HD
+#   BN               8/9   1/2    0      (values from the tests above; BN vs C14.280 -> 0)
+#   T                 0     0     0      (D02 vs C04/C14 -> 0)
+# row max: BN 8/9, T 0          col max: BNM 8/9, N 1/2, HD 0
+A = [BN, T]
+B = [BNM, N, HD]
+
+
+def test_bma_unweighted_by_hand() -> None:
+    # mean_a = (8/9 + 0)/2 = 4/9 = 24/54;  mean_b = (8/9 + 1/2 + 0)/3 = 25/54
+    # BMA = ½·(24/54 + 25/54) = 49/108 ≈ 0.4537
+    assert best_match_average(A, B, all_trees()) == pytest.approx(49 / 108)
+
+
+def test_bma_major_weighted_by_hand() -> None:
+    # major_a = {BN}, major_b = {N}, weight 2:
+    # mean_a = (2·8/9 + 1·0)/(2+1) = 16/27 = 64/108
+    # mean_b = (1·8/9 + 2·1/2 + 1·0)/(1+2+1) = (17/9)/4 = 17/36 = 51/108
+    # BMA = ½·(64/108 + 51/108) = 115/216 ≈ 0.5324
+    got = best_match_average(A, B, all_trees(), major_a={BN}, major_b={N})
+    assert got == pytest.approx(115 / 216)
+    # weight 1 is the unweighted figure again
+    assert best_match_average(
+        A, B, all_trees(), major_a={BN}, major_b={N}, major_weight=1.0
+    ) == pytest.approx(49 / 108)
+
+
+def test_bma_symmetric_identity_duplicates_and_empty() -> None:
+    trees = all_trees()
+    assert best_match_average(B, A, trees) == pytest.approx(49 / 108)
+    assert best_match_average(B, A, trees, major_a={N}, major_b={BN}) == pytest.approx(115 / 216)
+    assert best_match_average(A, A, trees) == 1.0
+    assert best_match_average([*A, BN], B, trees) == pytest.approx(49 / 108)  # BN counts once
+    assert best_match_average([], B, trees) == 0.0
+    assert best_match_average(A, set(), trees) == 0.0
+
+
+def test_hierarchy_score_by_hand() -> None:
+    trees = all_trees()
+    # BMA(question={N}, source={BN, T}): row N: max(1/2, 0) = 1/2 -> mean_a = 1/2;
+    # cols BN 1/2, T 0 -> mean_b = 1/4; BMA = ½·(1/2 + 1/4) = 3/8
+    # score = 0.5·49/108 + 0.5·3/8 = 49/216 + 81/432 = 179/432 ≈ 0.4144
+    assert hierarchy_score(A, B, [N], trees) == pytest.approx(179 / 432)
+    assert hierarchy_score(A, B, [N], trees, alpha=1.0) == pytest.approx(49 / 108)
+    assert hierarchy_score(A, B, [N], trees, alpha=0.0) == pytest.approx(3 / 8)
+    # no MeSH term matched in the question: the contexts term alone, not a zero
+    assert hierarchy_score(A, B, [], trees) == pytest.approx(49 / 108)
+    assert hierarchy_score(A, [], [N], trees) == pytest.approx(0.5 * 3 / 8)
+    with pytest.raises(ValueError):
+        hierarchy_score(A, B, [N], trees, alpha=1.5)
+
+
+def test_index_matches_pure_function_bounds_and_symmetry_on_real_sample() -> None:
+    trees = all_trees()
+    rng = random.Random(7)
+    names = rng.sample(sorted(trees), 150)
+    index = TreeIndex(trees)
+    seen_positive = 0
+    for a in names[:60]:
+        for b in names[60:]:
+            s = index.similarity(a, b)
+            assert 0.0 <= s <= 1.0
+            assert s == index.similarity(b, a)
+            assert s == pytest.approx(descriptor_similarity(trees[a], trees[b]))
+            seen_positive += s > 0
+    assert seen_positive > 0  # the sample exercises more than the cross-category zero
+    stats = index.cache_stats()
+    assert stats["hits"] >= 60 * 90  # the reversed lookups
+    assert stats["size"] == stats["misses"] <= 60 * 90
+    bma = index.best_match_average(names[:8], names[8:20], major_a=names[:2])
+    assert 0.0 <= bma <= 1.0
+    assert bma == pytest.approx(
+        best_match_average(names[:8], names[8:20], trees, major_a=names[:2])
+    )
