@@ -1,0 +1,168 @@
+"""The one small interface every LLM backend implements, and what flows through it.
+
+Stages build an :class:`LLMRequest` (stage, prompt version, messages, the pydantic model
+the output must validate against, sampling parameters, and the structured inputs the
+prompt was rendered from) and get back an :class:`LLMResult`. A backend never raises for
+bad model output or a failing server: the result carries either the parsed output or a
+failure reason, so a caller can record a terminal ``failed`` state per item and move on
+instead of losing a whole mapped task to one malformed reply.
+
+:func:`cache_key` is the identity of a call, (model, prompt version, messages,
+parameters) hashed over canonical JSON. The Postgres ``llm_call`` cache and cost
+accounting (a later step) key on it; a caching or budgeting wrapper can implement
+:class:`LLMBackend` itself and delegate to a real backend.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
+
+from pydantic import BaseModel
+
+from meshdistill.llm.inputs import StageInput
+from meshdistill.llm.prompts import ChatMessage
+
+T = TypeVar("T", bound=BaseModel)
+
+
+class Stage(StrEnum):
+    """Pipeline stages that call an LLM."""
+
+    GENERATE = "generate"
+    JUDGE = "judge"
+    ANSWER = "answer"
+
+
+class FailureKind(StrEnum):
+    """Why a call produced no valid output; stored with the failed item."""
+
+    INVALID_OUTPUT = "invalid_output"  # not JSON or not the schema, after the repair attempt
+    REFUSED = "refused"  # the model declined (structured-outputs refusal)
+    RATE_LIMITED = "rate_limited"  # 429 after all attempts (or Retry-After beyond our cap)
+    SERVER_ERROR = "server_error"  # 5xx after all attempts
+    TIMEOUT = "timeout"  # no answer in time, after all attempts
+    CONNECTION = "connection"  # could not reach the server, after all attempts
+    REQUEST_REJECTED = "request_rejected"  # 4xx other than 429: retrying cannot help
+    UNSUPPORTED = "unsupported"  # the backend cannot serve this request
+
+
+@dataclass(frozen=True)
+class LLMParams:
+    """Sampling parameters; part of the cache key."""
+
+    temperature: float = 0.0
+    max_tokens: int = 2048
+    seed: int | None = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"temperature": self.temperature, "max_tokens": self.max_tokens, "seed": self.seed}
+
+
+def _canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def cache_key(
+    model: str,
+    prompt_version: str,
+    messages: Sequence[Mapping[str, Any]],
+    params: Mapping[str, Any],
+) -> str:
+    """sha256 (hex) over canonical JSON of the call's identity.
+
+    Canonical: keys sorted, no whitespace, UTF-8 kept as is, so the key does not depend on
+    dict ordering or on the Python process. Message order matters (it is a conversation).
+    """
+    payload = {
+        "model": model,
+        "prompt_version": prompt_version,
+        "messages": [dict(m) for m in messages],
+        "params": dict(params),
+    }
+    return hashlib.sha256(_canonical(payload).encode("utf-8")).hexdigest()
+
+
+def schema_digest(model: type[BaseModel]) -> str:
+    """Short digest of a pydantic model's JSON schema: a changed schema is a new call."""
+    return hashlib.sha256(_canonical(model.model_json_schema()).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class LLMRequest(Generic[T]):
+    """One call: what to send and what the answer must validate against."""
+
+    stage: Stage
+    prompt_version: str
+    messages: tuple[ChatMessage, ...]
+    output_model: type[T]
+    params: LLMParams = field(default_factory=LLMParams)
+    inputs: StageInput | None = None  # what the prompt was rendered from (offline backend)
+
+    def key_params(self) -> dict[str, Any]:
+        """Parameters that enter the cache key: sampling plus the output schema."""
+        return {
+            **self.params.as_dict(),
+            "output": self.output_model.__name__,
+            "schema": schema_digest(self.output_model),
+        }
+
+    def cache_key(self, model: str) -> str:
+        return cache_key(model, self.prompt_version, self.messages, self.key_params())
+
+
+@dataclass
+class LLMResult(Generic[T]):
+    """Outcome of one :class:`LLMRequest`: the output, or why there is none.
+
+    ``attempts`` counts HTTP requests made (retries and the repair included), so retry
+    storms are visible; tokens are summed over every response received.
+    """
+
+    stage: Stage
+    prompt_version: str
+    cache_key: str
+    backend: str
+    model: str
+    output: T | None = None
+    failure: FailureKind | None = None
+    error: str | None = None
+    raw_text: str | None = None
+    tokens_in: int = 0
+    tokens_out: int = 0
+    latency_ms: float = 0.0
+    attempts: int = 0
+    response_format: str | None = None  # json_schema | json_object | offline
+    repaired: bool = False
+    params: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.output is not None
+
+
+@runtime_checkable
+class LLMBackend(Protocol):
+    """Anything that turns a request into a result; never raises for bad output."""
+
+    name: str
+    model: str
+
+    async def complete(self, request: LLMRequest[T]) -> LLMResult[T]:
+        """Run one request (retries, repair and concurrency limits are the backend's)."""
+        ...
+
+
+async def complete_all(
+    backend: LLMBackend, requests: Iterable[LLMRequest[T]]
+) -> list[LLMResult[T]]:
+    """Run requests concurrently, results in request order.
+
+    The backend bounds how many are in flight, so gathering them all is safe.
+    """
+    return list(await asyncio.gather(*(backend.complete(r) for r in requests)))

@@ -1,0 +1,76 @@
+"""The structured inputs of each stage, from which prompts are rendered.
+
+A request carries these next to its rendered messages: an LLM reads the messages, but
+the offline backend works from the structured fields (it must quote the abstract
+verbatim, and re-parsing a rendered prompt to find it again would be fragile).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from meshdistill.llm.schemas import Question, QuestionType
+
+
+@dataclass(frozen=True)
+class MeshHeading:
+    """One MeSH heading of an article; ``major`` marks a major topic."""
+
+    name: str
+    major: bool = False
+
+
+@dataclass(frozen=True)
+class ArticleInput:
+    """A source abstract and the MeSH knowledge that guides questions about it."""
+
+    pmid: str
+    title: str
+    abstract: str
+    mesh: tuple[MeshHeading, ...] = ()
+    ancestry: tuple[str, ...] = ()  # subtree path, root first, e.g. ("Neoplasms", ...)
+    scope_note: str | None = None
+
+
+@dataclass(frozen=True)
+class Passage:
+    """A retrieved context abstract."""
+
+    pmid: str
+    title: str
+    text: str
+
+
+@dataclass(frozen=True)
+class GenerateInput:
+    """Generate ``n_questions`` questions of ``types`` about one article.
+
+    ``profile`` names the generator profile (``domain`` or ``general``): the two profiles'
+    candidates for the same source form KAILIN's preference pairs.
+    """
+
+    article: ArticleInput
+    profile: str = "domain"
+    n_questions: int = 4
+    types: tuple[QuestionType, ...] = tuple(QuestionType)
+
+
+@dataclass(frozen=True)
+class JudgeInput:
+    """Judge one candidate question against its source and retrieved contexts."""
+
+    question: Question
+    article: ArticleInput
+    contexts: tuple[Passage, ...] = field(default=())
+
+
+@dataclass(frozen=True)
+class AnswerInput:
+    """Answer one question from retrieved contexts (the source is among them)."""
+
+    question: Question
+    contexts: tuple[Passage, ...]
+    article: ArticleInput | None = None
+
+
+StageInput = GenerateInput | JudgeInput | AnswerInput

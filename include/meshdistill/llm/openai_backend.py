@@ -1,0 +1,373 @@
+"""The ``openai`` backend: the official SDK against any OpenAI-compatible endpoint.
+
+Works with OpenAI, Azure OpenAI (give its ``/openai/v1`` base URL), vLLM, Ollama and
+llama.cpp's server. What it adds to a bare SDK call, and why:
+
+- Structured outputs: the stage's pydantic model goes out as a strict ``json_schema``
+  ``response_format``. Servers without structured outputs answer that with a 400; the
+  backend then switches to JSON mode (``json_object``, schema stated in the system
+  message) and remembers that for the rest of its life, so a batch pays the failed probe
+  a handful of times, not once per item.
+- Validation and one repair: output that is not JSON or not the schema is sent back
+  with the validation error once; if the second reply still fails, the result is a
+  failure with the reason (``invalid_output``), never an exception, so one bad reply
+  costs one item, not the task.
+- Retries under our control: the SDK's own retries are off (``max_retries=0``) and
+  tenacity retries 429, 408/409, 5xx, timeouts and connection errors with exponential
+  backoff and jitter, waiting at least ``Retry-After`` (or ``retry-after-ms``) when the
+  server sends one, with a bounded number of attempts. A ``Retry-After`` longer than
+  ``max_retry_after`` ends the call as ``rate_limited`` rather than sleep for minutes
+  inside a worker slot.
+- Bounded concurrency: an ``asyncio.Semaphore`` (default 32) around each HTTP attempt
+  caps requests in flight within a task; the Airflow pool ``llm`` caps tasks.
+
+The API key is never logged or put in a repr.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import json
+import logging
+import os
+import random
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import openai
+from openai import AsyncOpenAI
+from pydantic import ValidationError
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception,
+    stop_after_attempt,
+)
+
+from meshdistill.errors import ConfigError
+from meshdistill.llm.backend import FailureKind, LLMRequest, LLMResult, T
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CONCURRENCY = 32
+_RETRY_STATUS = frozenset({408, 409, 429})
+_SCHEMA_HINTS = ("response_format", "json_schema", "structured", "schema")
+
+
+class _RetryAfterTooLong(Exception):
+    """The server asked us to wait longer than we are willing to."""
+
+    def __init__(self, seconds: float, cause: openai.APIStatusError) -> None:
+        super().__init__(f"Retry-After {seconds:g}s exceeds the cap")
+        self.seconds = seconds
+        self.cause = cause
+
+
+@dataclass
+class _Reply:
+    text: str | None
+    refusal: str | None
+    tokens_in: int
+    tokens_out: int
+    finish_reason: str | None
+
+
+def retry_after_seconds(exc: BaseException) -> float | None:
+    """The wait a 429/503 asks for: ``retry-after-ms``, ``Retry-After`` seconds or HTTP date."""
+    if not isinstance(exc, openai.APIStatusError):
+        return None
+    headers = exc.response.headers
+    millis = headers.get("retry-after-ms")
+    if millis:
+        try:
+            return max(0.0, float(millis) / 1000)
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        when = email.utils.parsedate_to_datetime(value) if value.strip() else None
+        if when is None:
+            return None
+        return max(0.0, when.timestamp() - time.time())
+
+
+def _retryable(exc: BaseException) -> bool:
+    if isinstance(exc, openai.APIConnectionError):  # includes APITimeoutError
+        return True
+    if isinstance(exc, openai.APIStatusError):
+        return exc.status_code in _RETRY_STATUS or exc.status_code >= 500
+    return False
+
+
+def _rejects_schema(exc: openai.APIStatusError) -> bool:
+    """A 400/422 about the response format: the server has no structured outputs."""
+    if exc.status_code not in (400, 422):
+        return False
+    text = f"{exc.message} {json.dumps(exc.body, default=str)}".lower()
+    return any(hint in text for hint in _SCHEMA_HINTS)
+
+
+def _failure_of(exc: BaseException) -> tuple[FailureKind, str]:
+    if isinstance(exc, _RetryAfterTooLong):
+        return FailureKind.RATE_LIMITED, f"429 with Retry-After {exc.seconds:g}s beyond the cap"
+    if isinstance(exc, openai.APITimeoutError):
+        return FailureKind.TIMEOUT, "request timed out"
+    if isinstance(exc, openai.APIConnectionError):
+        return FailureKind.CONNECTION, f"connection error: {exc}"
+    if isinstance(exc, openai.APIStatusError):
+        detail = f"HTTP {exc.status_code}: {exc.message}"[:500]
+        if exc.status_code == 429:
+            return FailureKind.RATE_LIMITED, detail
+        if exc.status_code >= 500:
+            return FailureKind.SERVER_ERROR, detail
+        return FailureKind.REQUEST_REJECTED, detail
+    return FailureKind.CONNECTION, f"{type(exc).__name__}: {exc}"[:500]
+
+
+def _json_mode_instruction(schema: dict[str, Any]) -> str:
+    return (
+        "\n\nReply with one JSON object and nothing else. It must validate against this "
+        f"JSON Schema:\n{json.dumps(schema, separators=(',', ':'))}"
+    )
+
+
+def _strip_fences(text: str) -> str:
+    """Some servers in JSON mode still wrap the object in a Markdown code fence."""
+    stripped = text.strip()
+    if stripped.startswith("```"):
+        stripped = stripped.split("\n", 1)[1] if "\n" in stripped else ""
+        stripped = stripped.rsplit("```", 1)[0]
+    return stripped.strip()
+
+
+class OpenAIBackend:
+    """OpenAI-compatible chat completions with validation, repair, retries and a cap.
+
+    One instance can serve many ``asyncio.run`` calls (an Airflow task may make several):
+    the SDK client and the semaphore belong to an event loop and are recreated when the
+    running loop changes.
+    """
+
+    name = "openai"
+
+    def __init__(
+        self,
+        *,
+        model: str | None = None,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        organization: str | None = None,
+        max_concurrency: int = DEFAULT_CONCURRENCY,
+        timeout: float = 60.0,
+        max_attempts: int = 5,
+        backoff_initial: float = 0.5,
+        backoff_max: float = 30.0,
+        max_retry_after: float = 120.0,
+        structured_outputs: bool = True,
+        repair: bool = True,
+    ) -> None:
+        resolved_model = model or os.environ.get("MESHDISTILL_LLM_MODEL")
+        if not resolved_model:
+            raise ConfigError("no LLM model: pass model= or set MESHDISTILL_LLM_MODEL")
+        if max_concurrency < 1 or max_attempts < 1:
+            raise ConfigError("max_concurrency and max_attempts must be at least 1")
+        self.model = resolved_model
+        self.base_url = base_url or os.environ.get("OPENAI_BASE_URL") or None
+        # Local servers (vLLM, Ollama, llama.cpp) accept any key; the SDK insists on one.
+        self._api_key = api_key or os.environ.get("OPENAI_API_KEY") or "unused"
+        self.organization = organization or os.environ.get("OPENAI_ORG_ID") or None
+        self.max_concurrency = max_concurrency
+        self.timeout = timeout
+        self.max_attempts = max_attempts
+        self.backoff_initial = backoff_initial
+        self.backoff_max = backoff_max
+        self.max_retry_after = max_retry_after
+        self.repair = repair
+        self._structured = structured_outputs
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._client: AsyncOpenAI | None = None
+        self._semaphore: asyncio.Semaphore | None = None
+
+    def __repr__(self) -> str:  # never the key
+        return (f"OpenAIBackend(model={self.model!r}, base_url={self.base_url!r}, "
+                f"max_concurrency={self.max_concurrency}, structured={self._structured})")
+
+    @property
+    def structured_outputs(self) -> bool:
+        """False once the server has rejected ``json_schema``: JSON mode from then on."""
+        return self._structured
+
+    def _state(self) -> tuple[AsyncOpenAI, asyncio.Semaphore]:
+        loop = asyncio.get_running_loop()
+        if self._client is None or self._semaphore is None or self._loop is not loop:
+            self._client = AsyncOpenAI(
+                api_key=self._api_key, base_url=self.base_url, organization=self.organization,
+                timeout=self.timeout, max_retries=0,
+            )
+            self._semaphore = asyncio.Semaphore(self.max_concurrency)
+            self._loop = loop
+        return self._client, self._semaphore
+
+    async def aclose(self) -> None:
+        """Close the HTTP client of the current loop (connections are pooled)."""
+        if self._client is not None and self._loop is asyncio.get_running_loop():
+            await self._client.close()
+        self._client = self._semaphore = self._loop = None
+
+    async def __aenter__(self) -> OpenAIBackend:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    # -- one HTTP exchange, with retries ---------------------------------------------------
+
+    def _wait(self, state: RetryCallState) -> float:
+        exc = state.outcome.exception() if state.outcome else None
+        backoff = min(self.backoff_max, self.backoff_initial * 2 ** (state.attempt_number - 1))
+        backoff *= 0.5 + random.random() / 2  # jitter: spread synchronized retries
+        asked = retry_after_seconds(exc) if exc is not None else None
+        return max(backoff, asked) if asked is not None else backoff
+
+    def _should_retry(self, exc: BaseException) -> bool:
+        if not _retryable(exc):
+            return False
+        asked = retry_after_seconds(exc)
+        if asked is not None and asked > self.max_retry_after:
+            assert isinstance(exc, openai.APIStatusError)
+            raise _RetryAfterTooLong(asked, exc) from exc
+        return True
+
+    async def _send(
+        self, body: dict[str, Any], counter: list[int]
+    ) -> _Reply:
+        client, semaphore = self._state()
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(self.max_attempts),
+            wait=self._wait,
+            retry=retry_if_exception(self._should_retry),
+            reraise=True,
+        )
+        async for attempt in retrying:
+            with attempt:
+                counter[0] += 1
+                async with semaphore:
+                    completion = await client.chat.completions.create(**body)
+        choice = completion.choices[0] if completion.choices else None
+        usage = completion.usage
+        return _Reply(
+            text=choice.message.content if choice else None,
+            refusal=getattr(choice.message, "refusal", None) if choice else None,
+            tokens_in=usage.prompt_tokens if usage else 0,
+            tokens_out=usage.completion_tokens if usage else 0,
+            finish_reason=choice.finish_reason if choice else None,
+        )
+
+    def _body(
+        self, request: LLMRequest[T], messages: list[dict[str, str]], structured: bool
+    ) -> dict[str, Any]:
+        schema = request.output_model.model_json_schema()
+        if structured:
+            response_format: dict[str, Any] = {"type": "json_schema", "json_schema": {
+                "name": request.output_model.__name__, "schema": schema, "strict": True}}
+        else:
+            response_format = {"type": "json_object"}
+            messages = [dict(m) for m in messages]
+            system = next((m for m in messages if m["role"] == "system"), None)
+            if system is None:
+                messages.insert(0, {"role": "system", "content": ""})
+                system = messages[0]
+            system["content"] += _json_mode_instruction(schema)
+        body: dict[str, Any] = {
+            "model": self.model, "messages": messages, "response_format": response_format,
+            "temperature": request.params.temperature, "max_tokens": request.params.max_tokens,
+        }
+        if request.params.seed is not None:
+            body["seed"] = request.params.seed
+        return body
+
+    async def _exchange(
+        self, request: LLMRequest[T], messages: list[dict[str, str]], result: LLMResult[T],
+        counter: list[int],
+    ) -> _Reply:
+        """One logical call: json_schema, or JSON mode once the server has refused it."""
+        if self._structured:
+            try:
+                reply = await self._send(self._body(request, messages, True), counter)
+                result.response_format = "json_schema"
+                return reply
+            except openai.APIStatusError as exc:
+                if not _rejects_schema(exc):
+                    raise
+                if self._structured:
+                    log.info("%s rejected json_schema response_format (HTTP %s); using JSON "
+                             "mode from now on", self.base_url, exc.status_code)
+                self._structured = False
+        reply = await self._send(self._body(request, messages, False), counter)
+        result.response_format = "json_object"
+        return reply
+
+    # -- the interface ----------------------------------------------------------------------
+
+    async def complete(self, request: LLMRequest[T]) -> LLMResult[T]:
+        """Run ``request``; every failure ends in the result, not in an exception."""
+        start = time.perf_counter()
+        result: LLMResult[T] = LLMResult(
+            stage=request.stage, prompt_version=request.prompt_version,
+            cache_key=request.cache_key(self.model), backend=self.name, model=self.model,
+            params=request.key_params(),
+        )
+        counter = [0]
+        messages: list[dict[str, str]] = [
+            {"role": m["role"], "content": m["content"]} for m in request.messages]
+        rounds = 2 if self.repair else 1
+        try:
+            for round_no in range(rounds):
+                reply = await self._exchange(request, messages, result, counter)
+                result.tokens_in += reply.tokens_in
+                result.tokens_out += reply.tokens_out
+                result.raw_text = reply.text
+                if reply.refusal:
+                    result.failure, result.error = FailureKind.REFUSED, reply.refusal[:2000]
+                    break
+                try:
+                    result.output = request.output_model.model_validate_json(
+                        _strip_fences(reply.text or ""))
+                    result.failure = result.error = None
+                    result.repaired = round_no > 0
+                    break
+                except ValidationError as exc:
+                    result.failure = FailureKind.INVALID_OUTPUT
+                    result.error = _describe(exc, reply.finish_reason)
+                messages = [
+                    *messages,
+                    {"role": "assistant", "content": reply.text or ""},
+                    {"role": "user", "content": (
+                        "Your reply did not validate against the required JSON schema:\n"
+                        f"{result.error}\nReply again with only the corrected JSON object.")},
+                ]
+        except (openai.APIError, _RetryAfterTooLong) as exc:
+            result.failure, result.error = _failure_of(exc)
+        result.attempts = counter[0]
+        result.latency_ms = (time.perf_counter() - start) * 1000
+        if result.failure is not None:
+            log.debug("llm %s failed (%s) after %d attempts: %s", request.stage,
+                      result.failure, result.attempts, (result.error or "")[:200])
+        return result
+
+
+def _describe(exc: ValidationError, finish_reason: str | None) -> str:
+    """A compact validation error a model can act on (and a person can read in the DB)."""
+    lines = []
+    for err in exc.errors(include_url=False)[:10]:
+        where = ".".join(str(p) for p in err["loc"]) or "(root)"
+        lines.append(f"- {where}: {err['msg']}")
+    if finish_reason == "length":
+        lines.append("- the reply was cut off at max_tokens")
+    return "\n".join(lines)

@@ -1,0 +1,251 @@
+"""A local OpenAI-compatible server (``POST /v1/chat/completions``) for tests and benches.
+
+The tests drive the real ``openai`` SDK over real HTTP against it, so request building,
+status handling, ``Retry-After``, timeouts and JSON parsing are exercised for real.
+
+Built on starlette + uvicorn (both come with Airflow) in a background thread with its
+own event loop: latency is an ``asyncio.sleep``, so hundreds of requests can be in flight
+at once (a benchmark of 32 concurrent requests at 50 ms needs that; a thread per request
+would measure the server, not the client).
+
+- ``responder(body) -> str``: decides the assistant message content from the request
+  JSON. The default builds a valid instance of the ``json_schema`` sent in
+  ``response_format`` (:func:`example_from_schema`), or ``{}`` in JSON mode.
+- ``latency``: seconds before each answer.
+- :meth:`FakeOpenAI.fail_next`: the next N requests get a fault: ``"429"`` (with
+  ``Retry-After``), ``"500"``, ``"hang"`` (sleep ``hang`` seconds, past the client's
+  timeout), ``"invalid_json"`` (content is not JSON), ``"schema_invalid"`` (JSON that
+  breaks the schema).
+- ``reject_json_schema``: answer a ``json_schema`` response_format with a 400 as servers
+  without structured outputs do.
+- ``max_in_flight``: the most requests handled at once; ``requests``: every request
+  (arrival time, body, status, fault).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+Responder = Callable[[dict[str, Any]], str]
+FAULTS = ("429", "500", "hang", "invalid_json", "schema_invalid")
+
+
+@dataclass
+class RecordedRequest:
+    at: float  # time.monotonic() at arrival
+    body: dict[str, Any]
+    status: int = 0
+    fault: str | None = None
+
+    @property
+    def response_format(self) -> str | None:
+        fmt = self.body.get("response_format") or {}
+        return fmt.get("type") if isinstance(fmt, dict) else None
+
+
+@dataclass
+class _Fault:
+    kind: str
+    retry_after: float | None
+    hang: float
+
+
+def example_from_schema(schema: dict[str, Any], root: dict[str, Any] | None = None) -> Any:
+    """A small instance valid for ``schema`` (objects, arrays, enums, bounds, $ref, anyOf)."""
+    root = root or schema
+    if "$ref" in schema:
+        name = schema["$ref"].rsplit("/", 1)[-1]
+        return example_from_schema(root["$defs"][name], root)
+    if "enum" in schema:
+        return schema["enum"][0]
+    if "anyOf" in schema:
+        non_null = [s for s in schema["anyOf"] if s.get("type") != "null"]
+        return example_from_schema(non_null[0], root) if non_null else None
+    kind = schema.get("type")
+    if kind == "object":
+        return {k: example_from_schema(v, root) for k, v in schema.get("properties", {}).items()}
+    if kind == "array":
+        return [example_from_schema(schema["items"], root)
+                for _ in range(max(1, schema.get("minItems", 1)))]
+    if kind == "integer":
+        return int(schema.get("minimum", 1))
+    if kind == "number":
+        return float(schema.get("minimum", 1.0))
+    if kind == "boolean":
+        return True
+    if kind == "null":
+        return None
+    pattern = schema.get("pattern", "")
+    if "[0-9]" in pattern:
+        return "12345"
+    return "example text".ljust(max(schema.get("minLength", 0), 12), "x")
+
+
+def default_responder(body: dict[str, Any]) -> str:
+    fmt = body.get("response_format") or {}
+    if fmt.get("type") == "json_schema":
+        return json.dumps(example_from_schema(fmt["json_schema"]["schema"]))
+    return "{}"
+
+
+def _tokens(text: str) -> int:
+    return max(1, len(text) // 4)
+
+
+class FakeOpenAI:
+    """The server; use as a context manager (``with FakeOpenAI() as server: server.url``)."""
+
+    def __init__(
+        self,
+        responder: Responder | None = None,
+        *,
+        latency: float = 0.0,
+        reject_json_schema: bool = False,
+        model: str = "fake-model",
+    ) -> None:
+        self.responder = responder or default_responder
+        self.latency = latency
+        self.reject_json_schema = reject_json_schema
+        self.model = model
+        self.requests: list[RecordedRequest] = []
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self._faults: deque[_Fault] = deque()
+        self._lock = threading.Lock()
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._sock.bind(("127.0.0.1", 0))
+        self.port: int = self._sock.getsockname()[1]
+        app = Starlette(routes=[Route("/v1/chat/completions", self._chat, methods=["POST"])])
+        config = uvicorn.Config(app, log_level="warning", lifespan="off",
+                                timeout_graceful_shutdown=1, backlog=2048)
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._run, name="fake-openai", daemon=True)
+
+    @property
+    def url(self) -> str:
+        """Base URL for the SDK (``AsyncOpenAI(base_url=...)``)."""
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    # -- control -----------------------------------------------------------------------
+
+    def fail_next(
+        self, n: int, kind: str, *, retry_after: float | None = 1.0, hang: float = 2.0
+    ) -> None:
+        """Give the next ``n`` requests fault ``kind`` (one of :data:`FAULTS`)."""
+        if kind not in FAULTS:
+            raise ValueError(f"unknown fault {kind!r}; use one of {FAULTS}")
+        with self._lock:
+            self._faults.extend(_Fault(kind, retry_after, hang) for _ in range(n))
+
+    def reset_stats(self) -> None:
+        with self._lock:
+            self.requests.clear()
+            self.max_in_flight = self.in_flight
+
+    @property
+    def statuses(self) -> list[int]:
+        return [r.status for r in self.requests]
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        self._server.run(sockets=[self._sock])
+
+    def start(self) -> FakeOpenAI:
+        self._thread.start()
+        deadline = time.monotonic() + 10
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("fake OpenAI server did not start")
+            time.sleep(0.01)
+        return self
+
+    def stop(self) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout=10)
+        self._sock.close()
+
+    def __enter__(self) -> FakeOpenAI:
+        return self.start()
+
+    def __exit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    # -- the endpoint --------------------------------------------------------------------
+
+    async def _chat(self, request: Request) -> JSONResponse:
+        body = await request.json()
+        record = RecordedRequest(at=time.monotonic(), body=body)
+        with self._lock:
+            self.requests.append(record)
+            fault = self._faults.popleft() if self._faults else None
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        record.fault = fault.kind if fault else None
+        try:
+            response = await self._respond(body, fault)
+        finally:
+            with self._lock:
+                self.in_flight -= 1
+        record.status = response.status_code
+        return response
+
+    async def _respond(self, body: dict[str, Any], fault: _Fault | None) -> JSONResponse:
+        if self.latency:
+            await asyncio.sleep(self.latency)
+        if fault and fault.kind == "429":
+            headers = {} if fault.retry_after is None else {"Retry-After": f"{fault.retry_after:g}"}
+            return JSONResponse(_error("Rate limit reached", "rate_limit_exceeded"), 429, headers)
+        if fault and fault.kind == "500":
+            return JSONResponse(_error("The server had an error", "server_error"), 500)
+        if fault and fault.kind == "hang":
+            await asyncio.sleep(fault.hang)
+        fmt = body.get("response_format") or {}
+        if self.reject_json_schema and fmt.get("type") == "json_schema":
+            return JSONResponse(_error(
+                "response_format type 'json_schema' is not supported by this server",
+                "invalid_request_error", param="response_format"), 400)
+        if fault and fault.kind == "invalid_json":
+            content = "Sure! Here is the JSON: {not json"
+        elif fault and fault.kind == "schema_invalid":
+            content = json.dumps({"unexpected": "field"})
+        else:
+            content = self.responder(body)
+        prompt = " ".join(str(m.get("content", "")) for m in body.get("messages", []))
+        usage = {"prompt_tokens": _tokens(prompt), "completion_tokens": _tokens(content)}
+        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+        return JSONResponse({
+            "id": f"chatcmpl-{len(self.requests)}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": body.get("model", self.model),
+            "choices": [{
+                "index": 0,
+                "message": {"role": "assistant", "content": content, "refusal": None},
+                "finish_reason": "stop",
+                "logprobs": None,
+            }],
+            "usage": usage,
+        })
+
+
+def _error(message: str, kind: str, param: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": kind, "param": param, "code": kind}}

@@ -1,0 +1,105 @@
+"""Schemas, prompt templates and the cache key."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from meshdistill.llm import LLMParams, cache_key, prompts
+from meshdistill.llm.inputs import ArticleInput, GenerateInput, MeshHeading
+from meshdistill.llm.schemas import Answer, GeneratedQuestions, Judgement
+from meshdistill.llm.stages import generate_request
+from pydantic import ValidationError
+
+ARTICLE = ArticleInput(
+    pmid="123", title="Aspirin and colorectal cancer", abstract="Aspirin lowered risk by 20%.",
+    mesh=(MeshHeading("Colorectal Neoplasms", major=True), MeshHeading("Aspirin")),
+    ancestry=("Neoplasms", "Neoplasms by Site"), scope_note="Tumors of the colon.",
+)
+
+
+def test_schemas_are_strict() -> None:
+    good = {"groundedness": 5, "relevance": 4, "clarity": 3, "informativeness": 2,
+            "safety": 1, "rationale": "ok"}
+    assert Judgement.model_validate(good).clarity == 3
+    for bad in ({**good, "safety": 6}, {**good, "clarity": 0}, {**good, "extra": 1},
+                {k: v for k, v in good.items() if k != "rationale"}):
+        with pytest.raises(ValidationError):
+            Judgement.model_validate(bad)
+    with pytest.raises(ValidationError):  # unknown question type
+        GeneratedQuestions.model_validate({"questions": [
+            {"type": "essay", "question": "Why is the sky blue?", "answer_hint": None,
+             "evidence": "x"}]})
+    with pytest.raises(ValidationError):  # empty list
+        GeneratedQuestions.model_validate({"questions": []})
+    with pytest.raises(ValidationError):  # label outside yes/no/maybe, PMID not numeric
+        Answer.model_validate({"answer": "a", "label": "probably", "cited_pmids": ["1"],
+                               "evidence": []})
+    with pytest.raises(ValidationError):
+        Answer.model_validate({"answer": "a", "label": None, "cited_pmids": ["PMC1"],
+                               "evidence": []})
+
+
+def test_schemas_are_valid_for_strict_structured_outputs() -> None:
+    """OpenAI strict mode: every property required, no additional properties."""
+
+    def check(schema: dict[str, Any]) -> None:
+        if schema.get("type") == "object":
+            assert schema["additionalProperties"] is False
+            assert set(schema["required"]) == set(schema["properties"])
+
+    for model in (GeneratedQuestions, Judgement, Answer):
+        schema = model.model_json_schema()
+        check(schema)
+        for sub in schema.get("$defs", {}).values():
+            check(sub)
+
+
+def test_prompt_loader_renders_versioned_files() -> None:
+    assert set(prompts.available()) >= {"generate_domain", "generate_general", "judge", "answer"}
+    req = generate_request(GenerateInput(ARTICLE, "domain", 3))
+    assert req.prompt_version == "generate_domain_v1"
+    assert [m["role"] for m in req.messages] == ["system", "user"]
+    system, user = (m["content"] for m in req.messages)
+    assert "Neoplasms > Neoplasms by Site" in system and "Tumors of the colon." in system
+    assert "exactly 3 questions" in system
+    assert "Colorectal Neoplasms*; Aspirin" in user and "Aspirin lowered risk by 20%." in user
+    assert "$" not in system + user  # every placeholder filled
+    explicit = prompts.render("answer", {"question_type": "yesno", "question": "Q?",
+                                         "contexts": "C"}, version=1)
+    assert explicit.version == "answer_v1"
+    with pytest.raises(KeyError):
+        prompts.render("answer", {"question": "Q?"})  # missing variables fail loudly
+    with pytest.raises(KeyError):
+        prompts.render("answer", {}, version=99)
+    with pytest.raises(KeyError):
+        prompts.render("nonexistent", {})
+
+
+def test_cache_key_is_stable_and_sensitive() -> None:
+    messages = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}]
+    params = {"temperature": 0.0, "max_tokens": 100, "seed": 0}
+    key = cache_key("m", "judge_v1", messages, params)
+    assert len(key) == 64 and int(key, 16) >= 0
+    assert key == cache_key("m", "judge_v1", [dict(m) for m in messages],
+                            dict(reversed(params.items())))  # dict order does not matter
+    # pinned: the key must not change between processes or releases (it keys the DB cache)
+    assert key == "4648b58bc9fb711c1c91a42250e2ea2c32fc699d2f788d2c6d7daa1f6f92be1d"
+    variants = {
+        cache_key("m2", "judge_v1", messages, params),
+        cache_key("m", "judge_v2", messages, params),
+        cache_key("m", "judge_v1", messages[::-1], params),
+        cache_key("m", "judge_v1", [messages[0], {"role": "user", "content": "u "}], params),
+        cache_key("m", "judge_v1", messages, {**params, "temperature": 0.7}),
+        cache_key("m", "judge_v1", messages, {**params, "seed": None}),
+    }
+    assert key not in variants and len(variants) == 6
+
+
+def test_request_cache_key_covers_params_and_schema() -> None:
+    inp = GenerateInput(ARTICLE, "domain", 3)
+    a = generate_request(inp)
+    assert a.cache_key("m") == generate_request(inp).cache_key("m")
+    assert a.cache_key("m") != generate_request(inp, LLMParams(temperature=0.1)).cache_key("m")
+    assert a.cache_key("m") != a.cache_key("other-model")
+    assert a.key_params()["output"] == "GeneratedQuestions" and len(a.key_params()["schema"]) == 16
