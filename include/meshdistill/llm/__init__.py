@@ -15,17 +15,30 @@ from meshdistill.llm.backend import (
     cache_key,
     complete_all,
 )
+from meshdistill.llm.budget import Budget, DeferredResult, is_deferred
+from meshdistill.llm.cache import CachedBackend, CachedResult, is_cached, usage
 from meshdistill.llm.offline import OFFLINE_MODEL, OfflineBackend
+from meshdistill.llm.pricing import ModelPrice, Pricing, cost_usd
 
 __all__ = [
     "OFFLINE_MODEL",
+    "Budget",
+    "CachedBackend",
+    "CachedResult",
+    "DeferredResult",
     "FailureKind",
     "LLMBackend",
     "LLMParams",
     "LLMRequest",
     "LLMResult",
+    "ModelPrice",
     "OfflineBackend",
+    "Pricing",
     "Stage",
     "cache_key",
     "complete_all",
+    "cost_usd",
+    "is_cached",
+    "is_deferred",
+    "usage",
 ]

@@ -16,6 +16,7 @@ accounting (a later step) key on it; a caching or budgeting wrapper can implemen
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import json
 from collections.abc import Iterable, Mapping, Sequence
@@ -88,8 +89,12 @@ def cache_key(
     return hashlib.sha256(_canonical(payload).encode("utf-8")).hexdigest()
 
 
+@functools.cache
 def schema_digest(model: type[BaseModel]) -> str:
-    """Short digest of a pydantic model's JSON schema: a changed schema is a new call."""
+    """Short digest of a pydantic model's JSON schema: a changed schema is a new call.
+
+    Cached per model class: building the schema was the largest CPU cost of a call.
+    """
     return hashlib.sha256(_canonical(model.model_json_schema()).encode()).hexdigest()[:16]
 
 
