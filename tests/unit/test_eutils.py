@@ -18,7 +18,8 @@ from email.utils import format_datetime
 
 import pytest
 from meshdistill.errors import EutilsError
-from meshdistill.pubmed.eutils import EutilsClient, _retry_after, parse_esearch
+from meshdistill.httputil import parse_retry_after
+from meshdistill.pubmed.eutils import EutilsClient, parse_esearch
 from meshdistill.pubmed.parser import iter_records
 from meshdistill.pubmed.ratelimit import LocalRateLimiter
 from meshdistill.pubmed.records import Article
@@ -270,10 +271,10 @@ def test_429_retried_after_retry_after(fake: FakeEutils) -> None:
 
 def test_retry_after_as_http_date() -> None:
     when = datetime.now(UTC) + timedelta(seconds=30)
-    seconds = _retry_after(format_datetime(when, usegmt=True))
+    seconds = parse_retry_after(format_datetime(when, usegmt=True))
     assert seconds is not None and 28 <= seconds <= 31
-    assert _retry_after("2") == 2.0
-    assert _retry_after("garbage") is None
+    assert parse_retry_after("2") == 2.0
+    assert parse_retry_after("garbage") is None
 
 
 def test_500_retried_then_succeeds(fake: FakeEutils) -> None:

@@ -27,7 +27,6 @@ The API key is never logged or put in a repr.
 from __future__ import annotations
 
 import asyncio
-import email.utils
 import json
 import logging
 import os
@@ -47,6 +46,7 @@ from tenacity import (
 )
 
 from meshdistill.errors import ConfigError
+from meshdistill.httputil import parse_retry_after
 from meshdistill.llm.backend import FailureKind, LLMRequest, LLMResult, T
 
 log = logging.getLogger(__name__)
@@ -85,16 +85,7 @@ def retry_after_seconds(exc: BaseException) -> float | None:
             return max(0.0, float(millis) / 1000)
         except ValueError:
             pass
-    value = headers.get("retry-after")
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        when = email.utils.parsedate_to_datetime(value) if value.strip() else None
-        if when is None:
-            return None
-        return max(0.0, when.timestamp() - time.time())
+    return parse_retry_after(headers.get("retry-after"))
 
 
 def _retryable(exc: BaseException) -> bool:

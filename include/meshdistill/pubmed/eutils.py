@@ -15,12 +15,11 @@ request URLs at INFO, so a redacting filter is installed on its logger).
 
 from __future__ import annotations
 
-import email.utils
 import logging
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime
+from datetime import date
 from typing import Any
 
 import httpx
@@ -36,6 +35,7 @@ from tenacity import (
 
 from meshdistill.config import Settings
 from meshdistill.errors import EutilsError
+from meshdistill.httputil import parse_retry_after
 from meshdistill.pubmed.ratelimit import (
     DEFAULT_NAME,
     LocalRateLimiter,
@@ -129,23 +129,6 @@ class _Retryable(Exception):
 
 _TRANSIENT: tuple[type[BaseException], ...] = (_Retryable, *_TRANSIENT_TRANSPORT)
 
-
-def _retry_after(value: str | None) -> float | None:
-    """``Retry-After`` as seconds: either delta-seconds or an HTTP date."""
-    if not value:
-        return None
-    value = value.strip()
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, (when - datetime.now(UTC)).total_seconds())
 
 
 def _fmt(d: date) -> str:
@@ -296,7 +279,7 @@ class EutilsClient:
         if response.status_code in _RETRYABLE_STATUS:
             detail = _redact(" ".join(response.text.split())[:200], self._api_key)
             retry_after = (
-                _retry_after(response.headers.get("Retry-After"))
+                parse_retry_after(response.headers.get("Retry-After"))
                 if response.status_code == 429
                 else None
             )
