@@ -183,6 +183,46 @@ def cmd_pubmed_fetch(args: argparse.Namespace) -> int:
     return 0 if summary["reconciled"] else 1
 
 
+# --- distill --------------------------------------------------------------------------
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    from meshdistill.distill.backends import LLMConfig
+    from meshdistill.pipeline import distill_subtree, validate_subtrees
+
+    subtrees = validate_subtrees(args.subtree)
+    run_id = args.run_id or f"cli-{time.strftime('%Y%m%dT%H%M%S')}"
+    settings: dict[str, Any] = {"max_articles": args.limit, "redo": args.redo}
+    if args.questions is not None:
+        settings["questions_per_article"] = args.questions
+    if args.types:
+        settings["question_types"] = args.types
+    llm = LLMConfig(backend=args.backend, model=args.model, base_url=args.base_url,
+                    max_concurrency=args.concurrency)
+    n = len(subtrees)
+    summaries = [
+        distill_subtree(
+            prefix, run_id=run_id, settings=settings, llm=llm,
+            budget_usd=None if args.budget_usd is None else args.budget_usd / n,
+            budget_tokens=None if args.budget_tokens is None else args.budget_tokens // n,
+        )
+        for prefix in subtrees
+    ]
+    if args.json:
+        _print_json({"run_id": run_id, "subtrees": summaries})
+        return 0
+    print(f"run {run_id} ({summaries[0]['backend']}, {summaries[0]['model']})")
+    print(f"  {'subtree':<10}{'articles':>9}{'accepted':>10}{'rejected':>10}{'failed':>8}"
+          f"{'deferred':>10}{'pairs':>7}{'cand/s':>8}")
+    for s in summaries:
+        print(f"  {s['subtree']:<10}{s['articles']:>9}{s['accepted']:>10}{s['rejected']:>10}"
+              f"{s['failed']:>8}{s['deferred']:>10}{s['preference_pairs']:>7}"
+              f"{s['candidates_per_s'] or 0:>8}")
+    if any(s["deferred"] for s in summaries):
+        print("  budget reached: deferred candidates continue on the next run")
+    return 0
+
+
 # --- status ---------------------------------------------------------------------------
 
 
@@ -207,6 +247,13 @@ def cmd_status(args: argparse.Namespace) -> int:
         m = data["mesh"]
         print(f"MeSH {m['release_year']}: {m['descriptors']} descriptors, "
               f"{m['tree_numbers']} tree numbers")
+        q = data["qa"]
+        print(f"QA items: {q['accepted']} accepted, {q['rejected']} rejected, "
+              f"{q['failed']} failed, {q['deferred']} deferred; "
+              f"{data['preference_pairs']} preference pairs")
+        llm = data["llm"]
+        print(f"LLM: {llm['calls']} calls cached, {llm['tokens']} tokens, "
+              f"${llm['cost_usd']:.4f}")
         for prefix, st in data.get("subtrees", {}).items():
             print(
                 f"  {prefix:<8} {st['name'] or '':<40} {st['active_articles']:>7} articles, "
@@ -266,6 +313,26 @@ def build_parser() -> argparse.ArgumentParser:
     pf.add_argument("--eutils-url", help="E-utilities base URL (default: NCBI's)")
     pf.add_argument("--json", action="store_true")
     pf.set_defaults(func=cmd_pubmed_fetch)
+
+    di = sub.add_parser("distill", help="generate, retrieve, grade, judge and answer")
+    di.add_argument("--subtree", action="append", required=True,
+                    help="MeSH tree-number prefix, e.g. C04 (repeat for several)")
+    di.add_argument("--limit", type=int, default=100,
+                    help="articles per subtree (default 100; pending ones first)")
+    di.add_argument("--questions", type=int, help="questions per article and profile")
+    di.add_argument("--types", nargs="+", choices=["yesno", "factoid", "list", "summary"])
+    di.add_argument("--backend", choices=["offline", "openai"],
+                    help="default: openai when a base URL is set, else offline")
+    di.add_argument("--base-url", help="OpenAI-compatible endpoint (or OPENAI_BASE_URL)")
+    di.add_argument("--model", help="model name (or MESHDISTILL_LLM_MODEL)")
+    di.add_argument("--concurrency", type=int, help="requests in flight (default 32)")
+    di.add_argument("--budget-usd", type=float, help="stop calling the LLM past this cost")
+    di.add_argument("--budget-tokens", type=int, help="stop calling the LLM past these tokens")
+    di.add_argument("--run-id", help="name of the run (rerunning it makes no new calls)")
+    di.add_argument("--redo", action="store_true",
+                    help="re-evaluate articles already distilled (LLM answers are cached)")
+    di.add_argument("--json", action="store_true")
+    di.set_defaults(func=cmd_distill)
 
     st = sub.add_parser("status", help="what the pipeline database holds")
     st.add_argument("--subtree", action="append", help="also count active articles under it")

@@ -8,13 +8,14 @@ only wire them to Airflow (schedule, params, mapping, pools, retries).
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import date
 from pathlib import Path
 from typing import Any
 
 from meshdistill.config import Settings
-from meshdistill.errors import MeshDistillError, UnknownSubtreeError
+from meshdistill.distill.backends import LLMConfig
+from meshdistill.errors import ConfigError, MeshDistillError, UnknownSubtreeError
 from meshdistill.mesh.subtree import get_subtree, subtree_stats
 from meshdistill.store.db import connect, get_engine
 
@@ -128,3 +129,47 @@ def ingest_subtree_window(
         with engine.connect() as conn:
             start = next_window(conn, prefix, end, end)
     return ingest_subtree(engine, prefix, start, end, client=client, datetype=datetype)
+
+
+def distill_subtree(
+    prefix: str,
+    *,
+    run_id: str,
+    settings: Mapping[str, Any] | None = None,
+    llm: LLMConfig | None = None,
+    budget_usd: float | None = None,
+    budget_tokens: int | None = None,
+    database_url: str | None = None,
+) -> dict[str, Any]:
+    """Distill one subtree (generate → retrieve → grade → judge → answer) and reconcile.
+
+    ``settings`` are :class:`~meshdistill.distill.settings.DistillSettings` fields (a bad
+    value is a :class:`ConfigError`, which no retry can fix); ``llm`` picks the backend
+    (offline unless configured otherwise). When the budget runs out, the rest of the
+    subtree's candidates are stored as ``deferred`` and the next run continues them.
+    """
+    import asyncio
+
+    from pydantic import ValidationError
+
+    from meshdistill.distill.backends import cached_backend
+    from meshdistill.distill.run import distill_subtree_async
+    from meshdistill.distill.settings import DistillSettings
+
+    try:
+        validated = DistillSettings.model_validate(dict(settings or {}))
+    except ValidationError as exc:
+        raise ConfigError(f"invalid distill settings: {exc}") from exc
+    engine = get_engine(database_url)
+
+    async def run() -> dict[str, Any]:
+        backend = cached_backend(llm or LLMConfig(), engine, budget_usd=budget_usd,
+                                 budget_tokens=budget_tokens)
+        async with backend:
+            return await distill_subtree_async(engine, prefix, backend, validated, run_id)
+
+    summary = asyncio.run(run())
+    if summary["deferred"]:
+        log.warning("%s: budget reached; %d candidates deferred to the next run",
+                    prefix, summary["deferred"])
+    return summary

@@ -6,6 +6,8 @@ from typing import Any
 
 from sqlalchemy import Connection
 
+from meshdistill.distill.items import qa_counts
+from meshdistill.llm.cache import usage
 from meshdistill.mesh.load import mesh_counts
 
 
@@ -34,7 +36,10 @@ def status(conn: Connection) -> dict[str, Any]:
     ).first()
     mesh: dict[str, Any] = dict(mesh_counts(conn))
     mesh["release_year"] = release[0] if release else None
+    llm = usage(conn)
     return {
+        **qa_counts(conn),
+        "llm": {"calls": llm["calls"], "tokens": llm["tokens"], "cost_usd": llm["cost_usd"]},
         "articles": {
             "active": articles.get("active", 0),
             "deleted": articles.get("deleted", 0),

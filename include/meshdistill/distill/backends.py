@@ -1,0 +1,88 @@
+"""Which LLM a run uses: ``offline`` (the default: no keys, no network) or ``openai``.
+
+Settings come, in order, from the caller (CLI flags, DAG Params), the Airflow connection
+``meshdistill_llm`` (read by the DAG glue and passed in here: host = base URL, password =
+API key, extra ``model``/``organization``/``max_concurrency``/``timeout``) and the
+environment (``MESHDISTILL_LLM_BACKEND``, ``MESHDISTILL_LLM_MODEL``, ``OPENAI_BASE_URL``,
+``OPENAI_API_KEY``, ``OPENAI_ORG_ID``). The key is never logged; repr hides it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from sqlalchemy import Engine
+
+from meshdistill.errors import ConfigError
+from meshdistill.llm.backend import LLMBackend
+from meshdistill.llm.budget import Budget
+from meshdistill.llm.cache import CachedBackend
+from meshdistill.llm.offline import OfflineBackend
+
+BACKENDS = ("offline", "openai")
+
+
+@dataclass(frozen=True)
+class LLMConfig:
+    """How to reach the LLM; ``None`` fields fall back to the environment."""
+
+    backend: str | None = None
+    model: str | None = None
+    base_url: str | None = None
+    api_key: str | None = field(default=None, repr=False)
+    organization: str | None = None
+    max_concurrency: int | None = None  # default 32
+    timeout: float | None = None  # seconds per request, default 60
+    max_attempts: int | None = None  # default 5
+
+    def merged(self, fallback: LLMConfig | None) -> LLMConfig:
+        """This config with its unset fields taken from ``fallback`` (e.g. the connection)."""
+        if fallback is None:
+            return self
+        return replace(fallback, **{k: v for k, v in vars(self).items() if v is not None})
+
+    @property
+    def kind(self) -> str:
+        kind = self.backend or os.environ.get("MESHDISTILL_LLM_BACKEND") or (
+            "openai" if self.base_url or os.environ.get("OPENAI_BASE_URL") else "offline")
+        if kind not in BACKENDS:
+            raise ConfigError(f"unknown LLM backend {kind!r}; use one of {BACKENDS}")
+        return kind
+
+    @classmethod
+    def from_extra(cls, host: str | None, password: str | None,
+                   extra: dict[str, Any]) -> LLMConfig:
+        """From an Airflow connection's parts (no Airflow import here)."""
+        allowed = {"backend", "model", "organization", "max_concurrency", "timeout",
+                   "max_attempts"}
+        unknown = set(extra) - allowed
+        if unknown:
+            raise ConfigError(f"unknown keys in the meshdistill_llm connection extra: "
+                              f"{sorted(unknown)}; allowed: {sorted(allowed)}")
+        base = host if not host or "://" in host else f"https://{host}"
+        return cls(base_url=base or None, api_key=password or None,
+                   backend=extra.get("backend") or ("openai" if host else None),
+                   **{k: v for k, v in extra.items() if k != "backend"})
+
+
+def make_backend(config: LLMConfig) -> LLMBackend:
+    """The bare backend a config names."""
+    if config.kind == "offline":
+        return OfflineBackend(config.model) if config.model else OfflineBackend()
+    from meshdistill.llm.openai_backend import OpenAIBackend
+
+    return OpenAIBackend(
+        model=config.model, base_url=config.base_url, api_key=config.api_key,
+        organization=config.organization, max_concurrency=config.max_concurrency or 32,
+        timeout=config.timeout or 60.0, max_attempts=config.max_attempts or 5,
+    )
+
+
+def cached_backend(config: LLMConfig, engine: Engine, *, budget_usd: float | None = None,
+                   budget_tokens: int | None = None) -> CachedBackend:
+    """The configured backend behind the ``llm_call`` cache and the run budget."""
+    budget = (Budget(usd=budget_usd, tokens=budget_tokens)
+              if budget_usd is not None or budget_tokens is not None else None)
+    return CachedBackend(make_backend(config), engine, budget=budget)

@@ -1,0 +1,124 @@
+"""MeSH-hierarchy grade (pipeline step 5) of questions and their contexts.
+
+The similarity itself (Wu–Palmer on tree numbers, best-match average, majors weighted) is
+:mod:`meshdistill.mesh.similarity`; this module decides *which* descriptor sets are
+compared, and blends the result with the retrieval score:
+
+- ``MeSH(question)``: descriptors whose name or entry term occurs in the question
+  (:class:`~meshdistill.mesh.matcher.MeshMatcher`), minus a few descriptors so generic
+  that their name is an ordinary word of question phrasing (:data:`GENERIC_NAMES`).
+- **Context score** (ranks the candidates of one question; also what ``calibrate``
+  measures): ``BMA(MeSH(question), MeSH(context))`` blended with the retrieval score. It
+  uses nothing but the question and the candidate, so it can be checked against expert
+  data where the right context is known. When the matcher finds no descriptor in a
+  question, the pipeline lets the source abstract's headings stand in (the question was
+  written about that abstract); calibration has no source to fall back on.
+- **Item score** (the preference-pair criterion, and the ``min_hierarchy`` filter):
+  ``hierarchy_score(MeSH(source), MeSH(contexts), MeSH(question))``, DESIGN step 5, over
+  the chosen contexts other than the source itself (the source always agrees with itself
+  and would lift every item alike).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterable, Sequence
+from dataclasses import dataclass
+
+from sqlalchemy import Connection
+
+from meshdistill.mesh.matcher import MeshMatcher, load_tree_numbers
+from meshdistill.mesh.similarity import DEFAULT_ALPHA, TreeIndex, hierarchy_score
+
+DEFAULT_BLEND_WEIGHT = 0.5
+"""Weight of the retrieval score in :func:`blend`; the rest goes to the hierarchy score."""
+
+GENERIC_NAMES = frozenset({
+    "evidence", "research", "methods", "patients", "persons", "humans", "disease",
+    "therapeutics", "time", "risk", "population", "association", "role", "control groups",
+    "cells", "diagnosis", "prognosis", "treatment outcome", "review", "data", "study",
+})
+"""Descriptor names ignored when matching questions: they are words any question uses
+("is there *evidence*", "what is the *role*") and would tie every question to the same few
+descriptors, not to its topic."""
+
+
+def blend(retrieval: float, hierarchy: float, weight: float = DEFAULT_BLEND_WEIGHT) -> float:
+    """``weight·retrieval + (1 − weight)·hierarchy``: both lie in [0, 1]."""
+    if not 0.0 <= weight <= 1.0:
+        raise ValueError(f"blend weight must be in [0, 1], got {weight}")
+    return weight * retrieval + (1.0 - weight) * hierarchy
+
+
+@dataclass(frozen=True)
+class Headings:
+    """The MeSH headings of one article: descriptor UIs and the major ones among them."""
+
+    uis: tuple[str, ...]
+    major: frozenset[str] = frozenset()
+
+
+class MeshGrader:
+    """Tree index and question matcher for one grading run, with the scores built on them.
+
+    Building both takes a second or two for a full MeSH release, so one grader serves a
+    whole subtree run (and its pair cache is shared across all questions).
+    """
+
+    def __init__(
+        self,
+        index: TreeIndex,
+        matcher: MeshMatcher,
+        *,
+        blend_weight: float = DEFAULT_BLEND_WEIGHT,
+        alpha: float = DEFAULT_ALPHA,
+        generic_uis: Collection[str] = frozenset(),
+    ) -> None:
+        blend(0.0, 0.0, blend_weight)  # validates the weight
+        self.index = index
+        self.matcher = matcher
+        self.blend_weight = blend_weight
+        self.alpha = alpha
+        self.generic_uis = frozenset(generic_uis)
+
+    @classmethod
+    def from_db(cls, conn: Connection, **kwargs: float) -> MeshGrader:
+        """All descriptors with a tree number, and every name and entry term, from the DB."""
+        matcher = MeshMatcher.from_db(conn)
+        generic = {ui for ui, name in matcher.names.items() if name.lower() in GENERIC_NAMES}
+        return cls(TreeIndex(load_tree_numbers(conn)), matcher, generic_uis=generic, **kwargs)
+
+    def with_blend_weight(self, weight: float) -> MeshGrader:
+        """The same index and matcher (caches shared) with another blend weight."""
+        return MeshGrader(self.index, self.matcher, blend_weight=weight, alpha=self.alpha,
+                          generic_uis=self.generic_uis)
+
+    def question_uis(self, question: str) -> list[str]:
+        """MeSH(question): descriptors named in the text, generic ones left out."""
+        return [ui for ui in self.matcher.uis(question) if ui not in self.generic_uis]
+
+    def question_context(self, question_uis: Sequence[str], context: Headings) -> float:
+        """``BMA(MeSH(question), MeSH(context))``, the context's majors weighted; 0 if either
+        side is empty."""
+        return self.index.best_match_average(question_uis, context.uis, frozenset(),
+                                             context.major)
+
+    def context_score(
+        self, question_uis: Sequence[str], context: Headings, retrieval: float
+    ) -> tuple[float, float]:
+        """(hierarchy, blend) of one candidate context for one question."""
+        hierarchy = self.question_context(question_uis, context)
+        return hierarchy, blend(retrieval, hierarchy, self.blend_weight)
+
+    def item_score(
+        self, source: Headings, contexts: Iterable[Headings], question_uis: Sequence[str]
+    ) -> float:
+        """DESIGN step 5's hierarchy score of a (question, contexts) pair."""
+        ctx_uis: dict[str, None] = {}
+        ctx_major: set[str] = set()
+        for c in contexts:
+            ctx_uis.update(dict.fromkeys(c.uis))
+            ctx_major.update(c.major)
+        return hierarchy_score(
+            source.uis, list(ctx_uis), question_uis, self.index, alpha=self.alpha,
+            major_source=source.major, major_contexts=ctx_major,
+        )

@@ -1,0 +1,174 @@
+"""Writing candidates and preference pairs to ``qa_item`` / ``preference_pair`` (0004).
+
+Every write is an upsert on the natural key (subtree, source_pmid, model, profile,
+ordinal), one transaction per flush: re-running a task rewrites the same rows. When an
+article is rewritten with fewer candidates than before (a generation that now succeeds
+with fewer questions, or fewer questions asked), its extra rows are deleted in the same
+transaction, so what is stored is always exactly the last run's candidates.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Connection,
+    DateTime,
+    Float,
+    Integer,
+    MetaData,
+    Table,
+    Text,
+    text,
+)
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+from meshdistill.distill.candidates import Candidate
+
+# Core descriptions of the tables of migration 0004 (the migration owns the DDL), so
+# inserts get typed JSONB and array parameters.
+_meta = MetaData()
+qa_item = Table(
+    "qa_item", _meta,
+    Column("id", BigInteger, primary_key=True), Column("subtree", Text),
+    Column("source_pmid", BigInteger), Column("model", Text), Column("profile", Text),
+    Column("ordinal", Integer), Column("backend", Text), Column("prompt_versions", JSONB),
+    Column("params", JSONB), Column("qtype", Text), Column("question", Text),
+    Column("answer_hint", Text), Column("evidence", Text),
+    Column("question_mesh", ARRAY(Text)), Column("contexts", JSONB),
+    Column("retrieval_score", Float), Column("hierarchy_score", Float),
+    Column("blend_score", Float), Column("judgement", JSONB), Column("answer", Text),
+    Column("label", Text), Column("cited_pmids", ARRAY(BigInteger)),
+    Column("answer_evidence", JSONB), Column("state", Text), Column("stage", Text),
+    Column("reason", Text), Column("error", Text), Column("run_id", Text),
+    Column("updated_at", DateTime(timezone=True)),
+)
+preference_pair = Table(
+    "preference_pair", _meta,
+    Column("id", BigInteger, primary_key=True), Column("subtree", Text),
+    Column("source_pmid", BigInteger), Column("model", Text), Column("ordinal", Integer),
+    Column("chosen_id", BigInteger), Column("rejected_id", BigInteger),
+    Column("chosen_score", Float), Column("rejected_score", Float), Column("margin", Float),
+    Column("run_id", Text),
+)
+
+
+@dataclass
+class ArticleOutcome:
+    """All candidates of one source article, and its preference pairs (by ordinal)."""
+
+    pmid: int
+    candidates: list[Candidate]
+    pairs: list[tuple[int, str, str, float, float]]  # (ordinal, chosen, rejected profiles,
+    #                                                    chosen score, rejected score)
+
+
+@dataclass(frozen=True)
+class RunIdentity:
+    """What every row of one run shares."""
+
+    subtree: str
+    model: str
+    backend: str
+    run_id: str
+    params: dict[str, Any]
+
+
+def _row(ident: RunIdentity, pmid: int, c: Candidate) -> dict[str, Any]:
+    q = c.question
+    a = c.answer
+    return {
+        "subtree": ident.subtree, "source_pmid": pmid, "model": ident.model,
+        "profile": c.profile, "ordinal": c.ordinal, "backend": ident.backend,
+        "prompt_versions": c.prompt_versions, "params": ident.params,
+        "qtype": q.type.value if q else None, "question": q.question if q else None,
+        "answer_hint": q.answer_hint if q else None, "evidence": q.evidence if q else None,
+        "question_mesh": c.question_mesh if q else None,
+        "contexts": [x.as_json() for x in c.contexts] if c.contexts else None,
+        "retrieval_score": c.retrieval_score, "hierarchy_score": c.hierarchy_score,
+        "blend_score": c.blend_score, "judgement": c.judgement,
+        "answer": a.answer if a else None, "label": a.label.value if a and a.label else None,
+        "cited_pmids": [int(p) for p in a.cited_pmids] if a else None,
+        "answer_evidence": list(a.evidence) if a else None,
+        "state": c.state, "stage": c.stage, "reason": c.reason, "error": c.error,
+        "run_id": ident.run_id,
+    }
+
+
+def write_outcomes(conn: Connection, ident: RunIdentity,
+                   outcomes: Sequence[ArticleOutcome]) -> dict[str, int]:
+    """Upsert the outcomes' rows and replace their pairs; call inside a transaction."""
+    rows = [_row(ident, o.pmid, c) for o in outcomes for c in o.candidates]
+    if not rows:
+        return {"items": 0, "pairs": 0, "removed": 0}
+    unfinished = [r for r in rows if r["state"] is None]
+    if unfinished:
+        raise RuntimeError(f"{len(unfinished)} candidates reached the store without a state")
+    ids: dict[tuple[int, str, int], int] = {}
+    for start in range(0, len(rows), 500):
+        stmt = pg_insert(qa_item).values(rows[start:start + 500])
+        update = {col: stmt.excluded[col] for col in rows[0]
+                  if col not in ("subtree", "source_pmid", "model", "profile", "ordinal")}
+        upsert = stmt.on_conflict_do_update(
+            index_elements=["subtree", "source_pmid", "model", "profile", "ordinal"],
+            set_={**update, "updated_at": text("now()")},
+        ).returning(qa_item.c.id, qa_item.c.source_pmid, qa_item.c.profile, qa_item.c.ordinal)
+        for r in conn.execute(upsert):
+            ids[(r.source_pmid, r.profile, r.ordinal)] = r.id
+    groups: dict[tuple[int, str], int] = {}
+    for o in outcomes:
+        for c in o.candidates:
+            groups[(o.pmid, c.profile)] = max(groups.get((o.pmid, c.profile), 0), c.ordinal + 1)
+    removed = conn.execute(text(
+        """
+        DELETE FROM qa_item q
+        USING unnest(CAST(:pmids AS bigint[]), CAST(:profiles AS text[]),
+                     CAST(:counts AS int[])) AS g(pmid, profile, n)
+        WHERE q.subtree = :subtree AND q.model = :model AND q.source_pmid = g.pmid
+          AND q.profile = g.profile AND q.ordinal >= g.n
+        """), {
+        "pmids": [k[0] for k in groups], "profiles": [k[1] for k in groups],
+        "counts": list(groups.values()), "subtree": ident.subtree, "model": ident.model,
+    }).rowcount
+    pmids = [o.pmid for o in outcomes]
+    conn.execute(text(
+        "DELETE FROM preference_pair WHERE subtree = :subtree AND model = :model "
+        "AND source_pmid = ANY(:pmids)"),
+        {"subtree": ident.subtree, "model": ident.model, "pmids": pmids})
+    pair_rows = [
+        {"subtree": ident.subtree, "source_pmid": o.pmid, "model": ident.model,
+         "ordinal": ordinal, "chosen_id": ids[(o.pmid, chosen, ordinal)],
+         "rejected_id": ids[(o.pmid, rejected, ordinal)], "chosen_score": cs,
+         "rejected_score": rs, "margin": cs - rs, "run_id": ident.run_id}
+        for o in outcomes for ordinal, chosen, rejected, cs, rs in o.pairs
+    ]
+    if pair_rows:
+        conn.execute(pg_insert(preference_pair).values(pair_rows))
+    return {"items": len(rows), "pairs": len(pair_rows), "removed": int(removed)}
+
+
+def state_counts(conn: Connection, subtree: str, model: str,
+                 pmids: Sequence[int]) -> dict[str, int]:
+    """Stored candidates of these sources by state (for reconciliation)."""
+    rows = conn.execute(text(
+        "SELECT state, count(*) FROM qa_item WHERE subtree = :subtree AND model = :model "
+        "AND source_pmid = ANY(:pmids) GROUP BY state"),
+        {"subtree": subtree, "model": model, "pmids": list(pmids)})
+    counts = {state: 0 for state in ("accepted", "rejected", "failed", "deferred")}
+    counts.update({r[0]: int(r[1]) for r in rows})
+    return counts
+
+
+def qa_counts(conn: Connection) -> dict[str, Any]:
+    """``status``'s ``qa.*`` and ``preference_pairs`` figures over the whole database."""
+    states: dict[str, int] = dict(conn.execute(text("SELECT state, count(*) FROM qa_item GROUP BY state")).tuples().all())
+    pairs = conn.execute(text("SELECT count(*) FROM preference_pair")).scalar_one()
+    return {
+        "qa": {s: int(states.get(s, 0)) for s in ("accepted", "rejected", "failed", "deferred")},
+        "preference_pairs": int(pairs),
+    }

@@ -1,0 +1,355 @@
+"""Distill one MeSH subtree: generate → retrieve → grade → judge → answer, per article.
+
+Why one coroutine per article rather than one stage at a time over a batch: a stage
+barrier leaves the LLM idle while the slowest calls of a batch finish, and the bench
+target is a request rate within 10% of a bare SDK loop. Here up to
+``articles_in_flight`` articles move through the stages independently, so the backend's
+concurrency cap (32 requests by default) stays full; the cap, not this module, bounds
+what is in flight. Retrieval and article reads are synchronous SQL run in worker threads.
+
+Results are committed every ``flush_every`` finished articles (one transaction each), so
+a task that dies, or stops on its budget, keeps what it finished; a rerun finds its LLM
+answers in the ``llm_call`` cache and its rows by natural key.
+
+Counts: every candidate ends in exactly one terminal state; the summary's per-state
+counts are checked against the rows stored for the run's articles before returning, and
+a mismatch is an error, not a log line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import Engine
+
+from meshdistill.distill.candidates import (
+    Candidate,
+    ContextChoice,
+    answer_problems,
+    evidence_in,
+)
+from meshdistill.distill.corpus import ArticleRecord, load_articles, select_sources
+from meshdistill.distill.grade import MeshGrader
+from meshdistill.distill.items import ArticleOutcome, RunIdentity, state_counts, write_outcomes
+from meshdistill.distill.retrieve import refresh_index, retrieve_many
+from meshdistill.distill.settings import DistillSettings
+from meshdistill.llm.backend import LLMBackend, complete_all
+from meshdistill.llm.inputs import AnswerInput, ArticleInput, GenerateInput, JudgeInput
+from meshdistill.llm.stages import answer_request, generate_request, judge_request
+from meshdistill.mesh.subtree import get_subtree, subtree_descriptor_uis
+
+log = logging.getLogger(__name__)
+
+# What a reason says without its figures: "clarity 2 < 3" -> "clarity", for counting.
+_REASON_HEAD = re.compile(r"\s*(?:[0-9.]+\s*<.*|:.*)$")
+
+
+@dataclass
+class RunStats:
+    """Per-stage and per-state counts of one subtree run."""
+
+    articles: int = 0
+    stages: Counter[str] = field(default_factory=Counter)  # candidates entering each stage
+    states: Counter[str] = field(default_factory=Counter)
+    reasons: Counter[str] = field(default_factory=Counter)
+    pairs: int = 0
+
+    def add(self, outcome: ArticleOutcome) -> None:
+        self.articles += 1
+        self.pairs += len(outcome.pairs)
+        for c in outcome.candidates:
+            assert c.state is not None
+            self.states[c.state] += 1
+            if c.state in ("rejected", "failed"):
+                for part in (c.reason or "").split("; "):
+                    self.reasons[f"{c.stage}: {_REASON_HEAD.sub('', part)}"] += 1
+
+    @property
+    def candidates(self) -> int:
+        return sum(self.states.values())
+
+
+class SubtreeDistiller:
+    """One run over one subtree with one backend; see the module docstring."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        subtree: str,
+        backend: LLMBackend,
+        settings: DistillSettings,
+        run_id: str,
+        grader: MeshGrader | None = None,
+    ) -> None:
+        self.engine = engine
+        self.subtree = subtree
+        self.backend = backend
+        self.settings = settings
+        self.run_id = run_id
+        self._grader = grader
+        self._articles: dict[int, ArticleRecord] = {}
+        self.stats = RunStats()
+        self.ident = RunIdentity(subtree, backend.model, backend.name, run_id,
+                                 settings.item_params())
+
+    # -- database (worker threads) ------------------------------------------------------
+
+    def _prepare(self) -> list[int]:
+        with self.engine.begin() as conn:
+            info = get_subtree(conn, self.subtree)
+            uis = subtree_descriptor_uis(conn, self.subtree)
+            refreshed = refresh_index(conn)
+            if self._grader is None:
+                self._grader = MeshGrader.from_db(conn, blend_weight=self.settings.blend_weight)
+            pmids = select_sources(conn, self.subtree, uis, self.backend.model, self.run_id,
+                                   self.settings.max_articles, redo=self.settings.redo)
+        self._ancestry = [*info.ancestry, info.name or self.subtree]
+        self._scope_note = info.scope_note
+        self._uis = uis if self.settings.contexts_in_subtree else None
+        log.info("%s (%s): %d source articles to distill; retrieval index +%d/-%d",
+                 self.subtree, info.name, len(pmids), refreshed["added"], refreshed["removed"])
+        return pmids
+
+    def _records(self, pmids: Sequence[int]) -> dict[int, ArticleRecord]:
+        missing = [p for p in pmids if p not in self._articles]
+        if missing:
+            with self.engine.connect() as conn:
+                self._articles.update(load_articles(conn, missing))
+        return {p: self._articles[p] for p in pmids if p in self._articles}
+
+    def _retrieve(self, items: list[tuple[str, int]]) -> list[list[Any]]:
+        with self.engine.connect() as conn:
+            hits = retrieve_many(conn, items, self.settings.k_retrieve, subtree_uis=self._uis)
+        self._records([h.pmid for group in hits for h in group])
+        return hits
+
+    def _flush(self, outcomes: list[ArticleOutcome]) -> None:
+        with self.engine.begin() as conn:
+            write_outcomes(conn, self.ident, outcomes)
+
+    # -- one article --------------------------------------------------------------------
+
+    @property
+    def grader(self) -> MeshGrader:
+        assert self._grader is not None, "prepare() first"
+        return self._grader
+
+    async def _article(self, record: ArticleRecord) -> ArticleOutcome:
+        s = self.settings
+        article = record.as_input(self._ancestry, self._scope_note)
+        generated = await complete_all(self.backend, [
+            generate_request(GenerateInput(article, profile, s.questions_per_article,
+                                           s.question_types))
+            for profile in s.profiles
+        ])
+        candidates: list[Candidate] = []
+        self.stats.stages["generate"] += len(s.profiles)
+        for profile, result in zip(s.profiles, generated, strict=True):
+            slot = Candidate(profile, 0)
+            if not slot.end_unless_ok("generate", result):
+                candidates.append(slot)
+                continue
+            assert result.output is not None
+            for ordinal, question in enumerate(result.output.questions):
+                c = Candidate(profile, ordinal, question,
+                              prompt_versions=dict(slot.prompt_versions))
+                if not evidence_in(question.evidence, f"{record.title} {record.abstract}"):
+                    c.end("rejected", "generate", reason="evidence not found in the source")
+                candidates.append(c)
+        live = [c for c in candidates if c.live]
+        if live:
+            await self._retrieve_and_grade(record, live)
+        await self._judge(record, article, [c for c in candidates if c.live])
+        await self._answer(record, article, [c for c in candidates if c.live])
+        return ArticleOutcome(record.pmid, candidates, self._pairs(candidates))
+
+    async def _retrieve_and_grade(self, record: ArticleRecord, live: list[Candidate]) -> None:
+        s, grader = self.settings, self.grader
+        self.stats.stages["retrieve"] += len(live)
+        hits = await asyncio.to_thread(
+            self._retrieve, [(c.question.question, record.pmid) for c in live if c.question])
+        source = record.mesh
+        for c, group in zip(live, hits, strict=True):
+            c.stage = "retrieve"
+            if not any(h.is_source for h in group):
+                c.end("rejected", "retrieve", reason="source article is no longer retrievable")
+                continue
+            assert c.question is not None
+            self.stats.stages["grade"] += 1
+            c.stage = "grade"
+            q_uis = grader.question_uis(c.question.question)
+            c.question_mesh = q_uis
+            ranking_uis = q_uis or list(source.uis)  # the source's topic stands in
+            scored = []
+            for h in group:
+                ctx = self._articles.get(h.pmid)
+                if ctx is None:
+                    continue
+                hierarchy, blended = grader.context_score(ranking_uis, ctx.mesh, h.score)
+                scored.append(ContextChoice(h.pmid, h.rank, h.score, hierarchy, blended,
+                                            h.is_source))
+            scored.sort(key=lambda x: (-x.blend, x.rank))
+            chosen = scored[: s.k_contexts]
+            if not any(x.is_source for x in chosen):
+                chosen = [*chosen[: s.k_contexts - 1], next(x for x in scored if x.is_source)]
+            c.contexts = chosen
+            others = [self._articles[x.pmid].mesh for x in chosen if not x.is_source]
+            c.hierarchy_score = grader.item_score(source, others, q_uis)
+            c.retrieval_score = sum(x.retrieval for x in chosen) / len(chosen)
+            c.blend_score = sum(x.blend for x in chosen) / len(chosen)
+            if c.hierarchy_score < s.min_hierarchy:
+                c.end("rejected", "grade", reason=(
+                    f"hierarchy {c.hierarchy_score:.3f} < {s.min_hierarchy}"))
+
+    async def _judge(self, record: ArticleRecord, article: ArticleInput,
+                     live: list[Candidate]) -> None:
+        if not live:
+            return
+        self.stats.stages["judge"] += len(live)
+        results = await complete_all(self.backend, [
+            judge_request(JudgeInput(c.question, article, self._passages(c)))
+            for c in live if c.question
+        ])
+        for c, result in zip(live, results, strict=True):
+            if not c.end_unless_ok("judge", result):
+                continue
+            assert result.output is not None
+            c.judgement = result.output.model_dump(mode="json")
+            problems = self.settings.thresholds.failures(c.judgement)
+            if problems:
+                c.end("rejected", "judge", reason="; ".join(problems))
+
+    async def _answer(self, record: ArticleRecord, article: ArticleInput,
+                      live: list[Candidate]) -> None:
+        if not live:
+            return
+        self.stats.stages["answer"] += len(live)
+        results = await complete_all(self.backend, [
+            answer_request(AnswerInput(c.question, self._passages(c), article))
+            for c in live if c.question
+        ])
+        for c, result in zip(live, results, strict=True):
+            if not c.end_unless_ok("answer", result):
+                continue
+            assert result.output is not None and c.question is not None
+            c.answer = result.output
+            texts = {x.pmid: f"{self._articles[x.pmid].title} {self._articles[x.pmid].abstract}"
+                     for x in c.contexts}
+            problems = answer_problems(result.output, c.question, texts)
+            if problems:
+                c.end("rejected", "answer", reason="; ".join(problems))
+            else:
+                c.end("accepted", "answer")
+
+    def _passages(self, c: Candidate) -> tuple[Any, ...]:
+        return tuple(self._articles[x.pmid].passage() for x in c.contexts)
+
+    def _pairs(self, candidates: list[Candidate]) -> list[tuple[int, str, str, float, float]]:
+        """Preference pairs: the profiles' graded candidates at the same ordinal."""
+        if len(self.settings.profiles) != 2:
+            return []
+        first, second = self.settings.profiles
+        by_key = {(c.profile, c.ordinal): c for c in candidates
+                  if c.question is not None and c.hierarchy_score is not None}
+        pairs = []
+        for (profile, ordinal), a in by_key.items():
+            b = by_key.get((second, ordinal))
+            if profile != first or b is None:
+                continue
+            assert a.hierarchy_score is not None and b.hierarchy_score is not None
+            chosen, rejected = (a, b) if a.hierarchy_score >= b.hierarchy_score else (b, a)
+            assert chosen.hierarchy_score is not None and rejected.hierarchy_score is not None
+            margin = chosen.hierarchy_score - rejected.hierarchy_score
+            if chosen.state == "accepted" and margin >= self.settings.preference_margin:
+                pairs.append((ordinal, chosen.profile, rejected.profile,
+                              chosen.hierarchy_score, rejected.hierarchy_score))
+        return pairs
+
+    # -- the run ------------------------------------------------------------------------
+
+    async def run(self) -> dict[str, Any]:
+        started = time.perf_counter()
+        pmids = await asyncio.to_thread(self._prepare)
+        records = await asyncio.to_thread(self._records, pmids)
+        gone = [p for p in pmids if p not in records]
+        if gone:  # deleted between the selection and the read; nothing to distill
+            log.warning("%s: %d selected articles vanished before reading", self.subtree,
+                        len(gone))
+        gate = asyncio.Semaphore(self.settings.articles_in_flight)
+        pending: list[ArticleOutcome] = []
+        written = 0
+
+        async def one(record: ArticleRecord) -> ArticleOutcome:
+            async with gate:
+                return await self._article(record)
+
+        tasks = [asyncio.ensure_future(one(records[p])) for p in pmids if p in records]
+        try:
+            for next_done in asyncio.as_completed(tasks):
+                outcome = await next_done
+                self.stats.add(outcome)
+                pending.append(outcome)
+                if len(pending) >= self.settings.flush_every:
+                    await asyncio.to_thread(self._flush, pending)
+                    written += len(pending)
+                    pending = []
+                    self._progress(len(tasks), started)
+            if pending:
+                await asyncio.to_thread(self._flush, pending)
+                written += len(pending)
+        except BaseException:
+            for t in tasks:
+                t.cancel()
+            raise
+        summary = self._summary(list(records), time.perf_counter() - started)
+        self._progress(len(tasks), started, final=True)
+        return summary
+
+    def _progress(self, total: int, started: float, final: bool = False) -> None:
+        elapsed = max(time.perf_counter() - started, 1e-9)
+        st = self.stats.states
+        log.info(
+            "%s: %s%d/%d articles, %d candidates (accepted %d, rejected %d, failed %d, "
+            "deferred %d), %.1f articles/s, %.1f candidates/s",
+            self.subtree, "done: " if final else "", self.stats.articles, total,
+            self.stats.candidates, st["accepted"], st["rejected"], st["failed"],
+            st["deferred"], self.stats.articles / elapsed, self.stats.candidates / elapsed)
+
+    def _summary(self, pmids: list[int], seconds: float) -> dict[str, Any]:
+        with self.engine.connect() as conn:
+            stored = state_counts(conn, self.subtree, self.backend.model, pmids)
+        counted = {k: self.stats.states[k] for k in stored}
+        if stored != counted:
+            raise RuntimeError(
+                f"{self.subtree}: counts do not reconcile: stored {stored}, counted {counted}")
+        stats = getattr(self.backend, "stats", None)
+        summary: dict[str, Any] = {
+            "subtree": self.subtree, "run_id": self.run_id, "backend": self.backend.name,
+            "model": self.backend.model, "articles": self.stats.articles,
+            "candidates": self.stats.candidates, **counted,
+            "preference_pairs": self.stats.pairs,
+            "stages": dict(self.stats.stages), "reasons": dict(self.stats.reasons),
+            "seconds": round(seconds, 2),
+            "candidates_per_s": round(self.stats.candidates / seconds, 1) if seconds else None,
+            "reconciled": True,
+        }
+        if isinstance(stats, dict):
+            summary["llm"] = dict(stats)
+        budget = getattr(self.backend, "budget", None)
+        if budget is not None:
+            summary["budget"] = budget.snapshot()
+        return summary
+
+
+async def distill_subtree_async(engine: Engine, subtree: str, backend: LLMBackend,
+                                settings: DistillSettings, run_id: str,
+                                grader: MeshGrader | None = None) -> dict[str, Any]:
+    """Run one subtree (see :class:`SubtreeDistiller`); the summary is JSON-serialisable."""
+    return await SubtreeDistiller(engine, subtree, backend, settings, run_id, grader).run()
