@@ -61,6 +61,7 @@ class Candidate:
     judgement: dict[str, Any] | None = None
     answer: Answer | None = None
     prompt_versions: dict[str, str] = field(default_factory=dict)
+    llm_params: dict[str, dict[str, Any]] = field(default_factory=dict)  # per stage
     stage: str = "generate"
     state: str | None = None
     reason: str | None = None
@@ -79,11 +80,12 @@ class Candidate:
         self.state, self.stage, self.reason, self.error = state, stage, reason, error
 
     def end_unless_ok(self, stage: str, result: LLMResult[Any]) -> bool:
-        """Record the prompt version; end as deferred/failed when the call gave nothing.
+        """Record prompt version and parameters; end as deferred/failed on no output.
 
         True when the result has output and the candidate goes on.
         """
         self.prompt_versions[stage] = result.prompt_version
+        self.llm_params[stage] = dict(result.params)
         self.stage = stage
         if is_deferred(result):
             self.end("deferred", stage, reason=DEFERRED_REASON)

@@ -85,7 +85,8 @@ def _row(ident: RunIdentity, pmid: int, c: Candidate) -> dict[str, Any]:
     return {
         "subtree": ident.subtree, "source_pmid": pmid, "model": ident.model,
         "profile": c.profile, "ordinal": c.ordinal, "backend": ident.backend,
-        "prompt_versions": c.prompt_versions, "params": ident.params,
+        "prompt_versions": c.prompt_versions,
+        "params": {**ident.params, "llm": c.llm_params},
         "qtype": q.type.value if q else None, "question": q.question if q else None,
         "answer_hint": q.answer_hint if q else None, "evidence": q.evidence if q else None,
         "question_mesh": c.question_mesh if q else None,

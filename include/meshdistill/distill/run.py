@@ -159,7 +159,8 @@ class SubtreeDistiller:
             assert result.output is not None
             for ordinal, question in enumerate(result.output.questions):
                 c = Candidate(profile, ordinal, question,
-                              prompt_versions=dict(slot.prompt_versions))
+                              prompt_versions=dict(slot.prompt_versions),
+                              llm_params=dict(slot.llm_params))
                 if not evidence_in(question.evidence, f"{record.title} {record.abstract}"):
                     c.end("rejected", "generate", reason="evidence not found in the source")
                 candidates.append(c)
