@@ -13,6 +13,7 @@ import sys
 import time
 from collections.abc import Sequence
 from datetime import date
+from pathlib import Path
 from typing import Any
 
 import psycopg2
@@ -223,6 +224,47 @@ def cmd_distill(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- calibrate ------------------------------------------------------------------------
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from meshdistill.distill.calibrate import calibrate, load_pqal, verdict
+    from meshdistill.store import connect
+
+    records = load_pqal(args.pqal, limit=args.limit)
+    with connect() as conn:
+        result = calibrate(conn, records, n_random=args.random, n_hard=args.hard,
+                           seed=args.seed, blend_weight=args.blend_weight,
+                           judge=not args.no_judge)
+    if args.json:
+        _print_json(result)
+        return 0
+    c, prm = result["counts"], result["params"]
+    print(f"calibration on PubMedQA-L: {c['questions']} questions, {prm['n_random']} random "
+          f"and {prm['n_hard']} hard negatives each (seed {prm['seed']}, blend weight "
+          f"{prm['blend_weight']}, judge {prm['judge']}); ROC AUC pooled "
+          "(mean per question in brackets)")
+    print(f"  {'negatives':<10}{'hierarchy':>17}{'retrieval':>17}{'blend':>17}{'judge':>17}")
+    for kind in ("random", "hard"):
+        r = result[kind]
+        cells = []
+        for s in ("hierarchy", "retrieval", "blend", "judge"):
+            v, w = r[f"{s}_auc"], r["within_question"][f"{s}_auc"]
+            cells.append("-" if v is None else f"{v:.3f} ({w:.3f})")
+        print(f"  {kind:<10}" + "".join(f"{x:>17}" for x in cells))
+    for h, halves in result["split"].items():
+        print(f"  half {h} ({halves['random']['questions']} questions): hierarchy "
+              f"{halves['random']['hierarchy_auc']:.3f} random, blend "
+              f"{halves['hard']['blend_auc']:.3f} vs retrieval "
+              f"{halves['hard']['retrieval_auc']:.3f} hard")
+    print(f"  MeSH names: {c['mesh_names_unmapped']} of {c['mesh_names']} unmapped "
+          f"({c['mesh_name_uses_unmapped']} of {c['mesh_name_uses']} uses); "
+          f"{c['questions_without_mesh']} questions name no descriptor; {result['seconds']}s")
+    for line in verdict(result):
+        print(line)
+    return 0
+
+
 # --- status ---------------------------------------------------------------------------
 
 
@@ -333,6 +375,20 @@ def build_parser() -> argparse.ArgumentParser:
                     help="re-evaluate articles already distilled (LLM answers are cached)")
     di.add_argument("--json", action="store_true")
     di.set_defaults(func=cmd_distill)
+
+    ca = sub.add_parser("calibrate",
+                        help="ROC AUC of the ranking signals on PubMedQA-L's expert questions")
+    ca.add_argument("--pqal", type=Path, help="ori_pqal.json (default: "
+                    "$MESHDISTILL_DATA_DIR/pubmedqa/ori_pqal.json, data dir ../shared/data)")
+    ca.add_argument("--random", type=int, default=5, help="random negatives per question")
+    ca.add_argument("--hard", type=int, default=5, help="hard negatives per question")
+    ca.add_argument("--seed", type=int, default=0, help="seed of the random negatives")
+    ca.add_argument("--limit", type=int, help="first N questions by PMID (default: all)")
+    ca.add_argument("--blend-weight", type=float, help="retrieval weight in the blend "
+                    "(default: grade.DEFAULT_BLEND_WEIGHT)")
+    ca.add_argument("--no-judge", action="store_true", help="skip the judge")
+    ca.add_argument("--json", action="store_true")
+    ca.set_defaults(func=cmd_calibrate)
 
     st = sub.add_parser("status", help="what the pipeline database holds")
     st.add_argument("--subtree", action="append", help="also count active articles under it")

@@ -5,8 +5,9 @@ The similarity itself (Wu–Palmer on tree numbers, best-match average, majors w
 compared, and blends the result with the retrieval score:
 
 - ``MeSH(question)``: descriptors whose name or entry term occurs in the question
-  (:class:`~meshdistill.mesh.matcher.MeshMatcher`), minus a few descriptors so generic
-  that their name is an ordinary word of question phrasing (:data:`GENERIC_NAMES`).
+  (:class:`~meshdistill.mesh.matcher.MeshMatcher`, plus the everyday spellings of
+  :func:`name_variants`), minus a few descriptors so generic that their name is an
+  ordinary word of question phrasing (:data:`GENERIC_NAMES`).
 - **Context score** (ranks the candidates of one question; also what ``calibrate``
   measures): ``BMA(MeSH(question), MeSH(context))`` blended with the retrieval score. It
   uses nothing but the question and the candidate, so it can be checked against expert
@@ -17,14 +18,37 @@ compared, and blends the result with the retrieval score:
   ``hierarchy_score(MeSH(source), MeSH(contexts), MeSH(question))``, DESIGN step 5, over
   the chosen contexts other than the source itself (the source always agrees with itself
   and would lift every item alike).
+
+**Tuning** (``meshdistill calibrate``, :mod:`meshdistill.distill.calibrate`): the
+choices below were compared on half ``A`` of PubMedQA-L (the 513 questions whose
+sha256(PMID) starts with an even byte, :func:`~meshdistill.distill.calibrate.split_half`)
+with MeSH 2023 trees + 2017 UIs, and the other half ``B`` (487 questions) is reported
+as held out. What was tuned, and the half-A AUCs (pooled; random / hard negatives):
+
+- :func:`name_variants` in the question matcher (natural word order of inverted
+  headings, 'cancer' for 'Neoplasms'), since a trees-only MeSH source has no entry
+  terms: hierarchy 0.853 → 0.858 (random), 0.786 → 0.792 (hard). Kept.
+- :data:`GENERIC_NAMES`: adding further everyday words the matcher hit in half-A
+  questions (health, history, work, forms, syndrome, family, ...) moved no AUC by more
+  than 0.004, in either direction; only 'affect' (the verb of "does X affect Y", matched
+  as the descriptor Affect) was added. Dropping check tags (Humans, Female, age groups)
+  from the context's headings did not help either (±0.003) and was not adopted.
+- :data:`DEFAULT_BLEND_WEIGHT`: 0.2–0.7 tried; 0.5 gives the best mean per-question
+  AUC on hard negatives (0.925; the ranking view), 0.6 the best pooled one (0.871 vs
+  0.864). Kept at 0.5.
+
+With both changes, half A: hierarchy 0.853 → 0.859 (random), 0.786 → 0.792 (hard);
+held-out half B: 0.866 → 0.874 and 0.799 → 0.808; blend on hard negatives 0.861 → 0.865
+(A) and 0.857 → 0.861 (B). Nothing else was fitted to PubMedQA-L.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import Connection
+from sqlalchemy import Connection, text
 
 from meshdistill.mesh.matcher import MeshMatcher, load_tree_numbers
 from meshdistill.mesh.similarity import DEFAULT_ALPHA, TreeIndex, hierarchy_score
@@ -36,6 +60,7 @@ GENERIC_NAMES = frozenset({
     "evidence", "research", "methods", "patients", "persons", "humans", "disease",
     "therapeutics", "time", "risk", "population", "association", "role", "control groups",
     "cells", "diagnosis", "prognosis", "treatment outcome", "review", "data", "study",
+    "affect",
 })
 """Descriptor names ignored when matching questions: they are words any question uses
 ("is there *evidence*", "what is the *role*") and would tie every question to the same few
@@ -47,6 +72,56 @@ def blend(retrieval: float, hierarchy: float, weight: float = DEFAULT_BLEND_WEIG
     if not 0.0 <= weight <= 1.0:
         raise ValueError(f"blend weight must be in [0, 1], got {weight}")
     return weight * retrieval + (1.0 - weight) * hierarchy
+
+
+_NEOPLASMS = re.compile(r"\bNeoplasms\b")
+
+
+def name_variants(name: str) -> list[str]:
+    """Everyday spellings of a MeSH heading that NLM's entry terms usually list.
+
+    - natural word order of an inverted heading: 'Carcinoma, Squamous Cell' → 'Squamous
+      Cell Carcinoma', 'Students, Medical' → 'Medical Students' (parts reversed);
+    - 'cancer' for 'Neoplasms': 'Breast Neoplasms' → 'Breast Cancer', 'Neoplasms' →
+      'Cancer' (the matcher adds the plural).
+
+    Only needed when the loaded MeSH source has no entry terms (a trees-only release such
+    as ``mtrees2023.bin``): with them, these spellings are already there.
+    """
+    forms = [name]
+    if ", " in name and "(" not in name:
+        forms.append(" ".join(reversed(name.split(", "))))
+    out = forms[1:]
+    out += [_NEOPLASMS.sub("Cancer", f) for f in forms if _NEOPLASMS.search(f)]
+    return list(dict.fromkeys(v for v in out if v != name))
+
+
+def _descriptor_names(conn: Connection) -> dict[str, set[str]]:
+    names: dict[str, set[str]] = {}
+    for ui, name in conn.execute(text(
+        "SELECT ui, name FROM mesh_descriptor"
+        " UNION SELECT ui, name FROM mesh_tree WHERE ui IS NOT NULL"
+    )):
+        names.setdefault(ui, set()).add(name)
+    return names
+
+
+def add_name_variants(matcher: MeshMatcher, names: dict[str, set[str]]) -> int:
+    """Index :func:`name_variants` of ``{ui: names}`` in ``matcher``; returns those added.
+
+    A variant that already names something (an entry term, another descriptor) is
+    skipped, so a variant never makes a match ambiguous or takes a term from its owner.
+    """
+    added = 0
+    for ui, ns in sorted(names.items()):
+        for name in sorted(ns):
+            for variant in name_variants(name):
+                known = matcher.find(variant)
+                if len(known) == 1 and known[0].start == 0 and known[0].end == len(variant):
+                    continue
+                matcher.add(ui, variant)
+                added += 1
+    return added
 
 
 @dataclass(frozen=True)
@@ -81,9 +156,17 @@ class MeshGrader:
         self.generic_uis = frozenset(generic_uis)
 
     @classmethod
-    def from_db(cls, conn: Connection, **kwargs: float) -> MeshGrader:
-        """All descriptors with a tree number, and every name and entry term, from the DB."""
+    def from_db(
+        cls, conn: Connection, *, name_variants: bool = True, **kwargs: float
+    ) -> MeshGrader:
+        """All descriptors with a tree number, and every name and entry term, from the DB.
+
+        With ``name_variants`` the matcher also knows :func:`name_variants` of every
+        descriptor name (spellings nothing else owns only).
+        """
         matcher = MeshMatcher.from_db(conn)
+        if name_variants:
+            add_name_variants(matcher, _descriptor_names(conn))
         generic = {ui for ui, name in matcher.names.items() if name.lower() in GENERIC_NAMES}
         return cls(TreeIndex(load_tree_numbers(conn)), matcher, generic_uis=generic, **kwargs)
 
