@@ -45,6 +45,7 @@ held-out half B: 0.866 → 0.874 and 0.799 → 0.808; blend on hard negatives 0.
 from __future__ import annotations
 
 import re
+import threading
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 
@@ -52,6 +53,9 @@ from sqlalchemy import Connection, text
 
 from meshdistill.mesh.matcher import MeshMatcher, load_tree_numbers
 from meshdistill.mesh.similarity import DEFAULT_ALPHA, TreeIndex, hierarchy_score
+
+_GRADERS: dict[tuple[str, int], MeshGrader] = {}
+_GRADERS_LOCK = threading.Lock()
 
 DEFAULT_BLEND_WEIGHT = 0.5
 """Weight of the retrieval score in :func:`blend`; the rest goes to the hierarchy score."""
@@ -169,6 +173,24 @@ class MeshGrader:
             add_name_variants(matcher, _descriptor_names(conn))
         generic = {ui for ui, name in matcher.names.items() if name.lower() in GENERIC_NAMES}
         return cls(TreeIndex(load_tree_numbers(conn)), matcher, generic_uis=generic, **kwargs)
+
+    @classmethod
+    def for_release(cls, conn: Connection, *, blend_weight: float = DEFAULT_BLEND_WEIGHT
+                    ) -> MeshGrader:
+        """:meth:`from_db`, built once per process per database and MeSH release.
+
+        Building takes a few seconds; a CLI run over several subtrees, or a worker running
+        several mapped tasks, reuses it until a new MeSH release is loaded.
+        """
+        release = conn.execute(text(
+            "SELECT coalesce(max(id), 0) FROM mesh_release")).scalar_one()
+        key = (conn.engine.url.render_as_string(hide_password=True), int(release))
+        with _GRADERS_LOCK:
+            grader = _GRADERS.get(key)
+            if grader is None:
+                _GRADERS.clear()  # one release per process is enough
+                grader = _GRADERS[key] = cls.from_db(conn)
+        return grader.with_blend_weight(blend_weight)
 
     def with_blend_weight(self, weight: float) -> MeshGrader:
         """The same index and matcher (caches shared) with another blend weight."""

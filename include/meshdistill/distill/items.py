@@ -167,7 +167,8 @@ def state_counts(conn: Connection, subtree: str, model: str,
 
 def qa_counts(conn: Connection) -> dict[str, Any]:
     """``status``'s ``qa.*`` and ``preference_pairs`` figures over the whole database."""
-    states: dict[str, int] = dict(conn.execute(text("SELECT state, count(*) FROM qa_item GROUP BY state")).tuples().all())
+    rows = conn.execute(text("SELECT state, count(*) FROM qa_item GROUP BY state"))
+    states = {str(r[0]): int(r[1]) for r in rows}
     pairs = conn.execute(text("SELECT count(*) FROM preference_pair")).scalar_one()
     return {
         "qa": {s: int(states.get(s, 0)) for s in ("accepted", "rejected", "failed", "deferred")},

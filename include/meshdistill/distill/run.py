@@ -107,7 +107,8 @@ class SubtreeDistiller:
             uis = subtree_descriptor_uis(conn, self.subtree)
             refreshed = refresh_index(conn)
             if self._grader is None:
-                self._grader = MeshGrader.from_db(conn, blend_weight=self.settings.blend_weight)
+                self._grader = MeshGrader.for_release(
+                    conn, blend_weight=self.settings.blend_weight)
             pmids = select_sources(conn, self.subtree, uis, self.backend.model, self.run_id,
                                    self.settings.max_articles, redo=self.settings.redo)
         self._ancestry = [*info.ancestry, info.name or self.subtree]

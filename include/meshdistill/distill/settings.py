@@ -45,7 +45,8 @@ class DistillSettings(BaseModel):
     questions_per_article: int = Field(default=4, ge=1, le=20, description="per generator profile")
     question_types: tuple[QuestionType, ...] = tuple(QuestionType)
     profiles: tuple[str, ...] = GENERATOR_PROFILES
-    k_retrieve: int = Field(default=10, ge=1, le=100, description="candidates retrieved per question")
+    k_retrieve: int = Field(default=10, ge=1, le=100,
+                            description="candidates retrieved per question")
     k_contexts: int = Field(default=3, ge=1, le=20, description="contexts kept (source included)")
     contexts_in_subtree: bool = Field(
         default=False, description="only take contexts from articles indexed under the subtree")
