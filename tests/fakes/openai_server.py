@@ -1,5 +1,9 @@
 """A local OpenAI-compatible server (``POST /v1/chat/completions``) for tests and benches.
 
+It also serves ``POST /v1/embeddings`` (:func:`fake_embedding`: a deterministic hashed
+bag of words, so texts sharing words are close; ``float`` or ``base64`` encoding, the
+request's ``dimensions`` or ``embedding_dim``).
+
 The tests drive the real ``openai`` SDK over real HTTP against it, so request building,
 status handling, ``Retry-After``, timeouts and JSON parsing are exercised for real.
 
@@ -15,7 +19,8 @@ would measure the server, not the client).
 - :meth:`FakeOpenAI.fail_next`: the next N requests get a fault: ``"429"`` (with
   ``Retry-After``), ``"500"``, ``"hang"`` (sleep ``hang`` seconds, past the client's
   timeout), ``"invalid_json"`` (content is not JSON), ``"schema_invalid"`` (JSON that
-  breaks the schema).
+  breaks the schema). On ``/v1/embeddings`` the same faults apply: ``"invalid_json"``
+  is a 200 whose body is not JSON, ``"schema_invalid"`` one embedding fewer than inputs.
 - ``reject_json_schema``: answer a ``json_schema`` response_format with a 400 as servers
   without structured outputs do.
 - ``max_in_flight``: the most requests handled at once; ``requests``: every request
@@ -25,11 +30,16 @@ would measure the server, not the client).
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import json
+import math
+import re
 import socket
 import threading
 import time
-from collections import deque
+from array import array
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
@@ -38,7 +48,7 @@ from typing import Any
 import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 Responder = Callable[[dict[str, Any]], str]
@@ -51,6 +61,7 @@ class RecordedRequest:
     body: dict[str, Any]
     status: int = 0
     fault: str | None = None
+    path: str = "/v1/chat/completions"
 
     @property
     def response_format(self) -> str | None:
@@ -107,6 +118,26 @@ def _tokens(text: str) -> int:
     return max(1, len(text) // 4)
 
 
+_WORD = re.compile(r"[a-z0-9]+")
+
+
+def fake_embedding(text: str, dim: int) -> list[float]:
+    """A deterministic unit vector: lower-cased words hashed (signed) into ``dim`` buckets.
+
+    Each distinct word adds ``±(1 + log count)`` to one bucket (blake2b, so the same in
+    every process), then the vector is L2-normalised: texts sharing words are close in
+    cosine. A text without words hashes as a whole, so no vector is zero.
+    """
+    counts = Counter(_WORD.findall(text.lower())) or Counter({text: 1})
+    vector = [0.0] * dim
+    for word, count in counts.items():
+        digest = hashlib.blake2b(word.encode(), digest_size=8).digest()
+        bucket = int.from_bytes(digest[:4], "little") % dim
+        vector[bucket] += (1.0 + math.log(count)) * (1.0 if digest[4] & 1 else -1.0)
+    norm = math.sqrt(sum(x * x for x in vector)) or 1.0
+    return [x / norm for x in vector]
+
+
 class FakeOpenAI:
     """The server; use as a context manager (``with FakeOpenAI() as server: server.url``)."""
 
@@ -117,11 +148,13 @@ class FakeOpenAI:
         latency: float = 0.0,
         reject_json_schema: bool = False,
         model: str = "fake-model",
+        embedding_dim: int = 256,
     ) -> None:
         self.responder = responder or default_responder
         self.latency = latency
         self.reject_json_schema = reject_json_schema
         self.model = model
+        self.embedding_dim = embedding_dim
         self.requests: list[RecordedRequest] = []
         self.in_flight = 0
         self.max_in_flight = 0
@@ -131,7 +164,8 @@ class FakeOpenAI:
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._sock.bind(("127.0.0.1", 0))
         self.port: int = self._sock.getsockname()[1]
-        app = Starlette(routes=[Route("/v1/chat/completions", self._chat, methods=["POST"])])
+        app = Starlette(routes=[Route("/v1/chat/completions", self._chat, methods=["POST"]),
+                                Route("/v1/embeddings", self._embeddings, methods=["POST"])])
         config = uvicorn.Config(app, log_level="warning", lifespan="off",
                                 timeout_graceful_shutdown=1, backlog=2048)
         self._server = uvicorn.Server(config)
@@ -244,6 +278,58 @@ class FakeOpenAI:
                 "logprobs": None,
             }],
             "usage": usage,
+        })
+
+    async def _embeddings(self, request: Request) -> Response:
+        body = await request.json()
+        record = RecordedRequest(at=time.monotonic(), body=body, path="/v1/embeddings")
+        with self._lock:
+            self.requests.append(record)
+            fault = self._faults.popleft() if self._faults else None
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        record.fault = fault.kind if fault else None
+        try:
+            response = await self._respond_embeddings(body, fault)
+        finally:
+            with self._lock:
+                self.in_flight -= 1
+        record.status = response.status_code
+        return response
+
+    async def _respond_embeddings(self, body: dict[str, Any], fault: _Fault | None) -> Response:
+        if self.latency:
+            await asyncio.sleep(self.latency)
+        if fault and fault.kind == "429":
+            headers = {} if fault.retry_after is None else {"Retry-After": f"{fault.retry_after:g}"}
+            return JSONResponse(_error("Rate limit reached", "rate_limit_exceeded"), 429, headers)
+        if fault and fault.kind == "500":
+            return JSONResponse(_error("The server had an error", "server_error"), 500)
+        if fault and fault.kind == "hang":
+            await asyncio.sleep(fault.hang)
+        if fault and fault.kind == "invalid_json":
+            return Response("Sure! Here are your embeddings: {not json", 200,
+                            media_type="application/json")
+        raw = body.get("input", [])
+        inputs = [raw] if isinstance(raw, str) else [
+            x if isinstance(x, str) else " ".join(map(str, x)) for x in raw]
+        if not inputs or any(not x for x in inputs):
+            return JSONResponse(_error("'$.input' is invalid: empty input",
+                                       "invalid_request_error", param="input"), 400)
+        dim = body.get("dimensions") or self.embedding_dim
+        vectors = [fake_embedding(x, dim) for x in inputs]
+        if fault and fault.kind == "schema_invalid":
+            vectors = vectors[:-1]
+        encode = body.get("encoding_format") == "base64"
+        tokens = sum(_tokens(x) for x in inputs)
+        return JSONResponse({
+            "object": "list",
+            "data": [{
+                "object": "embedding", "index": i,
+                "embedding": base64.b64encode(array("f", v).tobytes()).decode() if encode else v,
+            } for i, v in enumerate(vectors)],
+            "model": body.get("model", self.model),
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
         })
 
 

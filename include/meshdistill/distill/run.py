@@ -25,7 +25,7 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Engine
 
@@ -44,6 +44,9 @@ from meshdistill.llm.backend import LLMBackend, complete_all
 from meshdistill.llm.inputs import AnswerInput, ArticleInput, GenerateInput, JudgeInput
 from meshdistill.llm.stages import answer_request, generate_request, judge_request
 from meshdistill.mesh.subtree import get_subtree, subtree_descriptor_uis
+
+if TYPE_CHECKING:
+    from meshdistill.distill.vector import OpenAIEmbedder
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +98,7 @@ class SubtreeDistiller:
         self.run_id = run_id
         self._grader = grader
         self._articles: dict[int, ArticleRecord] = {}
+        self._embedder: OpenAIEmbedder | None = None
         self.stats = RunStats()
         self.ident = RunIdentity(subtree, backend.model, backend.name, run_id,
                                  settings.item_params())
@@ -116,6 +120,14 @@ class SubtreeDistiller:
         self._uis = uis if self.settings.contexts_in_subtree else None
         log.info("%s (%s): %d source articles to distill; retrieval index +%d/-%d",
                  self.subtree, info.name, len(pmids), refreshed["added"], refreshed["removed"])
+        if self.settings.retrieval == "vector":
+            from meshdistill.distill.vector import OpenAIEmbedder, refresh_embeddings
+
+            self._embedder = OpenAIEmbedder()  # endpoint and model from the environment
+            with self.engine.connect() as conn:  # commits per batch: paid work survives
+                embedded = refresh_embeddings(conn, self._embedder)
+            log.info("%s: embeddings +%d/-%d", self.subtree, embedded["added"],
+                     embedded["removed"])
         return pmids
 
     def _records(self, pmids: Sequence[int]) -> dict[int, ArticleRecord]:
@@ -127,7 +139,14 @@ class SubtreeDistiller:
 
     def _retrieve(self, items: list[tuple[str, int]]) -> list[list[Any]]:
         with self.engine.connect() as conn:
-            hits = retrieve_many(conn, items, self.settings.k_retrieve, subtree_uis=self._uis)
+            if self._embedder is not None:
+                from meshdistill.distill.vector import retrieve_vector_many
+
+                hits = retrieve_vector_many(conn, items, self.settings.k_retrieve,
+                                            embedder=self._embedder, subtree_uis=self._uis)
+            else:
+                hits = retrieve_many(conn, items, self.settings.k_retrieve,
+                                     subtree_uis=self._uis)
         self._records([h.pmid for group in hits for h in group])
         return hits
 
@@ -310,6 +329,9 @@ class SubtreeDistiller:
             for t in tasks:
                 t.cancel()
             raise
+        finally:
+            if self._embedder is not None:
+                self._embedder.close()
         summary = self._summary(list(records), time.perf_counter() - started)
         self._progress(len(tasks), started, final=True)
         return summary

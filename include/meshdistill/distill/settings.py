@@ -7,7 +7,7 @@ with every item (``qa_item.params``), so a reader of the data can tell how it wa
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -45,6 +45,9 @@ class DistillSettings(BaseModel):
     questions_per_article: int = Field(default=4, ge=1, le=20, description="per generator profile")
     question_types: tuple[QuestionType, ...] = tuple(QuestionType)
     profiles: tuple[str, ...] = GENERATOR_PROFILES
+    retrieval: Literal["fts", "vector"] = Field(
+        default="fts", description="full-text search, or pgvector with an embeddings "
+        "endpoint (MESHDISTILL_EMBEDDING_MODEL / _BASE_URL / _API_KEY)")
     k_retrieve: int = Field(default=10, ge=1, le=100,
                             description="candidates retrieved per question")
     k_contexts: int = Field(default=3, ge=1, le=20, description="contexts kept (source included)")
