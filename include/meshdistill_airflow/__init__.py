@@ -5,9 +5,10 @@ Airflow; kept out of ``dags/`` so it is importable whatever the DAG folder is.
 
 Secrets stay in Airflow connections: the pipeline database is the ``meshdistill_db``
 connection and NCBI credentials the ``meshdistill_ncbi`` connection (login = e-mail,
-password = API key, host = an E-utilities base URL if not NCBI's). Without them the
-package falls back to environment variables and, for the database, an embedded
-PostgreSQL.
+password = API key, host = an E-utilities base URL if not NCBI's), and the LLM the
+``meshdistill_llm`` connection (host = base URL, password = API key, extra = model and
+client settings). Without them the package falls back to environment variables and,
+for the database, an embedded PostgreSQL; for the LLM, the offline backend.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 import pendulum
 from airflow.sdk import Asset, Connection
 from airflow.sdk.exceptions import AirflowFailException, AirflowNotFoundException
+from meshdistill.distill.backends import LLMConfig
 from meshdistill.errors import (
     ConfigError,
     MeshSourceError,
@@ -29,6 +31,20 @@ from meshdistill.errors import (
 )
 
 ARTICLES = Asset("meshdistill://articles")
+QA = Asset("meshdistill://qa")
+
+# Pools (created by `make demo`, the tests and docker-compose's airflow-init). A slot is
+# one running task: `ncbi` caps concurrent pubmed_ingest tasks (the request rate is
+# limited separately, in Postgres); `llm` caps concurrent distill tasks, each of which
+# keeps at most `max_concurrency` (default 32) HTTP requests in flight itself.
+NCBI_POOL = "ncbi"
+LLM_POOL = "llm"
+POOLS = {
+    NCBI_POOL: (2, "NCBI E-utilities: concurrent pubmed_ingest tasks "
+                   "(the request rate is limited separately)"),
+    LLM_POOL: (4, "concurrent distill tasks; each caps its own HTTP requests "
+                   "(max_concurrency, default 32)"),
+}
 
 DEFAULT_ARGS: dict[str, Any] = {
     "owner": "meshdistill",
@@ -95,3 +111,43 @@ def ncbi_credentials() -> dict[str, str | None]:
     if conn.host:
         base = conn.host if "://" in conn.host else f"https://{conn.host}"
     return {"ncbi_email": conn.login, "ncbi_api_key": conn.password, "eutils_url": base}
+
+
+def llm_config() -> LLMConfig | None:
+    """The ``meshdistill_llm`` connection as an :class:`LLMConfig`, or None without one.
+
+    host = the OpenAI-compatible base URL (``https://api.openai.com/v1``; a bare host
+    gets the connection's schema, default https, and port), password = API key, extra
+    JSON = ``model``, ``organization``, ``max_concurrency``, ``timeout``,
+    ``max_attempts``, ``backend``. Unknown extra keys are a ConfigError. The key is
+    kept out of logs: Airflow masks connection passwords and ``LLMConfig`` hides it.
+    """
+    conn = _connection("meshdistill_llm")
+    if conn is None:
+        return None
+    host = conn.host or None
+    if host and "://" not in host:
+        scheme = conn.schema if conn.schema in ("http", "https") else "https"
+        host = f"{scheme}://{host}{f':{conn.port}' if conn.port else ''}"
+    return LLMConfig.from_extra(host, conn.password, dict(conn.extra_dejson or {}))
+
+
+def asset_subtrees(context: Any, asset: Asset) -> list[str]:
+    """Subtrees named in the ``extra`` of the asset events that triggered this run.
+
+    ``pubmed_ingest`` puts ``{"subtrees": [...]}`` in each event it emits; a run the
+    scheduler creates from those events distills what was ingested. Empty for manual
+    runs (and events without that key).
+    """
+    events = context.get("triggering_asset_events") or {}
+    try:
+        found = events[asset]
+    except (KeyError, TypeError):
+        return []
+    subtrees: list[str] = []
+    for event in found:
+        extra = getattr(event, "extra", None) or {}
+        for prefix in extra.get("subtrees") or []:
+            if isinstance(prefix, str) and prefix not in subtrees:
+                subtrees.append(prefix)
+    return subtrees
