@@ -40,7 +40,7 @@ import threading
 import time
 from array import array
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -74,6 +74,9 @@ class _Fault:
     kind: str
     retry_after: float | None
     hang: float
+
+
+_Handler = Callable[[dict[str, Any], _Fault | None], Awaitable[Response]]
 
 
 def example_from_schema(schema: dict[str, Any], root: dict[str, Any] | None = None) -> Any:
@@ -223,11 +226,18 @@ class FakeOpenAI:
     ) -> None:
         self.stop()
 
-    # -- the endpoint --------------------------------------------------------------------
+    # -- the endpoints -------------------------------------------------------------------
 
-    async def _chat(self, request: Request) -> JSONResponse:
+    async def _chat(self, request: Request) -> Response:
+        return await self._record(request, "/v1/chat/completions", self._respond)
+
+    async def _embeddings(self, request: Request) -> Response:
+        return await self._record(request, "/v1/embeddings", self._respond_embeddings)
+
+    async def _record(self, request: Request, path: str, handler: _Handler) -> Response:
+        """Record the request, give it the next fault and count it in flight meanwhile."""
         body = await request.json()
-        record = RecordedRequest(at=time.monotonic(), body=body)
+        record = RecordedRequest(at=time.monotonic(), body=body, path=path)
         with self._lock:
             self.requests.append(record)
             fault = self._faults.popleft() if self._faults else None
@@ -235,14 +245,15 @@ class FakeOpenAI:
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
         record.fault = fault.kind if fault else None
         try:
-            response = await self._respond(body, fault)
+            response = await handler(body, fault)
         finally:
             with self._lock:
                 self.in_flight -= 1
         record.status = response.status_code
         return response
 
-    async def _respond(self, body: dict[str, Any], fault: _Fault | None) -> JSONResponse:
+    async def _common_fault(self, fault: _Fault | None) -> Response | None:
+        """Latency, then the faults both endpoints share: a 429 or 500 response, or a hang."""
         if self.latency:
             await asyncio.sleep(self.latency)
         if fault and fault.kind == "429":
@@ -252,6 +263,11 @@ class FakeOpenAI:
             return JSONResponse(_error("The server had an error", "server_error"), 500)
         if fault and fault.kind == "hang":
             await asyncio.sleep(fault.hang)
+        return None
+
+    async def _respond(self, body: dict[str, Any], fault: _Fault | None) -> Response:
+        if (failed := await self._common_fault(fault)) is not None:
+            return failed
         fmt = body.get("response_format") or {}
         if self.reject_json_schema and fmt.get("type") == "json_schema":
             return JSONResponse(_error(
@@ -280,33 +296,9 @@ class FakeOpenAI:
             "usage": usage,
         })
 
-    async def _embeddings(self, request: Request) -> Response:
-        body = await request.json()
-        record = RecordedRequest(at=time.monotonic(), body=body, path="/v1/embeddings")
-        with self._lock:
-            self.requests.append(record)
-            fault = self._faults.popleft() if self._faults else None
-            self.in_flight += 1
-            self.max_in_flight = max(self.max_in_flight, self.in_flight)
-        record.fault = fault.kind if fault else None
-        try:
-            response = await self._respond_embeddings(body, fault)
-        finally:
-            with self._lock:
-                self.in_flight -= 1
-        record.status = response.status_code
-        return response
-
     async def _respond_embeddings(self, body: dict[str, Any], fault: _Fault | None) -> Response:
-        if self.latency:
-            await asyncio.sleep(self.latency)
-        if fault and fault.kind == "429":
-            headers = {} if fault.retry_after is None else {"Retry-After": f"{fault.retry_after:g}"}
-            return JSONResponse(_error("Rate limit reached", "rate_limit_exceeded"), 429, headers)
-        if fault and fault.kind == "500":
-            return JSONResponse(_error("The server had an error", "server_error"), 500)
-        if fault and fault.kind == "hang":
-            await asyncio.sleep(fault.hang)
+        if (failed := await self._common_fault(fault)) is not None:
+            return failed
         if fault and fault.kind == "invalid_json":
             return Response("Sure! Here are your embeddings: {not json", 200,
                             media_type="application/json")

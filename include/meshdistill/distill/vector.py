@@ -54,7 +54,7 @@ Choices, and why:
 - **The embedder** uses the official ``openai`` SDK with its own retries off
   (``max_retries=0``): 429, 408/409, 5xx, timeouts and connection errors are retried
   with exponential backoff and jitter, waiting at least ``Retry-After`` /
-  ``retry-after-ms`` (the predicate and header parsing are those of
+  ``retry-after-ms`` (the policy of :mod:`meshdistill.llm.retrying`, shared with
   :mod:`meshdistill.llm.openai_backend`); a ``Retry-After`` beyond ``max_retry_after``
   or exhausted attempts raise :class:`EmbeddingError`. Inputs go out in batches
   (``batch_size``, default 128 per request) with at most ``max_concurrency`` requests in
@@ -74,7 +74,6 @@ import array
 import base64
 import logging
 import os
-import random
 import threading
 import time
 from collections import deque
@@ -87,11 +86,10 @@ import openai
 from openai import OpenAI
 from sqlalchemy import Connection, text
 from sqlalchemy.exc import DBAPIError
-from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt
 
 from meshdistill.distill.retrieve import ContextHit
 from meshdistill.errors import ConfigError, MeshDistillError
-from meshdistill.llm.openai_backend import _retryable, retry_after_seconds
+from meshdistill.llm.retrying import RetryPolicy
 
 log = logging.getLogger(__name__)
 
@@ -234,6 +232,12 @@ class OpenAIEmbedder:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    @property
+    def retry_policy(self) -> RetryPolicy:
+        """Attempts, backoff and Retry-After cap (:mod:`meshdistill.llm.retrying`)."""
+        return RetryPolicy(self.max_attempts, self.backoff_initial, self.backoff_max,
+                           self.max_retry_after)
+
     # -- embedding -------------------------------------------------------------------------
 
     def dimension(self) -> int:
@@ -265,10 +269,6 @@ class OpenAIEmbedder:
         with self._lock:
             self.stats.requests += 1
             self.stats.inputs += len(inputs)
-        retrying = Retrying(
-            stop=stop_after_attempt(self.max_attempts), wait=self._wait,
-            retry=retry_if_exception(self._should_retry), reraise=True,
-        )
         kwargs: dict[str, Any] = {"model": self.model, "input": inputs,
                                   "encoding_format": self.encoding_format}
         if self.dimensions is not None:
@@ -276,7 +276,7 @@ class OpenAIEmbedder:
         client = self._get_client()
         attempts = 0
         try:
-            for attempt in retrying:
+            for attempt in self.retry_policy.retrying():
                 with attempt:
                     attempts += 1
                     with self._lock:
@@ -319,24 +319,11 @@ class OpenAIEmbedder:
                     f"{self._dim}-dimensional ones")
         return vectors
 
-    def _wait(self, state: RetryCallState) -> float:
-        exc = state.outcome.exception() if state.outcome else None
-        backoff = min(self.backoff_max, self.backoff_initial * 2 ** (state.attempt_number - 1))
-        backoff *= 0.5 + random.random() / 2  # jitter: spread synchronized retries
-        asked = retry_after_seconds(exc) if exc is not None else None
-        return max(backoff, asked) if asked is not None else backoff
-
-    def _should_retry(self, exc: BaseException) -> bool:
-        if not _retryable(exc):
-            return False
-        asked = retry_after_seconds(exc)
-        return asked is None or asked <= self.max_retry_after
-
     def _describe(self, exc: openai.APIError, attempts: int) -> str:
         where = self.base_url or "the OpenAI API"
         if isinstance(exc, openai.APIStatusError):
-            asked = retry_after_seconds(exc)
-            if asked is not None and asked > self.max_retry_after and _retryable(exc):
+            asked = self.retry_policy.beyond_cap(exc)
+            if asked is not None:
                 return (f"embeddings at {where}: HTTP {exc.status_code} asks to retry after "
                         f"{asked:g}s, beyond the {self.max_retry_after:g}s cap")
             detail = f"HTTP {exc.status_code}: {exc.message}"[:500]

@@ -17,7 +17,8 @@ llama.cpp's server. What it adds to a bare SDK call, and why:
   backoff and jitter, waiting at least ``Retry-After`` (or ``retry-after-ms``) when the
   server sends one, with a bounded number of attempts. A ``Retry-After`` longer than
   ``max_retry_after`` ends the call as ``rate_limited`` rather than sleep for minutes
-  inside a worker slot.
+  inside a worker slot. The policy lives in :mod:`meshdistill.llm.retrying`, shared
+  with the embedder.
 - Bounded concurrency: an ``asyncio.Semaphore`` (default 32) around each HTTP attempt
   caps requests in flight within a task; the Airflow pool ``llm`` caps tasks.
 
@@ -30,7 +31,6 @@ import asyncio
 import json
 import logging
 import os
-import random
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -38,21 +38,15 @@ from typing import Any
 import openai
 from openai import AsyncOpenAI
 from pydantic import ValidationError
-from tenacity import (
-    AsyncRetrying,
-    RetryCallState,
-    retry_if_exception,
-    stop_after_attempt,
-)
 
 from meshdistill.errors import ConfigError
-from meshdistill.httputil import parse_retry_after
 from meshdistill.llm.backend import FailureKind, LLMRequest, LLMResult, T
+from meshdistill.llm.retrying import RetryPolicy
+from meshdistill.llm.retrying import retry_after_seconds as retry_after_seconds
 
 log = logging.getLogger(__name__)
 
 DEFAULT_CONCURRENCY = 32
-_RETRY_STATUS = frozenset({408, 409, 429})
 _SCHEMA_HINTS = ("response_format", "json_schema", "structured", "schema")
 
 
@@ -72,28 +66,6 @@ class _Reply:
     tokens_in: int
     tokens_out: int
     finish_reason: str | None
-
-
-def retry_after_seconds(exc: BaseException) -> float | None:
-    """The wait a 429/503 asks for: ``retry-after-ms``, ``Retry-After`` seconds or HTTP date."""
-    if not isinstance(exc, openai.APIStatusError):
-        return None
-    headers = exc.response.headers
-    millis = headers.get("retry-after-ms")
-    if millis:
-        try:
-            return max(0.0, float(millis) / 1000)
-        except ValueError:
-            pass
-    return parse_retry_after(headers.get("retry-after"))
-
-
-def _retryable(exc: BaseException) -> bool:
-    if isinstance(exc, openai.APIConnectionError):  # includes APITimeoutError
-        return True
-    if isinstance(exc, openai.APIStatusError):
-        return exc.status_code in _RETRY_STATUS or exc.status_code >= 500
-    return False
 
 
 def _rejects_schema(exc: openai.APIStatusError) -> bool:
@@ -219,33 +191,18 @@ class OpenAIBackend:
 
     # -- one HTTP exchange, with retries ---------------------------------------------------
 
-    def _wait(self, state: RetryCallState) -> float:
-        exc = state.outcome.exception() if state.outcome else None
-        backoff = min(self.backoff_max, self.backoff_initial * 2 ** (state.attempt_number - 1))
-        backoff *= 0.5 + random.random() / 2  # jitter: spread synchronized retries
-        asked = retry_after_seconds(exc) if exc is not None else None
-        return max(backoff, asked) if asked is not None else backoff
-
-    def _should_retry(self, exc: BaseException) -> bool:
-        if not _retryable(exc):
-            return False
-        asked = retry_after_seconds(exc)
-        if asked is not None and asked > self.max_retry_after:
-            assert isinstance(exc, openai.APIStatusError)
-            raise _RetryAfterTooLong(asked, exc) from exc
-        return True
+    @property
+    def retry_policy(self) -> RetryPolicy:
+        """Attempts, backoff and Retry-After cap (:mod:`meshdistill.llm.retrying`)."""
+        return RetryPolicy(self.max_attempts, self.backoff_initial, self.backoff_max,
+                           self.max_retry_after)
 
     async def _send(
         self, body: dict[str, Any], counter: list[int]
     ) -> _Reply:
         client, semaphore = self._state()
-        retrying = AsyncRetrying(
-            stop=stop_after_attempt(self.max_attempts),
-            wait=self._wait,
-            retry=retry_if_exception(self._should_retry),
-            reraise=True,
-        )
-        async for attempt in retrying:
+        # A Retry-After beyond the cap ends the call as rate_limited (see _failure_of).
+        async for attempt in self.retry_policy.async_retrying(too_long=_RetryAfterTooLong):
             with attempt:
                 counter[0] += 1
                 async with semaphore:

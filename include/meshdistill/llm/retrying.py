@@ -1,0 +1,108 @@
+"""The retry policy shared by the OpenAI-compatible clients (chat backend and embedder).
+
+Both turn the SDK's own retries off (``max_retries=0``) and retry here instead: 429,
+408/409, 5xx, timeouts and connection errors, with exponential backoff and jitter,
+waiting at least what the server asks for (``retry-after-ms`` or ``Retry-After``), for
+at most ``max_attempts`` attempts. A ``Retry-After`` beyond ``max_retry_after`` is not
+slept through: the caller decides what it becomes (the chat backend a ``rate_limited``
+failure, the embedder an ``EmbeddingError``).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import openai
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    Retrying,
+    retry_if_exception,
+    stop_after_attempt,
+)
+
+from meshdistill.httputil import parse_retry_after
+
+RETRY_STATUS = frozenset({408, 409, 429})
+"""Statuses retried besides every 5xx."""
+
+TooLong = Callable[[float, openai.APIStatusError], BaseException]
+"""Builds the exception raised for a ``Retry-After`` beyond the cap: (seconds, cause)."""
+
+
+def retry_after_seconds(exc: BaseException) -> float | None:
+    """The wait a 429/503 asks for: ``retry-after-ms``, ``Retry-After`` seconds or HTTP date."""
+    if not isinstance(exc, openai.APIStatusError):
+        return None
+    headers = exc.response.headers
+    millis = headers.get("retry-after-ms")
+    if millis:
+        try:
+            return max(0.0, float(millis) / 1000)
+        except ValueError:
+            pass
+    return parse_retry_after(headers.get("retry-after"))
+
+
+def retryable(exc: BaseException) -> bool:
+    """Worth another attempt: connection errors, timeouts, 408/409/429 and 5xx."""
+    if isinstance(exc, openai.APIConnectionError):  # includes APITimeoutError
+        return True
+    if isinstance(exc, openai.APIStatusError):
+        return exc.status_code in RETRY_STATUS or exc.status_code >= 500
+    return False
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Attempts, backoff and the ``Retry-After`` cap of one client."""
+
+    max_attempts: int = 5
+    backoff_initial: float = 0.5
+    backoff_max: float = 30.0
+    max_retry_after: float = 120.0
+
+    def wait(self, state: RetryCallState) -> float:
+        """Exponential backoff with jitter, but at least the server's ``Retry-After``."""
+        exc = state.outcome.exception() if state.outcome else None
+        backoff = min(self.backoff_max, self.backoff_initial * 2 ** (state.attempt_number - 1))
+        backoff *= 0.5 + random.random() / 2  # jitter: spread synchronized retries
+        asked = retry_after_seconds(exc) if exc is not None else None
+        return max(backoff, asked) if asked is not None else backoff
+
+    def beyond_cap(self, exc: BaseException) -> float | None:
+        """The ``Retry-After`` of a retryable ``exc`` when it exceeds the cap, else None."""
+        if not retryable(exc):
+            return None
+        asked = retry_after_seconds(exc)
+        return asked if asked is not None and asked > self.max_retry_after else None
+
+    def retryable(self, exc: BaseException) -> bool:
+        """Retry ``exc``: retryable, and not asking to wait beyond the cap."""
+        return retryable(exc) and self.beyond_cap(exc) is None
+
+    def retrying(self, too_long: TooLong | None = None) -> Retrying:
+        """A synchronous tenacity loop; see :meth:`async_retrying`."""
+        return Retrying(**self._tenacity(too_long))
+
+    def async_retrying(self, too_long: TooLong | None = None) -> AsyncRetrying:
+        """A tenacity loop that re-raises the last error when attempts run out.
+
+        A ``Retry-After`` beyond the cap ends the loop at once: with the error itself, or
+        with ``too_long(seconds, error)`` (raised from the error) when given.
+        """
+        return AsyncRetrying(**self._tenacity(too_long))
+
+    def _tenacity(self, too_long: TooLong | None) -> dict[str, Any]:
+        def should_retry(exc: BaseException) -> bool:
+            asked = self.beyond_cap(exc)
+            if asked is not None and too_long is not None:
+                assert isinstance(exc, openai.APIStatusError)
+                raise too_long(asked, exc) from exc
+            return self.retryable(exc)
+
+        return {"stop": stop_after_attempt(self.max_attempts), "wait": self.wait,
+                "retry": retry_if_exception(should_retry), "reraise": True}
