@@ -99,15 +99,15 @@ def test_refuses_when_retrieval_reads_a_table_it_does_not_shadow(
 ) -> None:
     from meshdistill.distill import calibrate as cal
 
-    sql = "SELECT ... FROM article_fts f JOIN lexeme_df d ON true JOIN article a ON true"
+    sql = "SELECT ... FROM article_fts f JOIN passage_cache d ON true JOIN article a ON true"
     monkeypatch.setattr(cal.inspect, "getsource", lambda _module: sql)
     with get_engine(mesh_loaded_url).connect() as conn:
         tx = conn.begin()
         try:
-            assert cal.unshadowed_tables(conn) == []  # lexeme_df does not exist yet
-            conn.exec_driver_sql("CREATE TABLE lexeme_df (lexeme text, df int)")
-            assert cal.unshadowed_tables(conn) == ["lexeme_df"]
-            with pytest.raises(RuntimeError, match="lexeme_df"):
+            assert cal.unshadowed_tables(conn) == []  # passage_cache does not exist yet
+            conn.exec_driver_sql("CREATE TABLE passage_cache (pmid bigint)")
+            assert cal.unshadowed_tables(conn) == ["passage_cache"]
+            with pytest.raises(RuntimeError, match="passage_cache"):
                 cal.build_pairs(conn, load_pqal(PQAL, limit=10), n_random=2, n_hard=2)
         finally:
             tx.rollback()

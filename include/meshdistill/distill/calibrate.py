@@ -79,7 +79,7 @@ from meshdistill.llm.stages import judge_request
 
 log = logging.getLogger(__name__)
 
-SHADOWED_TABLES = ("article", "article_mesh", "article_fts")
+SHADOWED_TABLES = ("article", "article_mesh", "article_fts", "lexeme_df")
 """Tables :mod:`meshdistill.distill.retrieve` reads or writes, shadowed by TEMP tables."""
 
 SIGNALS = ("hierarchy", "retrieval", "blend", "judge")
@@ -363,10 +363,11 @@ def build_pairs(
 ) -> PairSet:
     """Positives, random and hard negatives, each with its retrieval score.
 
-    One :func:`retrieve_many` call with ``k`` = the corpus size returns each question's
-    whole ranking: every article sharing a lexeme with it, with its score, and the
-    positive (passed as the source) in any case. The hard negatives are the top
-    ``n_hard`` non-positive hits. A random negative absent from that ranking shares no
+    One exhaustive :func:`retrieve_many` call (``candidate_budget=None``, ``k`` = the corpus
+    size) returns each question's whole ranking: every article sharing a lexeme with it,
+    with its score, and the positive (passed as the source) in any case. The hard
+    negatives are the top ``n_hard`` non-positive hits of the search the pipeline runs
+    (default candidate budget). A random negative absent from that ranking shares no
     lexeme with the question, so retrieval gives it 0.0 (``ContextHit``'s contract); up to
     ``zero_checks`` of them are re-scored exactly, as the "source" of a ``k=1`` retrieval,
     and a non-zero score raises, so a change of retrieve.py's scoring cannot silently
@@ -397,11 +398,16 @@ def build_pairs(
         log.info("calibrate: %d abstracts, %d MeSH links in TEMP tables, %d indexed",
                  loaded["articles"], loaded["mesh_links"], loaded["indexed"])
         t0 = time.perf_counter()
-        rankings = retrieve_many(conn, [(r.question, r.pmid) for r in records], k=len(records))
+        items = [(r.question, r.pmid) for r in records]
+        # Scores of every pair: the exhaustive search (no candidate pruning; the scores of
+        # the articles both searches return are identical). Hard negatives: what the
+        # pipeline's pruned search ranks highest.
+        rankings = retrieve_many(conn, items, k=len(records), candidate_budget=None)
+        production = retrieve_many(conn, items, k=n_hard + 1)
         log.info("calibrate: %d questions ranked (%d hits) in %.1fs", len(records),
                  sum(map(len, rankings)), time.perf_counter() - t0)
         absent: list[Pair] = []
-        for i, (r, hits) in enumerate(zip(records, rankings, strict=True)):
+        for i, (r, hits, top) in enumerate(zip(records, rankings, production, strict=True)):
             stray = [h.pmid for h in hits if h.pmid not in by_pmid]
             if stray:
                 raise RuntimeError(
@@ -410,7 +416,7 @@ def build_pairs(
                 )
             score = {h.pmid: h.score for h in hits}
             pairs.append(Pair(i, r.pmid, True, "positive", score.get(r.pmid, 0.0)))
-            others = [h for h in hits if not h.is_source][:n_hard]
+            others = [h for h in top if not h.is_source][:n_hard]
             pairs.extend(Pair(i, h.pmid, False, "hard", h.score) for h in others)
             drawn = [c for c in rng.sample(pmids, n_random + 1) if c != r.pmid][:n_random]
             for c in drawn:

