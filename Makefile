@@ -42,6 +42,8 @@ bench: install
 	$(BIN)/python bench/bench_parse.py
 	$(BIN)/python bench/bench_load.py
 	$(BIN)/python bench/bench_memory.py
+	$(BIN)/python bench/bench_retrieve.py
+	$(BIN)/python bench/bench_distill.py
 
 # Regenerate the full lock from a clean install of requirements*.txt.
 lock:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 DEFAULT_EUTILS_URL = "https://eutils.ncbi.nlm.nih.gov/entrez/eutils/"
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _env(name: str, default: str | None = None) -> str | None:
@@ -46,3 +47,9 @@ class Settings:
     @property
     def mesh_cache_dir(self) -> Path:
         return self.mesh_cache or self.home / "mesh"
+
+
+def data_dir() -> Path:
+    """Local NLM/PubMed/PubMedQA files (demo, calibration): ``MESHDISTILL_DATA_DIR``, else
+    the ``shared/data`` folder beside the checkout."""
+    return Path(_env("MESHDISTILL_DATA_DIR") or REPO.parent / "shared" / "data")

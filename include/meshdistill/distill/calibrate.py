@@ -66,7 +66,7 @@ from typing import Any
 
 from sqlalchemy import Connection, text
 
-from meshdistill.demo import _data_dir
+from meshdistill.config import data_dir
 from meshdistill.distill import retrieve as retrieve_module
 from meshdistill.distill.grade import Headings, MeshGrader
 from meshdistill.distill.retrieve import refresh_index, retrieve_many
@@ -93,7 +93,7 @@ SOURCE = "pubmedqa-l"
 
 def default_pqal_path() -> Path:
     """``pubmedqa/ori_pqal.json`` under the shared data dir (``MESHDISTILL_DATA_DIR``)."""
-    return _data_dir() / "pubmedqa" / "ori_pqal.json"
+    return data_dir() / "pubmedqa" / "ori_pqal.json"
 
 
 # --- ROC AUC -----------------------------------------------------------------------------
