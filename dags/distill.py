@@ -71,7 +71,7 @@ rows stored before a task succeeds.
 - `subtree` (mapped task group, one per subtree, each instance named by its tree number):
   `articles` logs how many articles the subtree holds; `distill` runs the pipeline in the
   **`{LLM_POOL}` pool**. A pool slot is one running `distill` task (the default pool made
-  by `make demo`, the tests and docker-compose has 32 slots); inside a task the backend
+  by `make demo`, the tests and docker-compose has 4 slots); inside a task the backend
   keeps at most `max_concurrency` requests in flight (default 32), so the requests in
   flight across workers are at most slots × max_concurrency.
 - `summary`: logs articles, candidates, accepted/rejected/failed/deferred, preference
