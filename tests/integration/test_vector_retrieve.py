@@ -513,7 +513,10 @@ def test_failed_refresh_keeps_committed_batches(
                 refresh_embeddings(c, e)
             with engine.connect() as c, make_embedder(server) as again:
                 left = refresh_embeddings(c, again)
-            assert calls == [128, 128], "the third batch was never sent"
+            # The refresh keeps max_concurrency * 2 batches outstanding, so the third may
+            # already be queued when the second fails; it is cancelled or, if its thread
+            # had started, sent but never stored. Nothing after it is sent.
+            assert calls[:2] == [128, 128] and len(calls) <= 3, calls
             assert left["added"] == 300 - 128
             with engine.connect() as c:
                 assert c.execute(text("SELECT to_regclass(:i)"), {"i": INDEX}).scalar()
