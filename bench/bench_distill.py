@@ -371,6 +371,8 @@ class Timings:
     store_rows: int = 0
     body: float = 0.0  # event loop: OpenAIBackend._body (the output schema per request)
     grader: float = 0.0  # event loop: MeshGrader calls in _retrieve_and_grade
+    # CPU of the worker threads (time.thread_time), per kind: holds the GIL the loop needs
+    thread_cpu: Counter[str] = field(default_factory=Counter)
 
 
 def instrumented_distiller(*args: Any, timings: Timings, stub_retrieval: bool = False,
@@ -396,13 +398,14 @@ def instrumented_distiller(*args: Any, timings: Timings, stub_retrieval: bool = 
             return out
 
         def _retrieve(self, items: list[tuple[str, int]]) -> list[list[Any]]:
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.thread_time()
             try:
                 if stub_retrieval:
                     return self._stub(items)
                 return super()._retrieve(items)
             finally:
                 timings.retrieve.append(time.perf_counter() - t)
+                timings.thread_cpu["retrieve"] += time.thread_time() - c
                 timings.retrieve_questions += len(items)
 
         def _stub(self, items: list[tuple[str, int]]) -> list[list[Any]]:
@@ -419,11 +422,12 @@ def instrumented_distiller(*args: Any, timings: Timings, stub_retrieval: bool = 
             return out
 
         def _flush(self, outcomes: list[Any]) -> None:
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.thread_time()
             try:
                 super()._flush(outcomes)
             finally:
                 timings.flush.append(time.perf_counter() - t)
+                timings.thread_cpu["flush"] += time.thread_time() - c
 
     return Timed(*args, **kw)
 
@@ -444,19 +448,21 @@ def instrument_cache(backend: Any, timings: Timings) -> None:
     lookup, store = backend._lookup, backend._store
 
     def timed_lookup(keys: list[str]) -> Any:
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.thread_time()
         try:
             return lookup(keys)
         finally:
             timings.lookup.append(time.perf_counter() - t)
+            timings.thread_cpu["lookup"] += time.thread_time() - c
             timings.lookup_keys += len(keys)
 
     def timed_store(items: list[Any]) -> Any:
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.thread_time()
         try:
             return store(items)
         finally:
             timings.store.append(time.perf_counter() - t)
+            timings.thread_cpu["store"] += time.thread_time() - c
             timings.store_rows += len(items)
 
     backend._lookup, backend._store = timed_lookup, timed_store
@@ -608,6 +614,10 @@ def part1(url: str, args: argparse.Namespace) -> bool:
             print(f"llm_call lookups: {_ms(timings.lookup)}, {timings.lookup_keys} keys; "
                   f"stores: {_ms(timings.store)}, {timings.store_rows} rows")
             print(f"qa_item flushes: {_ms(timings.flush)}")
+            worker = ", ".join(f"{k} {v:.2f} s ({1e3 * v / n:.2f} ms/request)"
+                               for k, v in sorted(timings.thread_cpu.items()))
+            print(f"worker-thread CPU (thread_time): {worker}; process minus loop minus "
+                  f"these: {pm.proc_cpu - pm.loop_cpu - sum(timings.thread_cpu.values()):.2f} s")
             print(f"event loop, pipeline-only work: OpenAIBackend._body (model_json_schema per "
                   f"request) {timings.body:.2f} s = {1e3 * timings.body / n:.2f} ms/request; "
                   f"MeshGrader calls {timings.grader:.2f} s = "

@@ -55,6 +55,7 @@ from meshdistill.mesh.matcher import MeshMatcher, load_tree_numbers
 from meshdistill.mesh.similarity import DEFAULT_ALPHA, TreeIndex, hierarchy_score
 
 _GRADERS: dict[tuple[str, int], MeshGrader] = {}
+_QC_MEMO = 1 << 16  # question_context results kept per grader
 _GRADERS_LOCK = threading.Lock()
 
 DEFAULT_BLEND_WEIGHT = 0.5
@@ -158,6 +159,11 @@ class MeshGrader:
         self.blend_weight = blend_weight
         self.alpha = alpha
         self.generic_uis = frozenset(generic_uis)
+        # question_context memo: a run scores the same (question descriptors, context)
+        # pairs again and again (the questions of one article retrieve overlapping
+        # contexts, and questions without a match all stand in the source's headings).
+        # Per grader (with_blend_weight shares the index, not this), bounded.
+        self._qc: dict[tuple[tuple[str, ...], Headings], float] = {}
 
     @classmethod
     def from_db(
@@ -204,8 +210,14 @@ class MeshGrader:
     def question_context(self, question_uis: Sequence[str], context: Headings) -> float:
         """``BMA(MeSH(question), MeSH(context))``, the context's majors weighted; 0 if either
         side is empty."""
-        return self.index.best_match_average(question_uis, context.uis, frozenset(),
-                                             context.major)
+        key = (tuple(question_uis), context)
+        score = self._qc.get(key)
+        if score is None:
+            if len(self._qc) >= _QC_MEMO:
+                self._qc.clear()
+            score = self._qc[key] = self.index.best_match_average(
+                question_uis, context.uis, frozenset(), context.major)
+        return score
 
     def context_score(
         self, question_uis: Sequence[str], context: Headings, retrieval: float

