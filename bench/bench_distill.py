@@ -9,7 +9,13 @@ client's event loop. Against it, in the same run:
   ``openai`` backend (cap 32) behind the ``llm_call`` cache, cache empty at the start;
 - the **baseline**: a bare loop of ``AsyncOpenAI().chat.completions.create`` calls under
   an ``asyncio.Semaphore(32)``, replaying the very request bodies the pipeline sent (same
-  count, same payloads, so the server does the same work for both).
+  count, same payloads, so the server does the same work for both);
+- the **LLM layer**: the very ``LLMRequest`` objects the pipeline sent, grouped as its
+  ``complete_all`` calls were, replayed through a fresh ``CachedBackend(OpenAIBackend)``
+  (cap 32, empty ``llm_call`` cache, so every request misses and is stored) with
+  ``complete_all``, ``articles_in_flight`` groups at a time: our LLM client stack without
+  retrieval, grading, checks or ``qa_item`` writes. Its gap to the bare loop is the client
+  stack's; the pipeline's gap to it is distillation's own work.
 
 Requests are counted by the server. Rates: the whole run (requests / wall time of
 ``run()``, prepare included), the run without its prepare step (``refresh_index``, the
@@ -373,6 +379,7 @@ class Timings:
     grader: float = 0.0  # event loop: MeshGrader calls in _retrieve_and_grade
     # CPU of the worker threads (time.thread_time), per kind: holds the GIL the loop needs
     thread_cpu: Counter[str] = field(default_factory=Counter)
+    groups: list[list[Any]] = field(default_factory=list)  # each complete_all's requests
 
 
 def instrumented_distiller(*args: Any, timings: Timings, stub_retrieval: bool = False,
@@ -488,14 +495,55 @@ async def run_pipeline(url: str, engine: Any, settings: Any, run_id: str, timing
     instrument_cache(backend, timings)
     distiller = instrumented_distiller(engine, SUBTREE, backend, settings, run_id,
                                        timings=timings, stub_retrieval=stub_retrieval)
-    async with backend:
-        if profile is not None:
-            profile.enable()
-        try:
-            return await measured(distiller.run(), m)
-        finally:
+    from meshdistill.distill import run as run_module
+
+    original = run_module.complete_all
+
+    async def recording(backend: Any, requests: Any) -> Any:  # the LLM layer replays these
+        group = list(requests)
+        timings.groups.append(group)
+        return await original(backend, group)
+
+    run_module.complete_all = recording  # type: ignore[assignment]
+    try:
+        async with backend:
             if profile is not None:
-                profile.disable()
+                profile.enable()
+            try:
+                return await measured(distiller.run(), m)
+            finally:
+                if profile is not None:
+                    profile.disable()
+    finally:
+        run_module.complete_all = original  # type: ignore[assignment]
+
+
+async def llm_layer(url: str, engine: Any, groups: list[list[Any]], in_flight: int) -> None:
+    """The pipeline's own LLM requests through our client stack alone: a fresh
+    ``CachedBackend(OpenAIBackend)`` (cap 32, its ``llm_call`` rows deleted first, so every
+    request misses and is stored, as in the pipeline), each recorded ``complete_all`` group
+    replayed with ``complete_all``, ``in_flight`` groups at a time (the pipeline's
+    ``articles_in_flight``: one group per article in flight). No retrieval, grading,
+    checks or ``qa_item`` writes."""
+    from meshdistill.llm.backend import complete_all
+    from meshdistill.llm.cache import CachedBackend
+    from meshdistill.llm.openai_backend import OpenAIBackend
+
+    backend = CachedBackend(OpenAIBackend(model=BENCH_MODEL, base_url=url, api_key="unused",
+                                          max_concurrency=CAP), engine)
+    gate = asyncio.Semaphore(in_flight)
+
+    async def one(group: list[Any]) -> None:
+        async with gate:
+            await complete_all(backend, group)
+
+    async with backend:
+        await asyncio.gather(*(one(g) for g in groups))
+
+
+def clear_llm_cache(engine: Any, model: str) -> None:
+    with engine.begin() as conn:
+        conn.execute(text("DELETE FROM llm_call WHERE model = :m"), {"m": model})
 
 
 def reset_model(engine: Any, model: str) -> None:
@@ -561,6 +609,14 @@ def part1(url: str, args: argparse.Namespace) -> bool:
             bs = server.call("stats")
             b_cpu = bs["cpu"] - ps["cpu"]
 
+            clear_llm_cache(engine, BENCH_MODEL)
+            server.call("reset")
+            lm = Measure()
+            asyncio.run(measured(llm_layer(server.url, engine, timings.groups,
+                                           settings.articles_in_flight), lm))
+            ls = server.call("stats")
+            l_rate = ls["n"] / lm.wall
+
             n = ps["n"]
             p_whole = n / pm.wall
             pre = timings.prepare + timings.first_read
@@ -582,6 +638,7 @@ def part1(url: str, args: argparse.Namespace) -> bool:
                 ("pipeline, server window first→last", n, p_span, p_win),
                 ("bare SDK loop, same bodies", bs["n"], bm.wall, b_rate),
                 ("bare SDK loop, server window", bs["n"], b_span, b_win),
+                ("LLM layer (CachedBackend+OpenAIBackend)", ls["n"], lm.wall, l_rate),
             ]
             for label, count, secs, rate in rows:
                 print(f"{label:44}{count:9d}{secs:9.2f}{rate:8.0f}{rate / b_rate:9.1%}")
@@ -600,6 +657,17 @@ def part1(url: str, args: argparse.Namespace) -> bool:
                   f"pipeline {b_ms / p_ms:.0%}: the rate ratio to expect when the client is "
                   f"CPU-bound); one core for the event-loop thread alone caps the pipeline "
                   f"at {n / pm.loop_cpu:.0f} req/s, the bare loop at {bs['n'] / bm.loop_cpu:.0f}")
+            l_ms = 1e3 * lm.proc_cpu / max(ls["n"], 1)
+            print(f"3-way: pipeline {p_llm:.0f} req/s ({ratio:.1%} of bare), LLM layer "
+                  f"{l_rate:.0f} req/s ({l_rate / b_rate:.1%} of bare; {len(timings.groups)} "
+                  f"complete_all groups, {sum(map(len, timings.groups))} requests, server "
+                  f"max in flight {ls['max_in_flight']}), bare {b_rate:.0f} req/s; pipeline / "
+                  f"LLM layer {p_llm / l_rate:.1%}")
+            print(f"3-way client CPU per request: pipeline {p_ms:.2f} ms (loop "
+                  f"{1e3 * pm.loop_cpu / n:.2f}), LLM layer {l_ms:.2f} ms (loop "
+                  f"{1e3 * lm.loop_cpu / max(ls['n'], 1):.2f}), bare {b_ms:.2f} ms (loop "
+                  f"{1e3 * bm.loop_cpu / bs['n']:.2f}): our LLM stack adds {l_ms - b_ms:.2f} "
+                  f"ms over the SDK, distillation's own work {p_ms - l_ms:.2f} ms")
             print(f"server process CPU: pipeline {p_cpu:.2f} s ({p_cpu / pm.wall:.0%}), bare "
                   f"{b_cpu:.2f} s ({b_cpu / bm.wall:.0%}); machine busy: pipeline "
                   f"{pm.machine_busy:.0%}, bare {bm.machine_busy:.0%} of 2 cores")
@@ -637,7 +705,8 @@ def part1(url: str, args: argparse.Namespace) -> bool:
                     40)
                 print("cProfile (by cumulative, meshdistill and schema/transform only):")
                 print("\n".join(out.getvalue().splitlines()[:60]))
-            capped = ps["max_in_flight"] <= CAP and bs["max_in_flight"] <= CAP
+            capped = (ps["max_in_flight"] <= CAP and bs["max_in_flight"] <= CAP
+                      and ls["max_in_flight"] <= CAP)
             verdict = "PASS" if ratio >= args.target and capped else "FAIL"
             if args.profile:
                 verdict += " (profiled run: the rate is not representative)"

@@ -15,9 +15,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 from sqlalchemy import Connection, text
 
+from meshdistill.distill.candidates import normalize
 from meshdistill.distill.grade import Headings
 from meshdistill.llm.inputs import ArticleInput, MeshHeading, Passage
 
@@ -78,6 +80,12 @@ class ArticleRecord:
     def mesh(self) -> Headings:
         return Headings(tuple(ui for ui, _, _ in self.headings),
                         frozenset(ui for ui, _, major in self.headings if major))
+
+    @cached_property
+    def normalized_text(self) -> str:
+        """``normalize(f"{title} {abstract}")``, computed once per record: the text quoted
+        evidence is checked against (the question's, and every answer citing it)."""
+        return normalize(f"{self.title} {self.abstract}")
 
     def passage(self) -> Passage:
         return Passage(str(self.pmid), self.title, self.abstract)

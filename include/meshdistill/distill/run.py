@@ -188,7 +188,7 @@ class SubtreeDistiller:
                 c = Candidate(profile, ordinal, question,
                               prompt_versions=dict(slot.prompt_versions),
                               llm_params=dict(slot.llm_params))
-                if not evidence_in(question.evidence, f"{record.title} {record.abstract}"):
+                if not evidence_in(question.evidence, record.normalized_text, normalized=True):
                     c.end("rejected", "generate", reason="evidence not found in the source")
                 candidates.append(c)
         live = [c for c in candidates if c.live]
@@ -268,9 +268,8 @@ class SubtreeDistiller:
                 continue
             assert result.output is not None and c.question is not None
             c.answer = result.output
-            texts = {x.pmid: f"{self._articles[x.pmid].title} {self._articles[x.pmid].abstract}"
-                     for x in c.contexts}
-            problems = answer_problems(result.output, c.question, texts)
+            texts = {x.pmid: self._articles[x.pmid].normalized_text for x in c.contexts}
+            problems = answer_problems(result.output, c.question, texts, normalized=True)
             if problems:
                 c.end("rejected", "answer", reason="; ".join(problems))
             else:

@@ -65,8 +65,13 @@ class LLMParams:
         return {"temperature": self.temperature, "max_tokens": self.max_tokens, "seed": self.seed}
 
 
+# One encoder for every call: json.dumps with non-default options builds a new encoder
+# per call. Same options, so the same text.
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
 def _canonical(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return _CANONICAL.encode(value)
 
 
 def cache_key(

@@ -133,10 +133,15 @@ class TreeIndex:
         gb = self._prefix_groups(b)
         if not ga or not gb:
             return 0.0
+        if len(ga) > len(gb):  # walk the smaller side (the maximum is order-free)
+            ga, gb = gb, ga
         best = 0.0
-        for top in ga.keys() & gb.keys():
-            for pt, dt in ga[top]:
-                for pu, du in gb[top]:
+        for top, group_a in ga.items():
+            group_b = gb.get(top)
+            if group_b is None:
+                continue
+            for pt, dt in group_a:
+                for pu, du in group_b:
                     # = _parts_similarity(t, u): the same integers, so the same float
                     s = 2.0 * len(pt & pu) / (dt + du)
                     if s > best:
