@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import Engine
 
 from meshdistill.distill.candidates import (
+    STAGES,
     Candidate,
     ContextChoice,
     answer_problems,
@@ -351,6 +352,13 @@ class SubtreeDistiller:
             self.subtree, "done: " if final else "", self.stats.articles, total,
             self.stats.candidates, st["accepted"], st["rejected"], st["failed"],
             st["deferred"], self.stats.articles / elapsed, self.stats.candidates / elapsed)
+        if final:
+            stages = self.stats.stages
+            log.info("%s: candidates entering each stage: %s", self.subtree,
+                     ", ".join(f"{k} {stages[k]}" for k in STAGES if k in stages))
+            if self.stats.reasons:
+                log.info("%s: rejected/failed by reason: %s", self.subtree, "; ".join(
+                    f"{k} {n}" for k, n in self.stats.reasons.most_common()))
 
     def _summary(self, pmids: list[int], seconds: float) -> dict[str, Any]:
         with self.engine.connect() as conn:
