@@ -140,3 +140,22 @@ def test_sentences_are_substrings() -> None:
     sentences = split_sentences(text)
     assert len(sentences) >= 3
     assert all(s in text for s in sentences)
+
+
+@pytest.mark.parametrize("profile", ["domain", "general"])
+def test_yesno_questions_come_from_findings_not_aims(profile: str) -> None:
+    """An aim or method sentence ("To assess ...") makes no yes/no question while a
+    finding is left; an abstract made only of aims still gets its question."""
+    abstract = ("OBJECTIVE: To assess whether tamoxifen lowers breast neoplasm recurrence. "
+                "We investigated 400 women with breast neoplasms. "
+                "Tamoxifen reduced breast neoplasm recurrence by 40% over five years.")
+    article = ArticleInput("1", "Tamoxifen and breast neoplasms", abstract,
+                           mesh=(MeshHeading("Breast Neoplasms", True),))
+    inp = GenerateInput(article, profile, n_questions=1, types=(QuestionType.YESNO,))
+    [question] = run(generate_request(inp)).output.questions  # type: ignore[union-attr]
+    assert question.evidence.startswith("Tamoxifen reduced")
+    only_aims = ArticleInput("2", "T", "To assess something about breast neoplasms here. "
+                             "We examined many patients with breast neoplasms.")
+    [fallback] = run(generate_request(GenerateInput(only_aims, profile, 1, (QuestionType.YESNO,)))
+                     ).output.questions  # type: ignore[union-attr]
+    assert fallback.evidence in only_aims.abstract

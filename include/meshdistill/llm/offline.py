@@ -56,6 +56,12 @@ _UNSAFE = re.compile(
     r"\b(lethal dose|overdose|suicide method|how to (?:make|synthesi[sz]e)|weapon|bioweapon"
     r"|poison(?:ing)? someone)\b", re.I,
 )
+# Sentences that state an aim or a method, not a finding: "To assess ...", "The aim of this
+# study was ...", "We investigated ...". A yes/no question built from them asks nothing.
+_NOT_A_CLAIM = re.compile(
+    r"^(?:[A-Z][A-Z /&]{2,40}:\s*)?(?:to\s|the\s(?:aim|purpose|objective|goal)s?\b|"
+    r"(?:this|the present|our)\s(?:study|trial|review|paper)\s(?:aim|was designed|sought)|"
+    r"we\s(?:aimed|sought|investigated|examined|evaluated|assessed|studied)\b)", re.I)
 _DANGLING = re.compile(r"\b(this study|the authors|the abstract|this article|this paper)\b", re.I)
 
 
@@ -143,16 +149,20 @@ class OfflineBackend:
 # -- generate ------------------------------------------------------------------------------
 
 
+def _is_claim(sentence: str) -> bool:
+    return not _NOT_A_CLAIM.match(sentence)
+
+
 def _rank_domain(sentences: Sequence[str], article: ArticleInput) -> list[int]:
-    scores = [(_mesh_overlap(s, article), -i) for i, s in enumerate(sentences)]
-    return [-neg for _, neg in sorted(scores, reverse=True)]
+    scores = [(_is_claim(s), _mesh_overlap(s, article), -i) for i, s in enumerate(sentences)]
+    return [-neg for *_, neg in sorted(scores, reverse=True)]
 
 
 def _rank_general(sentences: Sequence[str]) -> list[int]:
-    def score(i: int) -> tuple[int, int]:
+    def score(i: int) -> tuple[bool, int, int]:
         low = sentences[i].lower()
         cues = sum(c in low for c in _RESULT_CUES) + 2 * sum(c in low for c in _CONCLUSION_CUES)
-        return cues, i  # later sentences (results, conclusions) win ties
+        return _is_claim(sentences[i]), cues, i  # findings first; later sentences win ties
 
     return sorted(range(len(sentences)), key=score, reverse=True)
 
