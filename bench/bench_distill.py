@@ -32,7 +32,7 @@ Database: as ``bench_load.py`` (``MESHDISTILL_DATABASE_URL``, else 127.0.0.1:543
 embedded); a fresh database with MeSH and pubmed20n0014 loaded, dropped at the end.
 
     .venv/bin/python bench/bench_distill.py [--articles 300] [--runs 1] [--target 0.9]
-        [--skip-offline] [--profile]
+        [--processes 2] [--skip-offline] [--profile]
 
 Exit status 1 when the rate target or the in-flight cap is missed.
 """
@@ -299,6 +299,7 @@ class Measure:
     machine_busy: float = 0.0  # share of all cores busy
     lag_ms: list[float] = field(default_factory=list)
     db_cpu: float = 0.0  # PostgreSQL backends of the bench database
+    end: float = 0.0  # time.monotonic() when the measured coroutine ended
 
     @property
     def lag(self) -> str:
@@ -325,6 +326,7 @@ async def measured(coro: Any, m: Measure, lag_probe: bool = True) -> Any:
         return await coro
     finally:
         m.wall = time.perf_counter() - w0
+        m.end = time.monotonic()
         m.proc_cpu = time.process_time() - p0
         m.loop_cpu = time.thread_time() - l0
         b1, t1 = _cpu_total()
@@ -541,6 +543,26 @@ async def llm_layer(url: str, engine: Any, groups: list[list[Any]], in_flight: i
         await asyncio.gather(*(one(g) for g in groups))
 
 
+def run_processes(url: str, engine: Any, settings: Any, run_id: str
+                  ) -> tuple[dict[str, Any], float, float, float]:
+    """The pipeline with ``settings.processes`` worker processes (cap 32 split between
+    them): (summary, monotonic start, monotonic end, CPU seconds of the workers)."""
+    import resource
+
+    from meshdistill.distill.backends import LLMConfig
+    from meshdistill.distill.run import distill_subtree_processes
+
+    config = LLMConfig(backend="openai", base_url=url, model=BENCH_MODEL, api_key="unused",
+                       max_concurrency=CAP)
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)  # workers are waited for
+    t0 = time.monotonic()
+    summary = distill_subtree_processes(engine, SUBTREE, config, settings, run_id)
+    t1 = time.monotonic()
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    return summary, t0, t1, cpu
+
+
 def clear_llm_cache(engine: Any, model: str) -> None:
     with engine.begin() as conn:
         conn.execute(text("DELETE FROM llm_call WHERE model = :m"), {"m": model})
@@ -563,6 +585,7 @@ def drop_fts(engine: Any) -> None:
 
 
 def part1(url: str, args: argparse.Namespace) -> bool:
+    from meshdistill.distill.run import split_evenly
     from meshdistill.distill.settings import DistillSettings
     from meshdistill.store.db import get_engine
 
@@ -616,6 +639,17 @@ def part1(url: str, args: argparse.Namespace) -> bool:
                                            settings.articles_in_flight), lm))
             ls = server.call("stats")
             l_rate = ls["n"] / lm.wall
+
+            m_summary: dict[str, Any] | None = None
+            if args.processes > 1:
+                reset_model(engine, BENCH_MODEL)  # same articles, cold llm_call cache
+                server.call("reset")
+                m_load = os.getloadavg()[0]
+                m_summary, m0, m1, m_cpu = run_processes(
+                    server.url, engine, settings.model_copy(update={"processes":
+                                                                    args.processes}),
+                    f"bench-{uuid.uuid4().hex[:8]}")
+                ms = server.call("stats")
 
             n = ps["n"]
             p_whole = n / pm.wall
@@ -707,6 +741,38 @@ def part1(url: str, args: argparse.Namespace) -> bool:
                 print("\n".join(out.getvalue().splitlines()[:60]))
             capped = (ps["max_in_flight"] <= CAP and bs["max_in_flight"] <= CAP
                       and ls["max_in_flight"] <= CAP)
+            # processes=1, from the server's first request to the end of run(): the figure
+            # comparable to the N-process run's below
+            p_first = n / (pm.end - min(ps["at"])) if ps["at"] else 0.0
+            m_ratio = None
+            if m_summary is not None:
+                mn = ms["n"]
+                m_first = mn / (m1 - min(ms["at"])) if ms["at"] else 0.0
+                m_span, m_win = window_rate(ms["at"])
+                m_ratio = m_first / b_rate
+                capped = capped and ms["max_in_flight"] <= CAP
+                print(f"\n-- processes = {args.processes} (same articles, cold llm_call cache, "
+                      f"cap {CAP} split {'+'.join(map(str, split_evenly(CAP, args.processes)))}"
+                      f"; workers spawned, each builds its own MeSH grader) --")
+                print(f"{m_summary['articles']} articles, {m_summary['candidates']} candidates "
+                      f"(accepted {m_summary['accepted']}, rejected {m_summary['rejected']}, "
+                      f"failed {m_summary['failed']}, deferred {m_summary['deferred']}), "
+                      f"reconciled {m_summary['reconciled']}; {mn} requests (processes=1: {n})")
+                print(f"{'':44}{'requests':>9}{'seconds':>9}{'req/s':>8}{'of bare':>9}")
+                for label, count, secs, rate in [
+                    ("processes=1, first request → end", n, pm.end - min(ps["at"]), p_first),
+                    (f"processes={args.processes}, whole run (spawn, prepare)", mn, m1 - m0,
+                     mn / (m1 - m0)),
+                    (f"processes={args.processes}, first request → end [target]", mn,
+                     m1 - min(ms["at"]), m_first),
+                    (f"processes={args.processes}, server window", mn, m_span, m_win),
+                ]:
+                    print(f"{label:44}{count:9d}{secs:9.2f}{rate:8.0f}{rate / b_rate:9.1%}")
+                print(f"server max in flight: processes={args.processes} "
+                      f"{ms['max_in_flight']} (cap {CAP}); mean server occupancy "
+                      f"{ms['occupancy']:.1f}; workers' CPU {m_cpu:.2f} s = "
+                      f"{1e3 * m_cpu / max(mn, 1):.2f} ms/request (processes=1: "
+                      f"{1e3 * pm.proc_cpu / n:.2f}); load average at start {m_load:.1f}")
             verdict = "PASS" if ratio >= args.target and capped else "FAIL"
             if args.profile:
                 verdict += " (profiled run: the rate is not representative)"
@@ -716,6 +782,12 @@ def part1(url: str, args: argparse.Namespace) -> bool:
                   f"loop's {b_rate:.0f} (target {args.target:.0%}); max in flight "
                   f"{max(ps['max_in_flight'], bs['max_in_flight'])} ≤ {CAP}: "
                   f"{'yes' if capped else 'NO'}: {verdict}")
+            if m_ratio is not None:
+                m_verdict = "PASS" if m_ratio >= args.target and capped else "FAIL"
+                print(f"pipeline with processes={args.processes}: {m_ratio:.1%} of the bare "
+                      f"loop (first request → end; target {args.target:.0%}); max in flight "
+                      f"{ms['max_in_flight']} ≤ {CAP}: {m_verdict}")
+                verdict = m_verdict  # the exit status follows the multi-process figure
             ok = ok and verdict.startswith("PASS")
     finally:
         server.stop()
@@ -802,6 +874,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="part 1: DistillSettings.articles_in_flight")
     ap.add_argument("--offline-articles", type=int, default=None,
                     help="part 2 limit (default: all)")
+    ap.add_argument("--processes", type=int, default=2,
+                    help="part 1: also run the pipeline with this many worker processes "
+                         "(default 2; 1 = one-process run only); the exit status follows it")
     ap.add_argument("--skip-offline", action="store_true")
     ap.add_argument("--skip-rate", action="store_true")
     ap.add_argument("--cold-index", action="store_true",

@@ -60,6 +60,8 @@ rows stored before a task succeeds.
   backend's default).
 - `thresholds`: the judge's minimum 1–5 score per criterion ({", ".join(JUDGE_CRITERIA)});
   `min_hierarchy`: the minimum MeSH-hierarchy score (0–1).
+- `processes` (default {DEFAULTS.processes}): processes > 1 uses that many worker
+  processes per task; the in-flight cap is shared (split evenly, as is the budget).
 - `budget_usd`, `budget_tokens`: a cap for the whole run, **split evenly over the
   subtrees** (each mapped task gets budget / number of subtrees). When a task reaches its
   share, its remaining candidates are stored as `deferred` and the next run finishes
@@ -103,6 +105,7 @@ def _settings(params: dict[str, Any]) -> dict[str, Any]:
         "question_types": params["question_types"],
         "thresholds": params["thresholds"],
         "min_hierarchy": params["min_hierarchy"],
+        "processes": params["processes"],
     }
 
 
@@ -147,6 +150,9 @@ def _share(total: float | None, parts: int, *, whole: bool = False) -> Any:
             description="judge: minimum 1-5 score per criterion to accept"),
         "min_hierarchy": Param(DEFAULTS.min_hierarchy, type="number", minimum=0, maximum=1,
                                description="minimum MeSH-hierarchy score to keep a candidate"),
+        "processes": Param(DEFAULTS.processes, type="integer", minimum=1, maximum=16,
+                           description="worker processes per distill task; the in-flight "
+                                       "cap is shared"),
         "budget_usd": Param(None, type=["null", "number"], minimum=0,
                             description="cap for the whole run, split evenly over subtrees"),
         "budget_tokens": Param(None, type=["null", "integer"], minimum=1,

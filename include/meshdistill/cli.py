@@ -193,7 +193,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
     subtrees = validate_subtrees(args.subtree)
     run_id = args.run_id or f"cli-{time.strftime('%Y%m%dT%H%M%S')}"
-    settings: dict[str, Any] = {"max_articles": args.limit, "redo": args.redo}
+    settings: dict[str, Any] = {"max_articles": args.limit, "redo": args.redo,
+                                "processes": args.processes}
     if args.questions is not None:
         settings["questions_per_article"] = args.questions
     if args.types:
@@ -368,6 +369,9 @@ def build_parser() -> argparse.ArgumentParser:
     di.add_argument("--base-url", help="OpenAI-compatible endpoint (or OPENAI_BASE_URL)")
     di.add_argument("--model", help="model name (or MESHDISTILL_LLM_MODEL)")
     di.add_argument("--concurrency", type=int, help="requests in flight (default 32)")
+    di.add_argument("--processes", type=int, default=1,
+                    help="worker processes per subtree (default 1); the --concurrency cap "
+                         "and the budget are split evenly between them")
     di.add_argument("--budget-usd", type=float, help="stop calling the LLM past this cost")
     di.add_argument("--budget-tokens", type=int, help="stop calling the LLM past these tokens")
     di.add_argument("--run-id", help="name of the run (rerunning it makes no new calls)")

@@ -147,13 +147,15 @@ def distill_subtree(
     value is a :class:`ConfigError`, which no retry can fix); ``llm`` picks the backend
     (offline unless configured otherwise). When the budget runs out, the rest of the
     subtree's candidates are stored as ``deferred`` and the next run continues them.
+    With ``processes > 1`` that many worker processes share the articles, the LLM
+    concurrency cap and the budget (each split evenly).
     """
     import asyncio
 
     from pydantic import ValidationError
 
     from meshdistill.distill.backends import cached_backend
-    from meshdistill.distill.run import distill_subtree_async
+    from meshdistill.distill.run import distill_subtree_async, distill_subtree_processes
     from meshdistill.distill.settings import DistillSettings
 
     try:
@@ -168,7 +170,12 @@ def distill_subtree(
         async with backend:
             return await distill_subtree_async(engine, prefix, backend, validated, run_id)
 
-    summary = asyncio.run(run())
+    if validated.processes > 1:  # the cap and the budget are split between the workers
+        summary = distill_subtree_processes(engine, prefix, llm or LLMConfig(), validated,
+                                            run_id, budget_usd=budget_usd,
+                                            budget_tokens=budget_tokens)
+    else:
+        summary = asyncio.run(run())
     if summary["deferred"]:
         log.warning("%s: budget reached; %d candidates deferred to the next run",
                     prefix, summary["deferred"])

@@ -102,8 +102,9 @@ def test_distill_params_match_the_pipeline_defaults_and_validate(dagbag: DagBag)
     defaults = DistillSettings()
     assert set(dag.params) == {
         "subtrees", "max_articles", "questions_per_article", "question_types", "backend",
-        "model", "thresholds", "min_hierarchy", "budget_usd", "budget_tokens"}
+        "model", "thresholds", "min_hierarchy", "budget_usd", "budget_tokens", "processes"}
     assert dag.params["subtrees"] == ["C04"]
+    assert dag.params["processes"] == defaults.processes
     assert dag.params["max_articles"] == defaults.max_articles
     assert dag.params["questions_per_article"] == defaults.questions_per_article
     assert dag.params["thresholds"] == defaults.thresholds.model_dump()

@@ -102,34 +102,55 @@ class SubtreeDistiller:
         self._headings: dict[int, Headings] = {}  # ArticleRecord.mesh builds a new one per call
         self._embedder: OpenAIEmbedder | None = None
         self.stats = RunStats()
+        self.label = subtree  # "C04 [worker 1/2]" in a multi-process run's workers
         self.ident = RunIdentity(subtree, backend.model, backend.name, run_id,
                                  settings.item_params())
 
     # -- database (worker threads) ------------------------------------------------------
 
-    def _prepare(self) -> list[int]:
+    def _prepare(self, given: Sequence[int] | None = None, *, grade: bool = True) -> list[int]:
+        """Subtree facts, the grader and the embedder; the source selection (after the
+        index refresh) unless ``given`` (a worker of a multi-process run gets its share).
+        ``grade=False``: selection only (the parent of a multi-process run grades nothing).
+        """
         with self.engine.begin() as conn:
             info = get_subtree(conn, self.subtree)
             uis = subtree_descriptor_uis(conn, self.subtree)
-            refreshed = refresh_index(conn)
-            if self._grader is None:
+            refreshed = refresh_index(conn) if given is None else None
+            if self._grader is None and grade:
                 self._grader = MeshGrader.for_release(
                     conn, blend_weight=self.settings.blend_weight)
-            pmids = select_sources(conn, self.subtree, uis, self.backend.model, self.run_id,
-                                   self.settings.max_articles, redo=self.settings.redo)
+            pmids = list(given) if given is not None else select_sources(
+                conn, self.subtree, uis, self.backend.model, self.run_id,
+                self.settings.max_articles, redo=self.settings.redo)
         self._ancestry = [*info.ancestry, info.name or self.subtree]
         self._scope_note = info.scope_note
         self._uis = uis if self.settings.contexts_in_subtree else None
-        log.info("%s (%s): %d source articles to distill; retrieval index +%d/-%d",
-                 self.subtree, info.name, len(pmids), refreshed["added"], refreshed["removed"])
+        if refreshed is not None:
+            log.info("%s (%s): %d source articles to distill; retrieval index +%d/-%d",
+                     self.subtree, info.name, len(pmids), refreshed["added"],
+                     refreshed["removed"])
+        else:
+            log.info("%s: %d source articles to distill", self.label, len(pmids))
         if self.settings.retrieval == "vector":
             from meshdistill.distill.vector import OpenAIEmbedder, refresh_embeddings
 
-            self._embedder = OpenAIEmbedder()  # endpoint and model from the environment
-            with self.engine.connect() as conn:  # commits per batch: paid work survives
-                embedded = refresh_embeddings(conn, self._embedder)
-            log.info("%s: embeddings +%d/-%d", self.subtree, embedded["added"],
-                     embedded["removed"])
+            if given is None:
+                embedder = OpenAIEmbedder()  # endpoint and model from the environment
+                try:
+                    with self.engine.connect() as conn:  # commits per batch: paid work survives
+                        embedded = refresh_embeddings(conn, embedder)
+                except BaseException:
+                    embedder.close()
+                    raise
+                log.info("%s: embeddings +%d/-%d", self.subtree, embedded["added"],
+                         embedded["removed"])
+                if grade:
+                    self._embedder = embedder
+                else:
+                    embedder.close()
+            elif grade:
+                self._embedder = OpenAIEmbedder()
         return pmids
 
     def _records(self, pmids: Sequence[int]) -> dict[int, ArticleRecord]:
@@ -303,45 +324,59 @@ class SubtreeDistiller:
     # -- the run ------------------------------------------------------------------------
 
     async def run(self) -> dict[str, Any]:
+        """Select, distill, flush and reconcile (one process)."""
         started = time.perf_counter()
         pmids = await asyncio.to_thread(self._prepare)
-        records = await asyncio.to_thread(self._records, pmids)
-        gone = [p for p in pmids if p not in records]
-        if gone:  # deleted between the selection and the read; nothing to distill
-            log.warning("%s: %d selected articles vanished before reading", self.subtree,
-                        len(gone))
-        gate = asyncio.Semaphore(self.settings.articles_in_flight)
-        pending: list[ArticleOutcome] = []
-        written = 0
+        read = await self._process(pmids, started)
+        summary = self._summary(read, time.perf_counter() - started)
+        self._progress(len(read), started, final=True)
+        return summary
 
-        async def one(record: ArticleRecord) -> ArticleOutcome:
-            async with gate:
-                return await self._article(record)
+    async def run_pmids(self, pmids: Sequence[int]) -> list[int]:
+        """Distill and flush exactly these source articles, without selecting or
+        reconciling (a worker of :func:`distill_subtree_processes`); the articles read."""
+        started = time.perf_counter()
+        await asyncio.to_thread(self._prepare, pmids)
+        read = await self._process(pmids, started)
+        self._progress(len(read), started, final=True)
+        return read
 
-        tasks = [asyncio.ensure_future(one(records[p])) for p in pmids if p in records]
+    async def _process(self, pmids: Sequence[int], started: float) -> list[int]:
+        """The stages over ``pmids``, ``articles_in_flight`` at a time, flushed every
+        ``flush_every``; returns the articles actually read (the rest vanished)."""
         try:
-            for next_done in asyncio.as_completed(tasks):
-                outcome = await next_done
-                self.stats.add(outcome)
-                pending.append(outcome)
-                if len(pending) >= self.settings.flush_every:
+            records = await asyncio.to_thread(self._records, pmids)
+            gone = [p for p in pmids if p not in records]
+            if gone:  # deleted between the selection and the read; nothing to distill
+                log.warning("%s: %d selected articles vanished before reading", self.label,
+                            len(gone))
+            gate = asyncio.Semaphore(self.settings.articles_in_flight)
+            pending: list[ArticleOutcome] = []
+
+            async def one(record: ArticleRecord) -> ArticleOutcome:
+                async with gate:
+                    return await self._article(record)
+
+            tasks = [asyncio.ensure_future(one(records[p])) for p in pmids if p in records]
+            try:
+                for next_done in asyncio.as_completed(tasks):
+                    outcome = await next_done
+                    self.stats.add(outcome)
+                    pending.append(outcome)
+                    if len(pending) >= self.settings.flush_every:
+                        await asyncio.to_thread(self._flush, pending)
+                        pending = []
+                        self._progress(len(tasks), started)
+                if pending:
                     await asyncio.to_thread(self._flush, pending)
-                    written += len(pending)
-                    pending = []
-                    self._progress(len(tasks), started)
-            if pending:
-                await asyncio.to_thread(self._flush, pending)
-                written += len(pending)
-        except BaseException:
-            for t in tasks:
-                t.cancel()
-            raise
+            except BaseException:
+                for t in tasks:
+                    t.cancel()
+                raise
         finally:
             if self._embedder is not None:
                 self._embedder.close()
-        summary = self._summary(list(records), time.perf_counter() - started)
-        self._progress(len(tasks), started, final=True)
-        return summary
+        return list(records)
 
     def _progress(self, total: int, started: float, final: bool = False) -> None:
         elapsed = max(time.perf_counter() - started, 1e-9)
@@ -349,25 +384,27 @@ class SubtreeDistiller:
         log.info(
             "%s: %s%d/%d articles, %d candidates (accepted %d, rejected %d, failed %d, "
             "deferred %d), %.1f articles/s, %.1f candidates/s",
-            self.subtree, "done: " if final else "", self.stats.articles, total,
+            self.label, "done: " if final else "", self.stats.articles, total,
             self.stats.candidates, st["accepted"], st["rejected"], st["failed"],
             st["deferred"], self.stats.articles / elapsed, self.stats.candidates / elapsed)
         if final:
             stages = self.stats.stages
-            log.info("%s: candidates entering each stage: %s", self.subtree,
+            log.info("%s: candidates entering each stage: %s", self.label,
                      ", ".join(f"{k} {stages[k]}" for k in STAGES if k in stages))
             if self.stats.reasons:
-                log.info("%s: rejected/failed by reason: %s", self.subtree, "; ".join(
+                log.info("%s: rejected/failed by reason: %s", self.label, "; ".join(
                     f"{k} {n}" for k, n in self.stats.reasons.most_common()))
 
-    def _summary(self, pmids: list[int], seconds: float) -> dict[str, Any]:
+    def _summary(self, pmids: list[int], seconds: float, *,
+                 llm: dict[str, Any] | None = None,
+                 budget: dict[str, Any] | None = None) -> dict[str, Any]:
         with self.engine.connect() as conn:
             stored = state_counts(conn, self.subtree, self.backend.model, pmids)
         counted = {k: self.stats.states[k] for k in stored}
         if stored != counted:
             raise RuntimeError(
                 f"{self.subtree}: counts do not reconcile: stored {stored}, counted {counted}")
-        stats = getattr(self.backend, "stats", None)
+        stats = llm if llm is not None else getattr(self.backend, "stats", None)
         summary: dict[str, Any] = {
             "subtree": self.subtree, "run_id": self.run_id, "backend": self.backend.name,
             "model": self.backend.model, "articles": self.stats.articles,
@@ -380,9 +417,11 @@ class SubtreeDistiller:
         }
         if isinstance(stats, dict):
             summary["llm"] = dict(stats)
-        budget = getattr(self.backend, "budget", None)
+        if budget is None:
+            own = getattr(self.backend, "budget", None)
+            budget = own.snapshot() if own is not None else None
         if budget is not None:
-            summary["budget"] = budget.snapshot()
+            summary["budget"] = budget
         return summary
 
 
@@ -391,3 +430,162 @@ async def distill_subtree_async(engine: Engine, subtree: str, backend: LLMBacken
                                 grader: MeshGrader | None = None) -> dict[str, Any]:
     """Run one subtree (see :class:`SubtreeDistiller`); the summary is JSON-serialisable."""
     return await SubtreeDistiller(engine, subtree, backend, settings, run_id, grader).run()
+
+
+# -- several processes -----------------------------------------------------------------------
+#
+# One event loop is GIL-bound at about 2.6–2.8 ms of CPU per LLM request (see
+# bench/README.md), so with ``processes > 1`` the parent selects the sources once, deals
+# them round-robin to that many spawned worker processes and reconciles the lot; each
+# worker runs :meth:`SubtreeDistiller.run_pmids` with its own engine and backend. The LLM
+# concurrency cap and the budget are split evenly between the workers, so neither total is
+# ever exceeded (a worker whose budget share is spent defers its remaining candidates even
+# if another still has some left: the next run picks them up). Workers log through a queue
+# into the parent's loggers. A failed worker fails the run with its error once every worker
+# has ended; what the others (and it) flushed before stays committed, as with one process.
+
+
+def split_evenly(total: int, parts: int) -> list[int]:
+    """``total`` in ``parts`` shares differing by at most one (32, 3 -> 11, 11, 10)."""
+    return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
+
+
+def _worker_logging(queue: Any, level: int) -> None:
+    import logging.handlers
+
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    root.addHandler(logging.handlers.QueueHandler(queue))
+    root.setLevel(level)
+
+
+def _worker(database_url: str, subtree: str, llm: Any, settings: DistillSettings,
+            run_id: str, pmids: list[int], concurrency: int, budget_usd: float | None,
+            budget_tokens: int | None, label: str) -> dict[str, Any]:
+    """One worker process's share (module level: pickled by reference under spawn)."""
+    from dataclasses import replace
+
+    from meshdistill.distill.backends import cached_backend
+    from meshdistill.store.db import get_engine
+
+    engine = get_engine(database_url)
+
+    async def go() -> dict[str, Any]:
+        async with cached_backend(replace(llm, max_concurrency=concurrency), engine,
+                                  budget_usd=budget_usd, budget_tokens=budget_tokens
+                                  ) as backend:
+            distiller = SubtreeDistiller(engine, subtree, backend, settings, run_id)
+            distiller.label = label
+            read = await distiller.run_pmids(pmids)
+            budget = getattr(backend, "budget", None)
+            st = distiller.stats
+            return {"read": read, "articles": st.articles, "stages": dict(st.stages),
+                    "states": dict(st.states), "reasons": dict(st.reasons),
+                    "pairs": st.pairs, "llm": dict(backend.stats),
+                    "budget": budget.snapshot() if budget is not None else None}
+
+    try:
+        return asyncio.run(go())
+    except BaseException:
+        log.exception("%s failed", label)
+        raise
+    finally:
+        engine.dispose()
+
+
+def _merge_budgets(snapshots: list[dict[str, Any]]) -> dict[str, Any] | None:
+    if not snapshots:
+        return None
+
+    def total(key: str) -> Any:
+        values = [s[key] for s in snapshots]
+        return None if any(v is None for v in values) else sum(values)
+
+    merged = {k: total(k) for k in ("limit_usd", "limit_tokens", "spent_usd",
+                                    "spent_tokens", "calls", "deferred")}
+    if merged["spent_usd"] is not None:
+        merged["spent_usd"] = round(merged["spent_usd"], 6)
+    merged["exhausted"] = any(s["exhausted"] for s in snapshots)
+    return merged
+
+
+def distill_subtree_processes(engine: Engine, subtree: str, llm: Any,
+                              settings: DistillSettings, run_id: str, *,
+                              budget_usd: float | None = None,
+                              budget_tokens: int | None = None) -> dict[str, Any]:
+    """Run one subtree over ``settings.processes`` worker processes (see above).
+
+    ``llm`` is the :class:`~meshdistill.distill.backends.LLMConfig`; its
+    ``max_concurrency`` (default 32) is the cap shared by all workers. The summary has the
+    same keys as a one-process run's.
+    """
+    import concurrent.futures
+    import logging.handlers
+    import multiprocessing
+
+    from meshdistill.distill.backends import make_backend
+
+    started = time.perf_counter()
+    backend = make_backend(llm)  # name and model only (no client until a call)
+    parent = SubtreeDistiller(engine, subtree, backend, settings, run_id)
+    pmids = parent._prepare(grade=False)
+    cap = llm.max_concurrency or 32
+    n = min(settings.processes, cap, len(pmids))  # no idle workers; at least 1 call each
+    if not n:
+        summary = parent._summary([], time.perf_counter() - started, llm={})
+        summary["processes"] = 0
+        return summary
+    shares = [pmids[i::n] for i in range(n)]
+    caps = split_evenly(cap, n)
+    usd = None if budget_usd is None else budget_usd / n
+    tokens = None if budget_tokens is None else split_evenly(budget_tokens, n)
+    url = engine.url.render_as_string(hide_password=False)  # never logged
+    log.info("%s: %d source articles over %d worker processes (LLM cap %s, budget %s each)",
+             subtree, len(pmids), n, "+".join(map(str, caps)),
+             "unlimited" if usd is None and tokens is None else
+             f"usd {usd}, tokens {tokens}")
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+
+    class _ToLogger(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            logging.getLogger(record.name).handle(record)
+
+    listener = logging.handlers.QueueListener(queue, _ToLogger())
+    listener.start()
+    results: list[dict[str, Any]] = []
+    error: BaseException | None = None
+    try:
+        with concurrent.futures.ProcessPoolExecutor(
+                max_workers=n, mp_context=ctx, initializer=_worker_logging,
+                initargs=(queue, logging.getLogger().getEffectiveLevel())) as pool:
+            futures = [pool.submit(_worker, url, subtree, llm, settings, run_id, shares[i],
+                                   caps[i], usd, tokens[i] if tokens else None,
+                                   f"{subtree} [worker {i + 1}/{n}]") for i in range(n)]
+            for future in futures:  # every worker ends (keeping its flushes) before a raise
+                try:
+                    results.append(future.result())
+                except BaseException as exc:
+                    error = error or exc
+    finally:
+        listener.stop()
+        queue.close()
+    if error is not None:
+        raise error
+    stats = parent.stats
+    llm_stats: Counter[str] = Counter()
+    for r in results:
+        stats.articles += r["articles"]
+        stats.stages.update(r["stages"])
+        stats.states.update(r["states"])
+        stats.reasons.update(r["reasons"])
+        stats.pairs += r["pairs"]
+        llm_stats.update(r["llm"])
+    read = [p for r in results for p in r["read"]]
+    summary = parent._summary(
+        read, time.perf_counter() - started, llm=dict(llm_stats),
+        budget=_merge_budgets([r["budget"] for r in results if r["budget"] is not None]))
+    summary["processes"] = n
+    parent._progress(len(read), started, final=True)
+    return summary

@@ -62,6 +62,9 @@ class DistillSettings(BaseModel):
     articles_in_flight: int = Field(default=64, ge=1, le=1024,
                                     description="articles processed concurrently")
     flush_every: int = Field(default=100, ge=1, description="articles per database commit")
+    processes: int = Field(
+        default=1, ge=1, le=16, description="worker processes per subtree run; the LLM "
+        "concurrency cap and the budget are split evenly between them")
 
     @field_validator("question_types")
     @classmethod
@@ -81,4 +84,5 @@ class DistillSettings(BaseModel):
     def item_params(self) -> dict[str, Any]:
         """What is stored with each item (run mechanics such as concurrency left out)."""
         return self.model_dump(mode="json", exclude={"redo", "articles_in_flight",
-                                                     "flush_every", "max_articles"})
+                                                     "flush_every", "max_articles",
+                                                     "processes"})
