@@ -550,7 +550,7 @@ def run_processes(url: str, engine: Any, settings: Any, run_id: str
     import resource
 
     from meshdistill.distill.backends import LLMConfig
-    from meshdistill.distill.run import distill_subtree_processes
+    from meshdistill.distill.workers import distill_subtree_processes
 
     config = LLMConfig(backend="openai", base_url=url, model=BENCH_MODEL, api_key="unused",
                        max_concurrency=CAP)
@@ -585,8 +585,8 @@ def drop_fts(engine: Any) -> None:
 
 
 def part1(url: str, args: argparse.Namespace) -> bool:
-    from meshdistill.distill.run import split_evenly
     from meshdistill.distill.settings import DistillSettings
+    from meshdistill.distill.workers import split_evenly
     from meshdistill.store.db import get_engine
 
     engine = get_engine(url)

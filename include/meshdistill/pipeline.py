@@ -155,8 +155,9 @@ def distill_subtree(
     from pydantic import ValidationError
 
     from meshdistill.distill.backends import cached_backend
-    from meshdistill.distill.run import distill_subtree_async, distill_subtree_processes
+    from meshdistill.distill.run import distill_subtree_async
     from meshdistill.distill.settings import DistillSettings
+    from meshdistill.distill.workers import distill_subtree_processes
 
     try:
         validated = DistillSettings.model_validate(dict(settings or {}))

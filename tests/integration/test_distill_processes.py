@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 from meshdistill.distill.backends import LLMConfig
-from meshdistill.distill.run import split_evenly
+from meshdistill.distill.workers import split_evenly
 from meshdistill.pipeline import distill_subtree
 from meshdistill.pubmed.load import load_records
 from meshdistill.pubmed.parser import iter_records
