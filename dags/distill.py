@@ -9,6 +9,7 @@ import pendulum
 from airflow.sdk import Param, dag, get_current_context, task, task_group
 from meshdistill import pipeline
 from meshdistill.distill.backends import BACKENDS, LLMConfig
+from meshdistill.distill.candidates import TERMINAL
 from meshdistill.distill.settings import JUDGE_CRITERIA, DistillSettings, JudgeThresholds
 from meshdistill.llm.schemas import QuestionType
 from meshdistill_airflow import (
@@ -27,7 +28,7 @@ log = logging.getLogger(__name__)
 
 DEFAULTS = DistillSettings()
 THRESHOLDS = JudgeThresholds()
-STATES = ("accepted", "rejected", "failed", "deferred")
+STATES = TERMINAL  # accepted, rejected, failed, deferred
 
 DOC = f"""
 ### distill

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from meshdistill.config import data_dir
+from meshdistill.distill.candidates import TERMINAL
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO_SUBTREES = ["C04", "C14", "C10", "C06"]
@@ -27,7 +28,6 @@ DEMO_SUBTREES = ["C04", "C14", "C10", "C06"]
 # quick; retrieval and grading set the pace), so the demo stays within a few minutes.
 DISTILL_SUBTREES = ["C04", "C14"]
 DISTILL_ARTICLES = 10
-STATES = ("accepted", "rejected", "failed", "deferred")
 # The DAGs' pools (as meshdistill_airflow.POOLS and docker-compose's airflow-init make them).
 POOLS = {
     "ncbi": {"slots": 2, "description": "NCBI E-utilities: concurrent pubmed_ingest tasks"},
@@ -131,11 +131,11 @@ def main() -> int:
     print(f"  distill    offline backend, up to {DISTILL_ARTICLES} new articles per subtree; "
           f"{distilled['new_llm_calls']} new LLM calls stored in the cache")
     print(f"    {'subtree':<8}{'articles':>9}{'candidates':>11}" + "".join(
-        f"{s:>10}" for s in STATES) + f"{'pairs':>7}")
+        f"{s:>10}" for s in TERMINAL) + f"{'pairs':>7}")
     for prefix in DISTILL_SUBTREES:
         row = distilled["subtrees"].get(prefix, {})
         print(f"    {prefix:<8}{row.get('articles', 0):>9}{row.get('candidates', 0):>11}"
-              + "".join(f"{row.get(s, 0):>10}" for s in STATES)
+              + "".join(f"{row.get(s, 0):>10}" for s in TERMINAL)
               + f"{row.get('pairs', 0):>7}")
     q = data["qa"]
     print(f"    in the database: {q['accepted']} accepted, {q['rejected']} rejected, "

@@ -76,8 +76,10 @@ class ArticleRecord:
     abstract: str
     headings: tuple[tuple[str, str, bool], ...]  # (ui, name, major)
 
-    @property
+    @cached_property
     def mesh(self) -> Headings:
+        """The headings as the grader takes them, built once per record (the grader's
+        memo keys on them for every question citing this article)."""
         return Headings(tuple(ui for ui, _, _ in self.headings),
                         frozenset(ui for ui, _, major in self.headings if major))
 

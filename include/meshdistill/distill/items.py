@@ -15,57 +15,25 @@ from dataclasses import dataclass
 from typing import Any
 
 from psycopg2.extras import execute_values
-from sqlalchemy import (
-    BigInteger,
-    Column,
-    Connection,
-    DateTime,
-    Float,
-    Integer,
-    MetaData,
-    Table,
-    Text,
-    text,
-)
-from sqlalchemy.dialects.postgresql import ARRAY, JSONB
+from sqlalchemy import Connection, text
 
-from meshdistill.distill.candidates import Candidate
-
-# Core descriptions of the tables of migration 0004 (the migration owns the DDL), so
-# inserts get typed JSONB and array parameters.
-_meta = MetaData()
-qa_item = Table(
-    "qa_item", _meta,
-    Column("id", BigInteger, primary_key=True), Column("subtree", Text),
-    Column("source_pmid", BigInteger), Column("model", Text), Column("profile", Text),
-    Column("ordinal", Integer), Column("backend", Text), Column("prompt_versions", JSONB),
-    Column("params", JSONB), Column("qtype", Text), Column("question", Text),
-    Column("answer_hint", Text), Column("evidence", Text),
-    Column("question_mesh", ARRAY(Text)), Column("contexts", JSONB),
-    Column("retrieval_score", Float), Column("hierarchy_score", Float),
-    Column("blend_score", Float), Column("judgement", JSONB), Column("answer", Text),
-    Column("label", Text), Column("cited_pmids", ARRAY(BigInteger)),
-    Column("answer_evidence", JSONB), Column("state", Text), Column("stage", Text),
-    Column("reason", Text), Column("error", Text), Column("run_id", Text),
-    Column("updated_at", DateTime(timezone=True)),
-)
-preference_pair = Table(
-    "preference_pair", _meta,
-    Column("id", BigInteger, primary_key=True), Column("subtree", Text),
-    Column("source_pmid", BigInteger), Column("model", Text), Column("ordinal", Integer),
-    Column("chosen_id", BigInteger), Column("rejected_id", BigInteger),
-    Column("chosen_score", Float), Column("rejected_score", Float), Column("margin", Float),
-    Column("run_id", Text),
-)
+from meshdistill.distill.candidates import TERMINAL, Candidate
 
 _KEY = ("subtree", "source_pmid", "model", "profile", "ordinal")
-# The columns ``_row`` fills, in its order, and their casts in the VALUES template.
-_COLUMNS = tuple(c.name for c in qa_item.columns if c.name not in ("id", "updated_at"))
-_JSON_COLUMNS = frozenset(c.name for c in qa_item.columns if isinstance(c.type, JSONB))
-_CASTS = {c.name: "::" + ("jsonb" if isinstance(c.type, JSONB) else
-                         "text[]" if c.name == "question_mesh" else "bigint[]")
-          for c in qa_item.columns
-          if isinstance(c.type, (JSONB, ARRAY))}
+# The qa_item columns ``_row`` fills, in its order (migration 0004 owns the DDL), and the
+# casts the VALUES template needs: JSON goes as text, arrays as Python lists.
+_COLUMNS = (
+    *_KEY, "backend", "prompt_versions", "params", "qtype", "question", "answer_hint",
+    "evidence", "question_mesh", "contexts", "retrieval_score", "hierarchy_score",
+    "blend_score", "judgement", "answer", "label", "cited_pmids", "answer_evidence", "state",
+    "stage", "reason", "error", "run_id",
+)
+_CASTS = {
+    "prompt_versions": "::jsonb", "params": "::jsonb", "question_mesh": "::text[]",
+    "contexts": "::jsonb", "judgement": "::jsonb", "cited_pmids": "::bigint[]",
+    "answer_evidence": "::jsonb",
+}
+_JSON_COLUMNS = frozenset(c for c, cast in _CASTS.items() if cast == "::jsonb")
 _ITEM_SQL = (
     f"INSERT INTO qa_item ({', '.join(_COLUMNS)}) VALUES %s "
     f"ON CONFLICT ({', '.join(_KEY)}) DO UPDATE SET "
@@ -79,8 +47,8 @@ _PAIR_SQL = f"INSERT INTO preference_pair ({', '.join(_PAIR_COLUMNS)}) VALUES %s
 
 
 def _values(row: dict[str, Any]) -> tuple[Any, ...]:
-    """One row's parameters in ``_COLUMNS`` order; JSON as text, as SQLAlchemy's JSONB
-    type sends it (``json.dumps``; None is the JSON ``null``, not SQL NULL)."""
+    """One row's parameters in ``_COLUMNS`` order; JSON as ``json.dumps`` text (None is
+    the JSON ``null``, not SQL NULL, as SQLAlchemy's JSONB type sent it before)."""
     return tuple(json.dumps(row[c]) if c in _JSON_COLUMNS else row[c] for c in _COLUMNS)
 
 
@@ -188,7 +156,7 @@ def state_counts(conn: Connection, subtree: str, model: str,
         "SELECT state, count(*) FROM qa_item WHERE subtree = :subtree AND model = :model "
         "AND source_pmid = ANY(:pmids) GROUP BY state"),
         {"subtree": subtree, "model": model, "pmids": list(pmids)})
-    counts = {state: 0 for state in ("accepted", "rejected", "failed", "deferred")}
+    counts = dict.fromkeys(TERMINAL, 0)
     counts.update({r[0]: int(r[1]) for r in rows})
     return counts
 
@@ -199,6 +167,6 @@ def qa_counts(conn: Connection) -> dict[str, Any]:
     states = {str(r[0]): int(r[1]) for r in rows}
     pairs = conn.execute(text("SELECT count(*) FROM preference_pair")).scalar_one()
     return {
-        "qa": {s: int(states.get(s, 0)) for s in ("accepted", "rejected", "failed", "deferred")},
+        "qa": {s: states.get(s, 0) for s in TERMINAL},
         "preference_pairs": int(pairs),
     }

@@ -37,7 +37,7 @@ from meshdistill.distill.candidates import (
     evidence_in,
 )
 from meshdistill.distill.corpus import ArticleRecord, load_articles, select_sources
-from meshdistill.distill.grade import Headings, MeshGrader
+from meshdistill.distill.grade import MeshGrader
 from meshdistill.distill.items import ArticleOutcome, RunIdentity, state_counts, write_outcomes
 from meshdistill.distill.retrieve import refresh_index, retrieve_many
 from meshdistill.distill.settings import DistillSettings
@@ -99,7 +99,6 @@ class SubtreeDistiller:
         self.run_id = run_id
         self._grader = grader
         self._articles: dict[int, ArticleRecord] = {}
-        self._headings: dict[int, Headings] = {}  # ArticleRecord.mesh builds a new one per call
         self._embedder: OpenAIEmbedder | None = None
         self.stats = RunStats()
         self.label = subtree  # "C04 [worker 1/2]" in a multi-process run's workers
@@ -179,12 +178,6 @@ class SubtreeDistiller:
 
     # -- one article --------------------------------------------------------------------
 
-    def _mesh(self, record: ArticleRecord) -> Headings:
-        headings = self._headings.get(record.pmid)
-        if headings is None:
-            headings = self._headings[record.pmid] = record.mesh
-        return headings
-
     @property
     def grader(self) -> MeshGrader:
         assert self._grader is not None, "prepare() first"
@@ -216,8 +209,8 @@ class SubtreeDistiller:
         live = [c for c in candidates if c.live]
         if live:
             await self._retrieve_and_grade(record, live)
-        await self._judge(record, article, [c for c in candidates if c.live])
-        await self._answer(record, article, [c for c in candidates if c.live])
+        await self._judge(article, [c for c in candidates if c.live])
+        await self._answer(article, [c for c in candidates if c.live])
         return ArticleOutcome(record.pmid, candidates, self._pairs(candidates))
 
     async def _retrieve_and_grade(self, record: ArticleRecord, live: list[Candidate]) -> None:
@@ -225,7 +218,7 @@ class SubtreeDistiller:
         self.stats.stages["retrieve"] += len(live)
         hits = await asyncio.to_thread(
             self._retrieve, [(c.question.question, record.pmid) for c in live if c.question])
-        source = self._mesh(record)
+        source = record.mesh
         for c, group in zip(live, hits, strict=True):
             c.stage = "retrieve"
             if not any(h.is_source for h in group):
@@ -242,7 +235,7 @@ class SubtreeDistiller:
                 ctx = self._articles.get(h.pmid)
                 if ctx is None:
                     continue
-                hierarchy, blended = grader.context_score(ranking_uis, self._mesh(ctx), h.score)
+                hierarchy, blended = grader.context_score(ranking_uis, ctx.mesh, h.score)
                 scored.append(ContextChoice(h.pmid, h.rank, h.score, hierarchy, blended,
                                             h.is_source))
             scored.sort(key=lambda x: (-x.blend, x.rank))
@@ -250,7 +243,7 @@ class SubtreeDistiller:
             if not any(x.is_source for x in chosen):
                 chosen = [*chosen[: s.k_contexts - 1], next(x for x in scored if x.is_source)]
             c.contexts = chosen
-            others = [self._mesh(self._articles[x.pmid]) for x in chosen if not x.is_source]
+            others = [self._articles[x.pmid].mesh for x in chosen if not x.is_source]
             c.hierarchy_score = grader.item_score(source, others, q_uis)
             c.retrieval_score = sum(x.retrieval for x in chosen) / len(chosen)
             c.blend_score = sum(x.blend for x in chosen) / len(chosen)
@@ -258,8 +251,7 @@ class SubtreeDistiller:
                 c.end("rejected", "grade", reason=(
                     f"hierarchy {c.hierarchy_score:.3f} < {s.min_hierarchy}"))
 
-    async def _judge(self, record: ArticleRecord, article: ArticleInput,
-                     live: list[Candidate]) -> None:
+    async def _judge(self, article: ArticleInput, live: list[Candidate]) -> None:
         if not live:
             return
         self.stats.stages["judge"] += len(live)
@@ -276,8 +268,7 @@ class SubtreeDistiller:
             if problems:
                 c.end("rejected", "judge", reason="; ".join(problems))
 
-    async def _answer(self, record: ArticleRecord, article: ArticleInput,
-                      live: list[Candidate]) -> None:
+    async def _answer(self, article: ArticleInput, live: list[Candidate]) -> None:
         if not live:
             return
         self.stats.stages["answer"] += len(live)
