@@ -209,16 +209,6 @@ class OpenAIBackend:
         return RetryPolicy(self.max_attempts, self.backoff_initial, self.backoff_max,
                            self.max_retry_after)
 
-    @property
-    def _retry(self) -> RetryPolicy:
-        """:attr:`retry_policy`, built once while the settings stay the same."""
-        spec = (self.max_attempts, self.backoff_initial, self.backoff_max,
-                self.max_retry_after)
-        cached: tuple[tuple[Any, ...], RetryPolicy] | None = self.__dict__.get("_retry_memo")
-        if cached is None or cached[0] != spec:
-            cached = self._retry_memo = (spec, RetryPolicy(*spec))
-        return cached[1]
-
     async def _send(
         self, body: dict[str, Any], counter: list[int]
     ) -> _Reply:
@@ -238,7 +228,7 @@ class OpenAIBackend:
         # A Retry-After beyond the cap ends the call as rate_limited (see _failure_of).
         # The policy's own loop rather than a tenacity object per request (same attempts
         # and waits; see RetryPolicy.call).
-        completion = await self._retry.call(attempt, too_long=_RetryAfterTooLong)
+        completion = await self.retry_policy.call(attempt, too_long=_RetryAfterTooLong)
         choice = completion.choices[0] if completion.choices else None
         usage = completion.usage
         return _Reply(
