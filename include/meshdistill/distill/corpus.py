@@ -21,9 +21,10 @@ from sqlalchemy import Connection, text
 
 from meshdistill.distill.candidates import normalize
 from meshdistill.distill.grade import Headings
+from meshdistill.distill.retrieve import RETRIEVABLE
 from meshdistill.llm.inputs import ArticleInput, MeshHeading, Passage
 
-_SELECT = """
+_SELECT = f"""
     WITH cand AS (
         SELECT a.pmid,
                CASE
@@ -38,7 +39,7 @@ _SELECT = """
                  ELSE 3
                END AS priority
         FROM article a
-        WHERE a.status = 'active' AND a.abstract <> ''
+        WHERE {RETRIEVABLE}
           AND EXISTS (SELECT 1 FROM article_mesh m
                       WHERE m.pmid = a.pmid AND m.ui = ANY(CAST(:uis AS text[])))
     )

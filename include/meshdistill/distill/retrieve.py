@@ -90,6 +90,8 @@ from sqlalchemy import Connection, text
 # The stored vector of migration 0003's side table, joined as ``f``.
 FTS_EXPRESSION = "f.fts"
 RETRIEVABLE = "a.status = 'active' AND a.abstract <> ''"
+"""Which articles may be a source or a context (joined as ``a``): the one rule for the
+full-text side table, the embeddings table and the distill source selection."""
 RANK_NORMALIZATION = 1 | 32
 """``ts_rank_cd`` flags: 1 = divide by 1 + log(length), 32 = rank / (rank + 1)."""
 

@@ -87,7 +87,7 @@ from openai import OpenAI
 from sqlalchemy import Connection, text
 from sqlalchemy.exc import DBAPIError
 
-from meshdistill.distill.retrieve import ContextHit
+from meshdistill.distill.retrieve import RETRIEVABLE, ContextHit
 from meshdistill.errors import ConfigError, MeshDistillError
 from meshdistill.llm.retrying import RetryPolicy
 
@@ -97,10 +97,6 @@ TABLE = "article_embedding"
 INDEX = "article_embedding_hnsw"
 HNSW_MAX_DIM = 2000
 """pgvector 0.6 indexes at most 2,000 dimensions; wider vectors are searched exactly."""
-RETRIEVABLE = "a.status = 'active' AND a.abstract <> ''"
-"""The same rule as :mod:`meshdistill.distill.retrieve` (the FTS side table); a copy, not
-an import, since that module's internals are not an interface (the tests check that both
-side tables hold the same articles)."""
 SCORE_CAP = 1.0 - 1e-9
 DEFAULT_BATCH_SIZE = 128
 DEFAULT_CONCURRENCY = 4
