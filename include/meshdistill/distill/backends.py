@@ -33,9 +33,10 @@ class LLMConfig:
     base_url: str | None = None
     api_key: str | None = field(default=None, repr=False)
     organization: str | None = None
-    max_concurrency: int | None = None  # default 32
-    timeout: float | None = None  # seconds per request, default 60
-    max_attempts: int | None = None  # default 5
+    # None: OpenAIBackend's defaults (32 in flight, 60 s per request, 5 attempts)
+    max_concurrency: int | None = None
+    timeout: float | None = None
+    max_attempts: int | None = None
 
     def merged(self, fallback: LLMConfig | None) -> LLMConfig:
         """This config with its unset fields taken from ``fallback`` (e.g. the connection)."""
@@ -73,11 +74,11 @@ def make_backend(config: LLMConfig) -> LLMBackend:
         return OfflineBackend(config.model) if config.model else OfflineBackend()
     from meshdistill.llm.openai_backend import OpenAIBackend
 
-    return OpenAIBackend(
-        model=config.model, base_url=config.base_url, api_key=config.api_key,
-        organization=config.organization, max_concurrency=config.max_concurrency or 32,
-        timeout=config.timeout or 60.0, max_attempts=config.max_attempts or 5,
-    )
+    given = {"max_concurrency": config.max_concurrency, "timeout": config.timeout,
+             "max_attempts": config.max_attempts}
+    tuning: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
+    return OpenAIBackend(model=config.model, base_url=config.base_url, api_key=config.api_key,
+                         organization=config.organization, **tuning)
 
 
 def cached_backend(config: LLMConfig, engine: Engine, *, budget_usd: float | None = None,

@@ -23,6 +23,7 @@ from sqlalchemy import Engine
 
 from meshdistill.distill.run import SubtreeDistiller
 from meshdistill.distill.settings import DistillSettings
+from meshdistill.llm.openai_backend import DEFAULT_CONCURRENCY
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +113,7 @@ def distill_subtree_processes(engine: Engine, subtree: str, llm: Any,
     backend = make_backend(llm)  # name and model only (no client until a call)
     parent = SubtreeDistiller(engine, subtree, backend, settings, run_id)
     pmids = parent._prepare(grade=False)
-    cap = llm.max_concurrency or 32
+    cap = llm.max_concurrency or DEFAULT_CONCURRENCY
     n = min(settings.processes, cap, len(pmids))  # no idle workers; at least 1 call each
     if not n:
         summary = parent._summary([], time.perf_counter() - started, llm={})
