@@ -10,6 +10,7 @@ from meshdistill import pipeline
 from meshdistill_airflow import (
     ARTICLES,
     DEFAULT_ARGS,
+    NCBI_POOL,
     SUBTREE_PATTERN,
     database_url,
     fail_fast,
@@ -82,7 +83,7 @@ def pubmed_ingest() -> None:
         with fail_fast():
             return pipeline.load_pubmed_files(params["files"], database_url())
 
-    @task(pool="ncbi", map_index_template="{{ subtree }}", outlets=[ARTICLES])
+    @task(pool=NCBI_POOL, map_index_template="{{ subtree }}", outlets=[ARTICLES])
     def ingest_subtree(subtree: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
         assert params is not None
         context = get_current_context()

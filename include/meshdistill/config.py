@@ -13,6 +13,20 @@ from pathlib import Path
 DEFAULT_EUTILS_URL = "https://eutils.ncbi.nlm.nih.gov/entrez/eutils/"
 REPO = Path(__file__).resolve().parents[2]
 
+# Airflow pools the DAGs use (created by `make demo`, the tests and docker-compose's
+# airflow-init; plain data here so the demo needs no Airflow import). A slot is
+# one running task: `ncbi` caps concurrent pubmed_ingest tasks (the request rate is
+# limited separately, in Postgres); `llm` caps concurrent distill tasks, each of which
+# keeps at most `max_concurrency` (default 32) HTTP requests in flight itself.
+NCBI_POOL = "ncbi"
+LLM_POOL = "llm"
+POOLS = {
+    NCBI_POOL: (2, "NCBI E-utilities: concurrent pubmed_ingest tasks "
+                   "(the request rate is limited separately)"),
+    LLM_POOL: (4, "concurrent distill tasks; each caps its own HTTP requests "
+                   "(max_concurrency, default 32)"),
+}
+
 
 def _env(name: str, default: str | None = None) -> str | None:
     value = os.environ.get(name)

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from meshdistill.config import data_dir
+from meshdistill.config import POOLS, data_dir
 from meshdistill.distill.candidates import TERMINAL
 
 REPO = Path(__file__).resolve().parents[2]
@@ -28,11 +28,6 @@ DEMO_SUBTREES = ["C04", "C14", "C10", "C06"]
 # quick; retrieval and grading set the pace), so the demo stays within a few minutes.
 DISTILL_SUBTREES = ["C04", "C14"]
 DISTILL_ARTICLES = 10
-# The DAGs' pools (as meshdistill_airflow.POOLS and docker-compose's airflow-init make them).
-POOLS = {
-    "ncbi": {"slots": 2, "description": "NCBI E-utilities: concurrent pubmed_ingest tasks"},
-    "llm": {"slots": 4, "description": "concurrent distill tasks"},
-}
 
 
 def _pubmed_files() -> list[str]:
@@ -90,7 +85,9 @@ def main() -> int:
     timings["database"] = _run("database", [*meshdistill, "db", "up"], env, log_dir)
     timings["airflow"] = _run("airflow-db", [*airflow, "db", "migrate"], env, log_dir)
     pools = log_dir / "pools.json"
-    pools.write_text(json.dumps(POOLS, indent=2))
+    pools.write_text(json.dumps(
+        {name: {"slots": slots, "description": text} for name, (slots, text) in POOLS.items()},
+        indent=2))
     _run("pools", [*airflow, "pools", "import", str(pools)], env, log_dir)
     conf: dict[str, Any] = {"sources": mesh_sources, "replace": True}
     timings["mesh_refresh"] = _run(

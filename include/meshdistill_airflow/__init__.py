@@ -21,6 +21,11 @@ from typing import Any
 import pendulum
 from airflow.sdk import Asset, Connection
 from airflow.sdk.exceptions import AirflowFailException, AirflowNotFoundException
+
+# Re-exported for the DAG files and tests (the pools are plain data in meshdistill.config).
+from meshdistill.config import LLM_POOL as LLM_POOL
+from meshdistill.config import NCBI_POOL as NCBI_POOL
+from meshdistill.config import POOLS as POOLS
 from meshdistill.distill.backends import LLMConfig
 from meshdistill.errors import (
     ConfigError,
@@ -33,18 +38,6 @@ from meshdistill.errors import (
 ARTICLES = Asset("meshdistill://articles")
 QA = Asset("meshdistill://qa")
 
-# Pools (created by `make demo`, the tests and docker-compose's airflow-init). A slot is
-# one running task: `ncbi` caps concurrent pubmed_ingest tasks (the request rate is
-# limited separately, in Postgres); `llm` caps concurrent distill tasks, each of which
-# keeps at most `max_concurrency` (default 32) HTTP requests in flight itself.
-NCBI_POOL = "ncbi"
-LLM_POOL = "llm"
-POOLS = {
-    NCBI_POOL: (2, "NCBI E-utilities: concurrent pubmed_ingest tasks "
-                   "(the request rate is limited separately)"),
-    LLM_POOL: (4, "concurrent distill tasks; each caps its own HTTP requests "
-                   "(max_concurrency, default 32)"),
-}
 
 DEFAULT_ARGS: dict[str, Any] = {
     "owner": "meshdistill",
