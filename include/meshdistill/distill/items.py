@@ -18,6 +18,7 @@ from psycopg2.extras import execute_values
 from sqlalchemy import Connection, text
 
 from meshdistill.distill.candidates import TERMINAL, Candidate
+from meshdistill.store.bulk import upsert_sql, values_template
 
 _KEY = ("subtree", "source_pmid", "model", "profile", "ordinal")
 # The qa_item columns ``_row`` fills, in its order (migration 0004 owns the DDL), and the
@@ -34,13 +35,9 @@ _CASTS = {
     "answer_evidence": "::jsonb",
 }
 _JSON_COLUMNS = frozenset(c for c, cast in _CASTS.items() if cast == "::jsonb")
-_ITEM_SQL = (
-    f"INSERT INTO qa_item ({', '.join(_COLUMNS)}) VALUES %s "
-    f"ON CONFLICT ({', '.join(_KEY)}) DO UPDATE SET "
-    + ", ".join(f"{c} = EXCLUDED.{c}" for c in _COLUMNS if c not in _KEY)
-    + ", updated_at = now() RETURNING id, source_pmid, profile, ordinal"
-)
-_ITEM_TEMPLATE = "(" + ", ".join(f"%s{_CASTS.get(c, '')}" for c in _COLUMNS) + ")"
+_ITEM_SQL = upsert_sql("qa_item", _COLUMNS, _KEY, update=True, touch="updated_at",
+                       returning=("id", "source_pmid", "profile", "ordinal"))
+_ITEM_TEMPLATE = values_template(_COLUMNS, _CASTS)
 _PAIR_COLUMNS = ("subtree", "source_pmid", "model", "ordinal", "chosen_id", "rejected_id",
                  "chosen_score", "rejected_score", "margin", "run_id")
 _PAIR_SQL = f"INSERT INTO preference_pair ({', '.join(_PAIR_COLUMNS)}) VALUES %s"

@@ -51,6 +51,7 @@ from meshdistill.llm.budget import (
     is_deferred,
 )
 from meshdistill.llm.pricing import Pricing, default_pricing
+from meshdistill.store.bulk import upsert_sql, values_template
 
 log = logging.getLogger(__name__)
 
@@ -65,14 +66,11 @@ _INSERT_COLUMNS = ("cache_key", "stage", "backend", "model", "prompt_version", "
                    "output", "raw", "tokens_in", "tokens_out", "cost_usd", "latency_ms",
                    "attempts")  # the keys of _row_of, in this order
 _JSON_COLUMNS = frozenset({"params", "output"})
-_INSERT_SQL = (f"INSERT INTO llm_call ({', '.join(_INSERT_COLUMNS)}) VALUES %s "
-               "ON CONFLICT (cache_key) DO NOTHING RETURNING cache_key")
-_UPSERT_SQL = (f"INSERT INTO llm_call ({', '.join(_INSERT_COLUMNS)}) VALUES %s "
-               "ON CONFLICT (cache_key) DO UPDATE SET "
-               + ", ".join(f"{c} = EXCLUDED.{c}" for c in _INSERT_COLUMNS if c != "cache_key")
-               + ", created_at = now() RETURNING cache_key")
-_INSERT_TEMPLATE = "(" + ", ".join(
-    "%s::jsonb" if c in _JSON_COLUMNS else "%s" for c in _INSERT_COLUMNS) + ")"
+_INSERT_SQL, _UPSERT_SQL = (
+    upsert_sql("llm_call", _INSERT_COLUMNS, ("cache_key",), update=update,
+               touch="created_at", returning=("cache_key",))
+    for update in (False, True))
+_INSERT_TEMPLATE = values_template(_INSERT_COLUMNS, dict.fromkeys(_JSON_COLUMNS, "::jsonb"))
 
 
 def _values_of(row: Mapping[str, Any]) -> tuple[Any, ...]:

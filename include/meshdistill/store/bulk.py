@@ -66,3 +66,28 @@ def create_staging(conn: Connection, name: str, columns_sql: str) -> None:
     """
     conn.exec_driver_sql(f"CREATE TEMP TABLE IF NOT EXISTS {name} ({columns_sql}) ON COMMIT DROP")
     conn.exec_driver_sql(f"TRUNCATE {name}")
+
+
+def upsert_sql(
+    table: str,
+    columns: Sequence[str],
+    key: Sequence[str],
+    *,
+    update: bool,
+    touch: str,
+    returning: Sequence[str],
+) -> str:
+    """``INSERT ... VALUES %s ON CONFLICT (key)`` for psycopg2's ``execute_values``.
+
+    ``update``: replace every non-key column and set ``touch`` to ``now()``; otherwise
+    ``DO NOTHING`` (``RETURNING`` then names only the rows this statement inserted).
+    """
+    action = "DO NOTHING" if not update else "DO UPDATE SET " + ", ".join(
+        [*(f"{c} = EXCLUDED.{c}" for c in columns if c not in key), f"{touch} = now()"])
+    return (f"INSERT INTO {table} ({', '.join(columns)}) VALUES %s "
+            f"ON CONFLICT ({', '.join(key)}) {action} RETURNING {', '.join(returning)}")
+
+
+def values_template(columns: Sequence[str], casts: dict[str, str]) -> str:
+    """The ``execute_values`` row template: one ``%s`` per column, with its cast if any."""
+    return "(" + ", ".join(f"%s{casts.get(c, '')}" for c in columns) + ")"
