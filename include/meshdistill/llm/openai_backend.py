@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import openai
-from openai import AsyncOpenAI
+from openai import AsyncOpenAI, DefaultAioHttpClient
 from pydantic import BaseModel, ValidationError
 
 from meshdistill.errors import ConfigError
@@ -69,6 +69,29 @@ class _Reply:
     finish_reason: str | None
 
 
+def _reply_of(content: bytes) -> _Reply:
+    """The parts of a chat completion we use, read from its JSON.
+
+    A reply that is not a chat completion at all (an HTML error page with status 200, a
+    proxy's JSON) becomes an empty reply, which then fails validation like any other
+    unusable output rather than raising.
+    """
+    try:
+        data = json.loads(content)
+    except ValueError:
+        return _Reply(content.decode("utf-8", "replace")[:2000], None, 0, 0, None)
+    choices = data.get("choices") if isinstance(data, dict) else None
+    choice = choices[0] if isinstance(choices, list) and choices else {}
+    message = (choice.get("message") or {}) if isinstance(choice, dict) else {}
+    usage = (data.get("usage") if isinstance(data, dict) else None) or {}
+    return _Reply(
+        text=message.get("content"), refusal=message.get("refusal"),
+        tokens_in=int(usage.get("prompt_tokens") or 0),
+        tokens_out=int(usage.get("completion_tokens") or 0),
+        finish_reason=choice.get("finish_reason") if isinstance(choice, dict) else None,
+    )
+
+
 def _rejects_schema(exc: openai.APIStatusError) -> bool:
     """A 400/422 about the response format: the server has no structured outputs."""
     if exc.status_code not in (400, 422):
@@ -77,10 +100,24 @@ def _rejects_schema(exc: openai.APIStatusError) -> bool:
     return any(hint in text for hint in _SCHEMA_HINTS)
 
 
+def _refused(exc: BaseException) -> bool:
+    """A connection the server refused or reset, under whatever the transport called it.
+
+    The aiohttp transport reports a refused connection as a connect *timeout*; the
+    ``ConnectionError`` underneath says what happened.
+    """
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ConnectionError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 def _failure_of(exc: BaseException) -> tuple[FailureKind, str]:
     if isinstance(exc, _RetryAfterTooLong):
         return FailureKind.RATE_LIMITED, f"429 with Retry-After {exc.seconds:g}s beyond the cap"
-    if isinstance(exc, openai.APITimeoutError):
+    if isinstance(exc, openai.APITimeoutError) and not _refused(exc):
         return FailureKind.TIMEOUT, "request timed out"
     if isinstance(exc, openai.APIConnectionError):
         return FailureKind.CONNECTION, f"connection error: {exc}"
@@ -146,6 +183,7 @@ class OpenAIBackend:
         max_retry_after: float = 120.0,
         structured_outputs: bool = True,
         repair: bool = True,
+        transport: str = "aiohttp",
     ) -> None:
         resolved_model = model or os.environ.get("MESHDISTILL_LLM_MODEL")
         if not resolved_model:
@@ -168,6 +206,7 @@ class OpenAIBackend:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._client: AsyncOpenAI | None = None
         self._semaphore: asyncio.Semaphore | None = None
+        self.transport = transport
 
     def __repr__(self) -> str:  # never the key
         return (f"OpenAIBackend(model={self.model!r}, base_url={self.base_url!r}, "
@@ -181,9 +220,12 @@ class OpenAIBackend:
     def _state(self) -> tuple[AsyncOpenAI, asyncio.Semaphore]:
         loop = asyncio.get_running_loop()
         if self._client is None or self._semaphore is None or self._loop is not loop:
+            extra: dict[str, Any] = {}
+            if self.transport == "aiohttp":
+                extra["http_client"] = DefaultAioHttpClient()
             self._client = AsyncOpenAI(
                 api_key=self._api_key, base_url=self.base_url, organization=self.organization,
-                timeout=self.timeout, max_retries=0,
+                timeout=self.timeout, max_retries=0, **extra,
             )
             self._semaphore = asyncio.Semaphore(self.max_concurrency)
             self._loop = loop
@@ -214,30 +256,22 @@ class OpenAIBackend:
     ) -> _Reply:
         client, semaphore = self._state()
 
-        async def attempt() -> Any:
+        async def attempt() -> bytes:
             counter[0] += 1
             async with semaphore:
-                # The whole body goes in extra_body (it takes precedence over the keyword
-                # arguments, so the wire body is the same): the SDK then skips its
-                # type-driven transformation of the messages and the large
-                # response_format schema, 0.5 ms of event-loop CPU per request. Our body
-                # is plain JSON already; there is nothing for it to transform.
-                return await client.chat.completions.create(
-                    model=body["model"], messages=[], extra_body=body)
+                # client.post with cast_to=bytes (the SDK's documented way to call an
+                # endpoint its typed methods do not describe) instead of
+                # chat.completions.create: the same request, auth, base URL, timeout and
+                # error mapping (non-2xx raises APIStatusError), without the SDK's
+                # type-driven transformation of our already-plain JSON body and without
+                # building a ChatCompletion model of the reply: 0.35 ms of event-loop
+                # CPU per request, a third of the SDK's share, on the bench.
+                return await client.post("/chat/completions", body=body, cast_to=bytes)
 
         # A Retry-After beyond the cap ends the call as rate_limited (see _failure_of).
         # The policy's own loop rather than a tenacity object per request (same attempts
         # and waits; see RetryPolicy.call).
-        completion = await self.retry_policy.call(attempt, too_long=_RetryAfterTooLong)
-        choice = completion.choices[0] if completion.choices else None
-        usage = completion.usage
-        return _Reply(
-            text=choice.message.content if choice else None,
-            refusal=getattr(choice.message, "refusal", None) if choice else None,
-            tokens_in=usage.prompt_tokens if usage else 0,
-            tokens_out=usage.completion_tokens if usage else 0,
-            finish_reason=choice.finish_reason if choice else None,
-        )
+        return _reply_of(await self.retry_policy.call(attempt, too_long=_RetryAfterTooLong))
 
     def _body(
         self, request: LLMRequest[T], messages: list[dict[str, str]], structured: bool
