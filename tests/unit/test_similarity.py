@@ -166,25 +166,57 @@ def test_hierarchy_score_by_hand() -> None:
         hierarchy_score(A, B, [N], trees, alpha=1.5)
 
 
-def test_index_matches_pure_function_bounds_and_symmetry_on_real_sample() -> None:
+def _plain_bma(a: list[str], b: list[str], trees: dict[str, list[str]],
+               major_a: set[str], major_b: set[str], weight: float = 2.0) -> float:
+    """The definition as written, a double loop over descriptor_similarity."""
+    if not a or not b:
+        return 0.0
+    sim = [[descriptor_similarity(trees.get(x, []), trees.get(y, [])) if x != y else 1.0
+            for y in b] for x in a]
+    wa = [weight if x in major_a else 1.0 for x in a]
+    wb = [weight if y in major_b else 1.0 for y in b]
+    mean_a = sum(w * max(row) for w, row in zip(wa, sim, strict=True)) / sum(wa)
+    mean_b = sum(w * max(sim[i][j] for i in range(len(a)))
+                 for j, w in enumerate(wb)) / sum(wb)
+    return 0.5 * (mean_a + mean_b)
+
+
+def test_index_matrix_equals_the_plain_definition_on_real_sample() -> None:
     trees = all_trees()
     rng = random.Random(7)
     names = rng.sample(sorted(trees), 150)
     index = TreeIndex(trees)
+    matrix = index.similarity_matrix(names[:60], names[60:])
+    assert matrix.shape == (60, 90)
     seen_positive = 0
-    for a in names[:60]:
-        for b in names[60:]:
-            s = index.similarity(a, b)
-            assert 0.0 <= s <= 1.0
+    for i, a in enumerate(names[:60]):
+        for j, b in enumerate(names[60:]):
+            s = float(matrix[i, j])
+            # identical, not approximately equal: the same integers and the same division
+            assert s == descriptor_similarity(trees[a], trees[b])
             assert s == index.similarity(b, a)
-            assert s == pytest.approx(descriptor_similarity(trees[a], trees[b]))
-            seen_positive += s > 0
+            seen_positive += 0.0 < s < 1.0
     assert seen_positive > 0  # the sample exercises more than the cross-category zero
-    stats = index.cache_stats()
-    assert stats["hits"] >= 60 * 90  # the reversed lookups
-    assert stats["size"] == stats["misses"] <= 60 * 90
-    bma = index.best_match_average(names[:8], names[8:20], major_a=names[:2])
-    assert 0.0 <= bma <= 1.0
-    assert bma == pytest.approx(
-        best_match_average(names[:8], names[8:20], trees, major_a=names[:2])
-    )
+
+
+def test_bma_index_and_table_equal_the_plain_definition_bit_for_bit() -> None:
+    trees = all_trees()
+    rng = random.Random(11)
+    names = sorted(trees)
+    index = TreeIndex(trees)
+    # one C04 neighbourhood, so the sets share branches (not only zeros)
+    c04 = [n for n in names if any(t.startswith("C04.557") for t in trees[n])]
+    for _ in range(200):
+        a = rng.sample(c04, rng.randint(1, 4)) + rng.sample(names, rng.randint(0, 2))
+        b = rng.sample(c04, rng.randint(1, 12)) + rng.sample(names, rng.randint(0, 3))
+        major_a, major_b = set(a[:1]), set(b[:2])
+        want = _plain_bma(list(dict.fromkeys(a)), list(dict.fromkeys(b)), trees,
+                          major_a, major_b)
+        assert index.best_match_average(a, b, major_a, major_b) == want
+        table = index.table([*a, "D999999"], [*b, *a])
+        assert table.best_match_average(a, b, major_a, major_b) == want
+        assert table.best_match_average(b, a, major_b, major_a) == want  # transposed
+        assert table.best_match_average(a, ["D999999"]) == 0.0  # no tree position
+        # sets the table does not hold (b is not among its rows): computed from the index
+        assert table.best_match_average(b, b, major_b, major_b) == 1.0
+    assert TreeIndex({}).table(["X"], ["X"]).best_match_average(["X"], ["X"]) == 1.0

@@ -457,10 +457,16 @@ def build_pairs(
 def score_hierarchy(grader: MeshGrader, pairset: PairSet) -> int:
     """Fill in each pair's hierarchy and blend scores; returns questions without MeSH."""
     q_uis = [grader.question_uis(r.question) for r in pairset.records]
+    by_question: dict[int, list[Pair]] = {}
     for p in pairset.pairs:
-        p.hierarchy, p.blend = grader.context_score(
-            q_uis[p.question], pairset.headings[p.candidate], p.retrieval
-        )
+        by_question.setdefault(p.question, []).append(p)
+    for question, pairs in by_question.items():  # one similarity table per question
+        table = grader.table(q_uis[question], None,
+                             [pairset.headings[p.candidate] for p in pairs])
+        for p in pairs:
+            p.hierarchy, p.blend = grader.context_score(
+                q_uis[question], pairset.headings[p.candidate], p.retrieval, table
+            )
     return sum(1 for u in q_uis if not u)
 
 

@@ -52,10 +52,14 @@ from dataclasses import dataclass
 from sqlalchemy import Connection, text
 
 from meshdistill.mesh.matcher import MeshMatcher, load_tree_numbers
-from meshdistill.mesh.similarity import DEFAULT_ALPHA, TreeIndex, hierarchy_score
+from meshdistill.mesh.similarity import (
+    DEFAULT_ALPHA,
+    SimilarityTable,
+    TreeIndex,
+    hierarchy_score,
+)
 
 _GRADERS: dict[tuple[str, int], MeshGrader] = {}
-_QC_MEMO = 1 << 16  # question_context results kept per grader
 _GRADERS_LOCK = threading.Lock()
 
 DEFAULT_BLEND_WEIGHT = 0.5
@@ -141,7 +145,7 @@ class MeshGrader:
     """Tree index and question matcher for one grading run, with the scores built on them.
 
     Building both takes a second or two for a full MeSH release, so one grader serves a
-    whole subtree run (and its pair cache is shared across all questions).
+    whole subtree run (and every run of the process on that release).
     """
 
     def __init__(
@@ -159,11 +163,6 @@ class MeshGrader:
         self.blend_weight = blend_weight
         self.alpha = alpha
         self.generic_uis = frozenset(generic_uis)
-        # question_context memo: a run scores the same (question descriptors, context)
-        # pairs again and again (the questions of one article retrieve overlapping
-        # contexts, and questions without a match all stand in the source's headings).
-        # Per grader (with_blend_weight shares the index, not this), bounded.
-        self._qc: dict[tuple[tuple[str, ...], Headings], float] = {}
 
     @classmethod
     def from_db(
@@ -207,27 +206,36 @@ class MeshGrader:
         """MeSH(question): descriptors named in the text, generic ones left out."""
         return [ui for ui in self.matcher.uis(question) if ui not in self.generic_uis]
 
-    def question_context(self, question_uis: Sequence[str], context: Headings) -> float:
+    def table(self, question_uis: Sequence[str], source: Headings | None,
+              contexts: Iterable[Headings]) -> SimilarityTable:
+        """Every similarity one grading step needs, computed at once: the question's (and
+        the source's) descriptors against every context's (and the source's).
+
+        Pass it to :meth:`context_score` and :meth:`item_score` for the candidates of one
+        question; each BMA is then a slice of one matrix rather than a matrix of its own.
+        """
+        own = source.uis if source is not None else ()
+        return self.index.table([*question_uis, *own],
+                                [*(u for c in contexts for u in c.uis), *own])
+
+    def question_context(self, question_uis: Sequence[str], context: Headings,
+                         table: SimilarityTable | None = None) -> float:
         """``BMA(MeSH(question), MeSH(context))``, the context's majors weighted; 0 if either
         side is empty."""
-        key = (tuple(question_uis), context)
-        score = self._qc.get(key)
-        if score is None:
-            if len(self._qc) >= _QC_MEMO:
-                self._qc.clear()
-            score = self._qc[key] = self.index.best_match_average(
-                question_uis, context.uis, frozenset(), context.major)
-        return score
+        scorer = self.index if table is None else table
+        return scorer.best_match_average(question_uis, context.uis, frozenset(), context.major)
 
     def context_score(
-        self, question_uis: Sequence[str], context: Headings, retrieval: float
+        self, question_uis: Sequence[str], context: Headings, retrieval: float,
+        table: SimilarityTable | None = None,
     ) -> tuple[float, float]:
         """(hierarchy, blend) of one candidate context for one question."""
-        hierarchy = self.question_context(question_uis, context)
+        hierarchy = self.question_context(question_uis, context, table)
         return hierarchy, blend(retrieval, hierarchy, self.blend_weight)
 
     def item_score(
-        self, source: Headings, contexts: Iterable[Headings], question_uis: Sequence[str]
+        self, source: Headings, contexts: Iterable[Headings], question_uis: Sequence[str],
+        table: SimilarityTable | None = None,
     ) -> float:
         """DESIGN step 5's hierarchy score of a (question, contexts) pair."""
         ctx_uis: dict[str, None] = {}
@@ -236,6 +244,6 @@ class MeshGrader:
             ctx_uis.update(dict.fromkeys(c.uis))
             ctx_major.update(c.major)
         return hierarchy_score(
-            source.uis, list(ctx_uis), question_uis, self.index, alpha=self.alpha,
-            major_source=source.major, major_contexts=ctx_major,
+            source.uis, list(ctx_uis), question_uis, self.index if table is None else table,
+            alpha=self.alpha, major_source=source.major, major_contexts=ctx_major,
         )

@@ -230,12 +230,12 @@ class SubtreeDistiller:
             q_uis = grader.question_uis(c.question.question)
             c.question_mesh = q_uis
             ranking_uis = q_uis or list(source.uis)  # the source's topic stands in
+            found = [(h, ctx) for h in group if (ctx := self._articles.get(h.pmid))]
+            table = grader.table(q_uis, source, [ctx.mesh for _, ctx in found])
             scored = []
-            for h in group:
-                ctx = self._articles.get(h.pmid)
-                if ctx is None:
-                    continue
-                hierarchy, blended = grader.context_score(ranking_uis, ctx.mesh, h.score)
+            for h, ctx in found:
+                hierarchy, blended = grader.context_score(ranking_uis, ctx.mesh, h.score,
+                                                          table)
                 scored.append(ContextChoice(h.pmid, h.rank, h.score, hierarchy, blended,
                                             h.is_source))
             scored.sort(key=lambda x: (-x.blend, x.rank))
@@ -244,7 +244,7 @@ class SubtreeDistiller:
                 chosen = [*chosen[: s.k_contexts - 1], next(x for x in scored if x.is_source)]
             c.contexts = chosen
             others = [self._articles[x.pmid].mesh for x in chosen if not x.is_source]
-            c.hierarchy_score = grader.item_score(source, others, q_uis)
+            c.hierarchy_score = grader.item_score(source, others, q_uis, table)
             c.retrieval_score = sum(x.retrieval for x in chosen) / len(chosen)
             c.blend_score = sum(x.blend for x in chosen) / len(chosen)
             if c.hierarchy_score < s.min_hierarchy:

@@ -13,16 +13,18 @@ unrelated heading does not wipe out several good ones.
 - ``BMA(A, B) = ½·(mean_a max_b sim(a, b) + mean_b max_a sim(a, b))`` with major topics
   weighted ``major_weight`` (2 by default) in the means.
 
-The distill stage scores thousands of (question, contexts) pairs over the same few
-thousand descriptors, so :class:`TreeIndex` splits every tree number once, groups the
-positions of a descriptor by top-level tree ('C04', 'C17', ...) so cross-tree pairs are
-never compared, and memoizes descriptor pairs.
+:func:`tree_similarity` and :func:`descriptor_similarity` state the measure plainly;
+the distill stage scores thousands of (question, contexts) pairs, so :class:`TreeIndex`
+encodes every tree number once and computes whole similarity matrices in numpy (same
+arithmetic, same values), and a :class:`SimilarityTable` serves the dozen BMAs of one
+grading step from one matrix.
 """
 
 from __future__ import annotations
 
 from collections.abc import Collection, Iterable, Mapping, Sequence
-from functools import lru_cache
+
+import numpy as np
 
 Parts = tuple[str, ...]
 
@@ -74,92 +76,97 @@ def _unique(items: Iterable[str]) -> list[str]:
 
 
 class TreeIndex:
-    """Tree numbers of descriptors, pre-split, with memoized pairwise similarities.
+    """Tree numbers of descriptors, encoded once for whole-matrix similarity in numpy.
 
     Built once per grading run from ``{ui: [tree numbers]}`` (e.g. ``mesh_tree`` rows with a
     UI). A UI missing from the index has no position in the hierarchy: it scores 0.0 against
     every other descriptor but 1.0 against itself, since a heading shared verbatim is the
     strongest agreement there is whether or not this MeSH year still files it in a tree.
+
+    Why numpy rather than a memoised pair function: the distill stage compares each
+    question's few descriptors with the headings of ten retrieved contexts, and almost
+    every pair is new (≈230k distinct pairs per 300 articles), so a pair cache mostly
+    misses and the cost is one Python call per pair. Here every position (tree number) is
+    a row of node ids, one per level: the id of the prefix of that length, so two
+    positions agree at level ``k`` exactly when their first ``k+1`` parts agree, and
+    ``lcp`` is a count of equal cells. All pairs of a grading step are one broadcast
+    comparison; ``np.maximum.reduceat`` turns position pairs into descriptor pairs. The
+    arithmetic (``2.0·lcp / (depth + depth)`` in float64) is the one of
+    :func:`tree_similarity`, so the values are identical, not merely close.
     """
 
-    def __init__(
-        self, trees: Mapping[str, Iterable[str]], cache_size: int | None = 1 << 20
-    ) -> None:
-        # ui -> {top-level tree: [split tree numbers]}; pairs in different top-level trees
-        # score 0, so only the shared keys are ever compared.
-        self._by_top: dict[str, dict[str, list[Parts]]] = {}
-        # The same positions as (ancestor-or-self prefixes, depth), built on first use
-        # (see _prefix_groups): the prefixes of a tree number form a chain, so
-        # |P(t) ∩ P(u)| is lcp(t, u), and a C-level set intersection replaces the Python
-        # loop of _lcp when a pair is first computed.
-        self._prefixes: dict[str, dict[str, list[tuple[frozenset[Parts], int]]]] = {}
+    def __init__(self, trees: Mapping[str, Iterable[str]]) -> None:
+        node_ids: dict[str, int] = {}
+        rows: list[list[int]] = []
+        self._span: dict[str, tuple[int, int]] = {}  # ui -> its positions' rows [start, end)
         for ui, numbers in trees.items():
-            groups: dict[str, list[Parts]] = {}
+            start = len(rows)
             for number in dict.fromkeys(numbers):
-                if number:
-                    parts = _split(number)
-                    groups.setdefault(parts[0], []).append(parts)
-            self._by_top[ui] = groups
-        # Per instance (not a decorated method) so the cache dies with the index; bounded so
-        # a long run over many subtrees cannot grow it without limit.
-        self._pair = lru_cache(maxsize=cache_size)(self._compute)
-        # BMA columns: {tuple(A): {y: [sim(x, y) for x in A]}}. The distill stage compares
-        # the same few sets (a source's headings, a question's descriptors) with many
-        # overlapping others, so a column is computed once per (A, y) and a BMA costs one
-        # dict look-up and a C-level max per heading of B instead of |A| method calls and
-        # cache look-ups. Bounded like the pair cache: cleared when it holds too many sets.
-        self._columns: dict[tuple[str, ...], dict[str, list[float]]] = {}
-        self._max_column_sets = 1 << 14 if cache_size is None else max(cache_size >> 6, 1)
+                if not number:
+                    continue
+                parts = number.split(".")
+                # the id of each prefix ('C04', 'C04.588', ...): a node of the hierarchy
+                rows.append([node_ids.setdefault(".".join(parts[: k + 1]), len(node_ids))
+                             for k in range(len(parts))])
+            self._span[ui] = (start, len(rows))
+        width = max((len(r) for r in rows), default=1)
+        # Padding differs by side (-1 on the left, -2 on the right) so that padding never
+        # counts as an agreeing level.
+        self._left = np.full((len(rows), width), -1, dtype=np.int32)
+        for i, r in enumerate(rows):
+            self._left[i, : len(r)] = r
+        self._right = np.where(self._left < 0, -2, self._left).astype(np.int32)
+        self._depth = np.array([len(r) for r in rows], dtype=np.int64)
 
     def __contains__(self, ui: object) -> bool:
-        return ui in self._by_top and bool(self._by_top[ui])
+        span = self._span.get(ui) if isinstance(ui, str) else None
+        return span is not None and span[1] > span[0]
 
     def __len__(self) -> int:
-        return len(self._by_top)
+        return len(self._span)
 
-    def tree_numbers(self, ui: str) -> list[str]:
-        return [".".join(p) for group in self._by_top.get(ui, {}).values() for p in group]
+    def _positions(self, uis: Sequence[str]) -> tuple[list[int], list[int], list[int]]:
+        """(row of each position, start of each placed descriptor's run, which descriptor)."""
+        rows: list[int] = []
+        starts: list[int] = []
+        placed: list[int] = []
+        for i, ui in enumerate(uis):
+            start, end = self._span.get(ui, (0, 0))
+            if end > start:
+                starts.append(len(rows))
+                placed.append(i)
+                rows.extend(range(start, end))
+        return rows, starts, placed
 
-    def _prefix_groups(self, ui: str) -> dict[str, list[tuple[frozenset[Parts], int]]]:
-        groups = self._prefixes.get(ui)
-        if groups is None:
-            groups = self._prefixes[ui] = {
-                top: [(frozenset(p[:n] for n in range(1, len(p) + 1)), len(p)) for p in group]
-                for top, group in self._by_top.get(ui, {}).items()}
-        return groups
-
-    def _compute(self, a: str, b: str) -> float:
-        ga = self._prefix_groups(a)
-        gb = self._prefix_groups(b)
-        if not ga or not gb:
-            return 0.0
-        if len(ga) > len(gb):  # walk the smaller side (the maximum is order-free)
-            ga, gb = gb, ga
-        best = 0.0
-        for top, group_a in ga.items():
-            group_b = gb.get(top)
-            if group_b is None:
-                continue
-            for pt, dt in group_a:
-                for pu, du in group_b:
-                    # = _parts_similarity(t, u): the same integers, so the same float
-                    s = 2.0 * len(pt & pu) / (dt + du)
-                    if s > best:
-                        best = s
-                        if best == 1.0:
-                            return best
-        return best
+    def similarity_matrix(self, a: Sequence[str], b: Sequence[str]) -> np.ndarray:
+        """``sim(a_i, b_j)`` for every pair, a ``len(a) × len(b)`` float64 array."""
+        out = np.zeros((len(a), len(b)))
+        rows_a, starts_a, placed_a = self._positions(a)
+        rows_b, starts_b, placed_b = self._positions(b)
+        if rows_a and rows_b:
+            depth_a, depth_b = self._depth[rows_a], self._depth[rows_b]
+            width = int(max(depth_a.max(), depth_b.max()))
+            left = self._left[rows_a, :width]
+            right = self._right[rows_b, :width]
+            lcp = (left[:, None, :] == right[None, :, :]).sum(axis=2)
+            sims = (2.0 * lcp) / (depth_a[:, None] + depth_b[None, :])
+            best = np.maximum.reduceat(np.maximum.reduceat(sims, starts_a, axis=0),
+                                       starts_b, axis=1)
+            out[np.ix_(placed_a, placed_b)] = best
+        same = {ui: j for j, ui in enumerate(b)}
+        for i, ui in enumerate(a):  # a UI with itself: 1.0, with or without a position
+            j = same.get(ui)
+            if j is not None:
+                out[i, j] = 1.0
+        return out
 
     def similarity(self, a: str, b: str) -> float:
         """``sim(a, b)`` for two descriptor UIs (symmetric, in [0, 1], 1.0 when a == b)."""
-        if a == b:
-            return 1.0
-        return self._pair(a, b) if a < b else self._pair(b, a)
+        return float(self.similarity_matrix([a], [b])[0, 0])
 
-    def cache_stats(self) -> dict[str, int]:
-        """Hits, misses and size of the pair cache, to check reuse across a grading run."""
-        info = self._pair.cache_info()
-        return {"hits": info.hits, "misses": info.misses, "size": info.currsize}
+    def table(self, a_uis: Iterable[str], b_uis: Iterable[str]) -> SimilarityTable:
+        """Every similarity between two sets of descriptors, for many BMAs over them."""
+        return SimilarityTable(self, _unique(a_uis), _unique(b_uis))
 
     def best_match_average(
         self,
@@ -170,48 +177,82 @@ class TreeIndex:
         major_weight: float = DEFAULT_MAJOR_WEIGHT,
     ) -> float:
         """``BMA(A, B)``; see :func:`best_match_average`."""
-        a = _unique(a_uis)
-        b = _unique(b_uis)
+        a, b = _unique(a_uis), _unique(b_uis)
+        return _bma(self.similarity_matrix(a, b), a, b, major_a, major_b, major_weight)
+
+
+class SimilarityTable:
+    """The similarities of a row set × a column set of descriptors, computed at once.
+
+    One grading step (a question against its retrieved contexts, then the item score over
+    the chosen ones) asks for a dozen BMAs over the same descriptors; each is a slice of
+    this table instead of a matrix of its own. A BMA over descriptors the table does not
+    hold is computed from the index (correct, just not shared).
+    """
+
+    def __init__(self, index: TreeIndex, rows: list[str], cols: list[str]) -> None:
+        self.index = index
+        self._matrix = index.similarity_matrix(rows, cols)
+        self._row = {ui: i for i, ui in enumerate(rows)}
+        self._col = {ui: j for j, ui in enumerate(cols)}
+
+    def best_match_average(
+        self,
+        a_uis: Iterable[str],
+        b_uis: Iterable[str],
+        major_a: Collection[str] = frozenset(),
+        major_b: Collection[str] = frozenset(),
+        major_weight: float = DEFAULT_MAJOR_WEIGHT,
+    ) -> float:
+        """``BMA(A, B)`` from the table (``A`` among the rows and ``B`` among the columns,
+        or the other way round: the measure is symmetric)."""
+        a, b = _unique(a_uis), _unique(b_uis)
         if not a or not b:
             return 0.0
-        key = tuple(a)
-        columns = self._columns.get(key)
-        if columns is None:
-            if len(self._columns) >= self._max_column_sets:
-                self._columns.clear()
-            columns = self._columns[key] = {}
-        # row_best[i] = max_j sim(a_i, b_j), col_best[j] = max_i sim(a_i, b_j): the same
-        # maxima as a plain double loop (every similarity is >= 0, and max of floats is
-        # exact), so the means below are bit-identical to it.
-        row_best = [0.0] * len(a)
-        col_best = []
-        similarity = self.similarity
-        for y in b:
-            column = columns.get(y)
-            if column is None:
-                column = columns[y] = [similarity(x, y) for x in a]
-            row_best = list(map(max, row_best, column))
-            col_best.append(max(column))
-        wa = [major_weight if x in major_a else 1.0 for x in a]
-        wb = [major_weight if y in major_b else 1.0 for y in b]
-        mean_a = sum(w * s for w, s in zip(wa, row_best, strict=True)) / sum(wa)
-        mean_b = sum(w * s for w, s in zip(wb, col_best, strict=True)) / sum(wb)
-        return 0.5 * (mean_a + mean_b)
+        rows, cols = self._row, self._col
+        if all(x in rows for x in a) and all(y in cols for y in b):
+            sub = self._matrix[np.ix_([rows[x] for x in a], [cols[y] for y in b])]
+        elif all(x in cols for x in a) and all(y in rows for y in b):
+            sub = self._matrix[np.ix_([rows[y] for y in b], [cols[x] for x in a])].T
+        else:
+            sub = self.index.similarity_matrix(a, b)
+        return _bma(sub, a, b, major_a, major_b, major_weight)
 
 
-def _as_index(trees: Mapping[str, Sequence[str]] | TreeIndex, *uis: Iterable[str]) -> TreeIndex:
-    if isinstance(trees, TreeIndex):
+def _bma(
+    matrix: np.ndarray, a: Sequence[str], b: Sequence[str], major_a: Collection[str],
+    major_b: Collection[str], major_weight: float,
+) -> float:
+    """BMA of the distinct sets ``a`` × ``b`` given their similarity matrix."""
+    if not a or not b:
+        return 0.0
+    # Maxima in numpy (exact); the weighted means in Python, left to right, as the
+    # definition reads (numpy's pairwise summation could differ in the last bit).
+    row_best = matrix.max(axis=1).tolist()
+    col_best = matrix.max(axis=0).tolist()
+    wa = [major_weight if x in major_a else 1.0 for x in a]
+    wb = [major_weight if y in major_b else 1.0 for y in b]
+    mean_a = sum(w * s for w, s in zip(wa, row_best, strict=True)) / sum(wa)
+    mean_b = sum(w * s for w, s in zip(wb, col_best, strict=True)) / sum(wb)
+    return 0.5 * (mean_a + mean_b)
+
+
+def _as_index(
+    trees: Mapping[str, Sequence[str]] | TreeIndex | SimilarityTable, *uis: Iterable[str]
+) -> TreeIndex | SimilarityTable:
+    if isinstance(trees, TreeIndex | SimilarityTable):
         return trees
-    # A throwaway index over just the UIs involved: cheap, and avoids splitting a full
-    # 30k-descriptor mapping for one call. Callers scoring many pairs pass a TreeIndex.
+    # A throwaway index over just the UIs involved: cheap, and avoids encoding a full
+    # 30k-descriptor mapping for one call. Callers scoring many sets pass a TreeIndex, or
+    # a SimilarityTable over the sets.
     wanted = {u for group in uis for u in group}
-    return TreeIndex({u: trees[u] for u in wanted if u in trees}, cache_size=None)
+    return TreeIndex({u: trees[u] for u in wanted if u in trees})
 
 
 def best_match_average(
     a_uis: Collection[str],
     b_uis: Collection[str],
-    trees: Mapping[str, Sequence[str]] | TreeIndex,
+    trees: Mapping[str, Sequence[str]] | TreeIndex | SimilarityTable,
     major_a: Collection[str] = frozenset(),
     major_b: Collection[str] = frozenset(),
     major_weight: float = DEFAULT_MAJOR_WEIGHT,
@@ -223,7 +264,8 @@ def best_match_average(
     containing the small one. Major topics count ``major_weight`` times in their side's mean
     because they say what the article is about. Duplicates count once. Either side empty:
     0.0 (no evidence of topical agreement). ``trees`` maps UI -> tree numbers, or is a
-    :class:`TreeIndex` to reuse its cache across calls.
+    :class:`TreeIndex` (or a :class:`SimilarityTable` holding both sets) built once for
+    many calls.
     """
     index = _as_index(trees, a_uis, b_uis)
     return index.best_match_average(a_uis, b_uis, major_a, major_b, major_weight)
@@ -233,7 +275,7 @@ def hierarchy_score(
     source: Collection[str],
     contexts: Collection[str],
     question: Collection[str],
-    trees: Mapping[str, Sequence[str]] | TreeIndex,
+    trees: Mapping[str, Sequence[str]] | TreeIndex | SimilarityTable,
     alpha: float = DEFAULT_ALPHA,
     major_source: Collection[str] = frozenset(),
     major_contexts: Collection[str] = frozenset(),
