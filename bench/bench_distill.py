@@ -347,10 +347,14 @@ def window_rate(at: Sequence[float]) -> tuple[float, float]:
 # -- the bare loop -------------------------------------------------------------------------
 
 
-async def bare_loop(url: str, bodies: list[dict[str, Any]], cap: int) -> None:
-    from openai import AsyncOpenAI
+async def bare_loop(url: str, bodies: list[dict[str, Any]], cap: int,
+                    aiohttp: bool = False) -> None:
+    """``chat.completions.create`` under a semaphore: the SDK as its docs show it (httpx),
+    or with ``aiohttp`` its aiohttp transport (the stricter reference, run on uvloop)."""
+    from openai import AsyncOpenAI, DefaultAioHttpClient
 
-    client = AsyncOpenAI(base_url=url, api_key="unused", max_retries=0, timeout=60)
+    extra: dict[str, Any] = {"http_client": DefaultAioHttpClient()} if aiohttp else {}
+    client = AsyncOpenAI(base_url=url, api_key="unused", max_retries=0, timeout=60, **extra)
     gate = asyncio.Semaphore(cap)
 
     async def one(body: dict[str, Any]) -> None:
@@ -486,13 +490,20 @@ def _ms(xs: Sequence[float]) -> str:
 
 async def run_pipeline(url: str, engine: Any, settings: Any, run_id: str, timings: Timings,
                        m: Measure, profile: cProfile.Profile | None,
-                       stub_retrieval: bool = False) -> dict[str, Any]:
+                       stub_retrieval: bool = False, client_process: bool = True
+                       ) -> dict[str, Any]:
     from meshdistill.llm.cache import CachedBackend
+    from meshdistill.llm.client_process import ClientProcessBackend
     from meshdistill.llm.openai_backend import OpenAIBackend
 
-    inner = OpenAIBackend(model=BENCH_MODEL, base_url=url, api_key="unused",
-                          max_concurrency=CAP)
-    inner._body = _timed(inner._body, timings, "body")  # type: ignore[method-assign]
+    inner: Any
+    if client_process:
+        inner = ClientProcessBackend(model=BENCH_MODEL, base_url=url, api_key="unused",
+                                     max_concurrency=CAP)
+    else:
+        inner = OpenAIBackend(model=BENCH_MODEL, base_url=url, api_key="unused",
+                              max_concurrency=CAP)
+        inner._body = _timed(inner._body, timings, "body")
     backend = CachedBackend(inner, engine)
     instrument_cache(backend, timings)
     distiller = instrumented_distiller(engine, SUBTREE, backend, settings, run_id,
@@ -585,6 +596,7 @@ def drop_fts(engine: Any) -> None:
 
 
 def part1(url: str, args: argparse.Namespace) -> bool:
+    from meshdistill import aio
     from meshdistill.distill.settings import DistillSettings
     from meshdistill.distill.workers import split_evenly
     from meshdistill.store.db import get_engine
@@ -617,9 +629,10 @@ def part1(url: str, args: argparse.Namespace) -> bool:
             dbc = DbCpu(url)
             dbc.begin()
             load = os.getloadavg()[0]
-            summary = asyncio.run(run_pipeline(server.url, engine, settings,
+            summary = aio.run(run_pipeline(server.url, engine, settings,
                                                f"bench-{uuid.uuid4().hex[:8]}", timings, pm,
-                                               prof, args.stub_retrieval))
+                                               prof, args.stub_retrieval,
+                                               args.llm_client == "process"))
             ps = server.call("stats", True)
             p_db = dbc.end()
             p_cpu = ps["cpu"] - c0
@@ -632,11 +645,17 @@ def part1(url: str, args: argparse.Namespace) -> bool:
             bs = server.call("stats")
             b_cpu = bs["cpu"] - ps["cpu"]
 
+            server.call("reset")
+            tm = Measure()
+            aio.run(measured(bare_loop(server.url, bodies, CAP, aiohttp=True), tm))
+            ts = server.call("stats")
+            t_rate = ts["n"] / tm.wall
+
             clear_llm_cache(engine, BENCH_MODEL)
             server.call("reset")
             lm = Measure()
-            asyncio.run(measured(llm_layer(server.url, engine, timings.groups,
-                                           settings.articles_in_flight), lm))
+            aio.run(measured(llm_layer(server.url, engine, timings.groups,
+                                       settings.articles_in_flight), lm))
             ls = server.call("stats")
             l_rate = ls["n"] / lm.wall
 
@@ -673,6 +692,7 @@ def part1(url: str, args: argparse.Namespace) -> bool:
                 ("bare SDK loop, same bodies", bs["n"], bm.wall, b_rate),
                 ("bare SDK loop, server window", bs["n"], b_span, b_win),
                 ("LLM layer (CachedBackend+OpenAIBackend)", ls["n"], lm.wall, l_rate),
+                ("bare SDK loop, aiohttp on uvloop [strict]", ts["n"], tm.wall, t_rate),
             ]
             for label, count, secs, rate in rows:
                 print(f"{label:44}{count:9d}{secs:9.2f}{rate:8.0f}{rate / b_rate:9.1%}")
@@ -739,8 +759,12 @@ def part1(url: str, args: argparse.Namespace) -> bool:
                     40)
                 print("cProfile (by cumulative, meshdistill and schema/transform only):")
                 print("\n".join(out.getvalue().splitlines()[:60]))
+            print(f"stricter reference: the bare loop with the SDK's aiohttp transport on "
+                  f"uvloop (the client stack and event loop the pipeline runs on) "
+                  f"{t_rate:.0f} req/s, {1e3 * tm.proc_cpu / ts['n']:.2f} ms CPU/request; "
+                  f"pipeline / strict {p_llm / t_rate:.1%}")
             capped = (ps["max_in_flight"] <= CAP and bs["max_in_flight"] <= CAP
-                      and ls["max_in_flight"] <= CAP)
+                      and ls["max_in_flight"] <= CAP and ts["max_in_flight"] <= CAP)
             # processes=1, from the server's first request to the end of run(): the figure
             # comparable to the N-process run's below
             p_first = n / (pm.end - min(ps["at"])) if ps["at"] else 0.0
@@ -877,6 +901,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--processes", type=int, default=2,
                     help="part 1: also run the pipeline with this many worker processes "
                          "(default 2; 1 = one-process run only); the exit status follows it")
+    ap.add_argument("--llm-client", choices=("process", "in-process"), default="in-process",
+                    help="part 1: the pipeline's openai client on its event loop (the default, "
+                         "as in production) or in a child process (client_process)")
     ap.add_argument("--skip-offline", action="store_true")
     ap.add_argument("--skip-rate", action="store_true")
     ap.add_argument("--cold-index", action="store_true",

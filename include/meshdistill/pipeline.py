@@ -150,10 +150,9 @@ def distill_subtree(
     With ``processes > 1`` that many worker processes share the articles, the LLM
     concurrency cap and the budget (each split evenly).
     """
-    import asyncio
-
     from pydantic import ValidationError
 
+    from meshdistill import aio
     from meshdistill.distill.backends import cached_backend
     from meshdistill.distill.run import distill_subtree_async
     from meshdistill.distill.settings import DistillSettings
@@ -176,7 +175,7 @@ def distill_subtree(
                                             run_id, budget_usd=budget_usd,
                                             budget_tokens=budget_tokens)
     else:
-        summary = asyncio.run(run())
+        summary = aio.run(run())
     if summary["deferred"]:
         log.warning("%s: budget reached; %d candidates deferred to the next run",
                     prefix, summary["deferred"])

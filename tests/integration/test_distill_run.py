@@ -320,11 +320,15 @@ def _messages(r: RecordedRequest) -> str:
     return json.dumps(r.body["messages"], sort_keys=True)
 
 
+@pytest.mark.parametrize("client_process", [False, True], ids=["in-loop", "client-process"])
 def test_openai_run_with_faults_completes_and_a_rerun_finishes_the_failed(
-    url: str, faulty: FaultyOpenAI, grader: MeshGrader
+    url: str, faulty: FaultyOpenAI, grader: MeshGrader, client_process: bool
 ) -> None:
+    """The same faults, retries, failures and reruns whether the SDK runs on the run's
+    event loop or in its own process (:mod:`meshdistill.llm.client_process`)."""
     concurrency, attempts = 4, 3
-    config = openai_config(faulty, max_concurrency=concurrency, max_attempts=attempts)
+    config = openai_config(faulty, max_concurrency=concurrency, max_attempts=attempts,
+                           client_process=client_process)
     faulty.arm.update({"500": True, "json": True})
     injected = {"429": 3, "500": 2, "hang": 1, "invalid_json": 1}
     faulty.fail_next(2, "429", retry_after=0.1)

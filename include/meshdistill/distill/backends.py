@@ -37,6 +37,8 @@ class LLMConfig:
     max_concurrency: int | None = None
     timeout: float | None = None
     max_attempts: int | None = None
+    # None: MESHDISTILL_LLM_CLIENT_PROCESS (default off); see meshdistill.llm.client_process
+    client_process: bool | None = None
 
     def merged(self, fallback: LLMConfig | None) -> LLMConfig:
         """This config with its unset fields taken from ``fallback`` (e.g. the connection)."""
@@ -52,12 +54,22 @@ class LLMConfig:
             raise ConfigError(f"unknown LLM backend {kind!r}; use one of {BACKENDS}")
         return kind
 
+    @property
+    def in_child_process(self) -> bool:
+        """Whether the ``openai`` client runs in a child process of its own."""
+        if self.client_process is not None:
+            return self.client_process
+        value = os.environ.get("MESHDISTILL_LLM_CLIENT_PROCESS", "").strip().lower()
+        if value not in ("", "0", "1", "false", "true", "no", "yes"):
+            raise ConfigError(f"MESHDISTILL_LLM_CLIENT_PROCESS={value!r}: use 1 or 0")
+        return value in ("1", "true", "yes")
+
     @classmethod
     def from_extra(cls, host: str | None, password: str | None,
                    extra: dict[str, Any]) -> LLMConfig:
         """From an Airflow connection's parts (no Airflow import here)."""
         allowed = {"backend", "model", "organization", "max_concurrency", "timeout",
-                   "max_attempts"}
+                   "max_attempts", "client_process"}
         unknown = set(extra) - allowed
         if unknown:
             raise ConfigError(f"unknown keys in the meshdistill_llm connection extra: "
@@ -72,13 +84,15 @@ def make_backend(config: LLMConfig) -> LLMBackend:
     """The bare backend a config names."""
     if config.kind == "offline":
         return OfflineBackend(config.model) if config.model else OfflineBackend()
+    from meshdistill.llm.client_process import ClientProcessBackend
     from meshdistill.llm.openai_backend import OpenAIBackend
 
     given = {"max_concurrency": config.max_concurrency, "timeout": config.timeout,
              "max_attempts": config.max_attempts}
     tuning: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
-    return OpenAIBackend(model=config.model, base_url=config.base_url, api_key=config.api_key,
-                         organization=config.organization, **tuning)
+    kind = ClientProcessBackend if config.in_child_process else OpenAIBackend
+    return kind(model=config.model, base_url=config.base_url, api_key=config.api_key,
+                organization=config.organization, **tuning)
 
 
 def cached_backend(config: LLMConfig, engine: Engine, *, budget_usd: float | None = None,

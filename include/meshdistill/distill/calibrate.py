@@ -48,7 +48,6 @@ taken from scikit-learn, to avoid a heavy dependency for one formula.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import inspect
 import json
@@ -66,6 +65,7 @@ from typing import Any
 
 from sqlalchemy import Connection, text
 
+from meshdistill import aio
 from meshdistill.config import data_dir
 from meshdistill.distill import retrieve as retrieve_module
 from meshdistill.distill.grade import Headings, MeshGrader
@@ -477,7 +477,7 @@ def score_judge(backend: LLMBackend, pairset: PairSet) -> int:
         judge_request(_judge_input(pairset.records[p.question].question, by_pmid[p.candidate]))
         for p in pairset.pairs
     ]
-    results = asyncio.run(complete_all(backend, requests))
+    results = aio.run(complete_all(backend, requests))
     failed = 0
     for pair, result in zip(pairset.pairs, results, strict=True):
         if result.output is None:

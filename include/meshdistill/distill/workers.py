@@ -13,7 +13,6 @@ has ended; what the others (and it) flushed before stays committed, as with one 
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections import Counter
@@ -21,6 +20,7 @@ from typing import Any
 
 from sqlalchemy import Engine
 
+from meshdistill import aio
 from meshdistill.distill.run import SubtreeDistiller
 from meshdistill.distill.settings import DistillSettings
 from meshdistill.llm.openai_backend import DEFAULT_CONCURRENCY
@@ -69,7 +69,7 @@ def _worker(database_url: str, subtree: str, llm: Any, settings: DistillSettings
                     "budget": budget.snapshot() if budget is not None else None}
 
     try:
-        return asyncio.run(go())
+        return aio.run(go())
     except BaseException:
         log.exception("%s failed", label)
         raise
