@@ -400,7 +400,7 @@ def instrumented_distiller(*args: Any, timings: Timings, stub_retrieval: bool = 
             finally:
                 timings.prepare = time.perf_counter() - t
                 grader = self._grader
-                for name in ("question_uis", "context_score", "item_score"):
+                for name in ("question_uis", "table", "context_scores", "item_score"):
                     setattr(grader, name, _timed(getattr(grader, name), timings, "grader"))
 
         def _records(self, pmids: Sequence[int]) -> Any:

@@ -220,3 +220,31 @@ def test_bma_index_and_table_equal_the_plain_definition_bit_for_bit() -> None:
         # sets the table does not hold (b is not among its rows): computed from the index
         assert table.best_match_average(b, b, major_b, major_b) == 1.0
     assert TreeIndex({}).table(["X"], ["X"]).best_match_average(["X"], ["X"]) == 1.0
+
+
+def test_many_bmas_in_one_gather_equal_one_bma_each_bit_for_bit() -> None:
+    """``best_match_averages`` (a question against its ten contexts at once) gives the
+    very values of one ``best_match_average`` per context and of the plain definition."""
+    trees = all_trees()
+    rng = random.Random(13)
+    names = sorted(trees)
+    index = TreeIndex(trees)
+    c04 = [n for n in names if any(t.startswith("C04.588") for t in trees[n])]
+    for _ in range(100):
+        a = rng.sample(c04, rng.randint(1, 4)) + rng.sample(names, rng.randint(0, 1))
+        sets = [rng.sample(c04, rng.randint(0, 8)) + rng.sample(names, rng.randint(0, 2))
+                for _ in range(rng.randint(1, 10))]
+        majors = [set(b[:2]) for b in sets]
+        table = index.table([*a, "D999999"], [u for b in sets for u in b])
+        got = table.best_match_averages(a, sets, majors)
+        assert got == [table.best_match_average(a, b, frozenset(), m)
+                       for b, m in zip(sets, majors, strict=True)]
+        assert got == [_plain_bma(list(dict.fromkeys(a)), list(dict.fromkeys(b)), trees,
+                                  set(), m) if b else 0.0
+                       for b, m in zip(sets, majors, strict=True)]
+        # sets outside the table: each computed from the index, same values
+        outside = [[*b, "Humans"] for b in sets]
+        assert table.best_match_averages(a, outside, majors) == [
+            index.best_match_average(a, b, frozenset(), m)
+            for b, m in zip(outside, majors, strict=True)]
+    assert index.table(["X"], ["Y"]).best_match_averages([], [["Y"]], [set()]) == [0.0]

@@ -233,6 +233,16 @@ class MeshGrader:
         hierarchy = self.question_context(question_uis, context, table)
         return hierarchy, blend(retrieval, hierarchy, self.blend_weight)
 
+    def context_scores(
+        self, question_uis: Sequence[str], contexts: Sequence[Headings],
+        retrievals: Sequence[float], table: SimilarityTable,
+    ) -> list[tuple[float, float]]:
+        """:meth:`context_score` of each context (same values), from one table lookup."""
+        hierarchies = table.best_match_averages(
+            question_uis, [c.uis for c in contexts], [c.major for c in contexts])
+        return [(h, blend(r, h, self.blend_weight))
+                for h, r in zip(hierarchies, retrievals, strict=True)]
+
     def item_score(
         self, source: Headings, contexts: Iterable[Headings], question_uis: Sequence[str],
         table: SimilarityTable | None = None,

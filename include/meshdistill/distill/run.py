@@ -219,25 +219,29 @@ class SubtreeDistiller:
         hits = await asyncio.to_thread(
             self._retrieve, [(c.question.question, record.pmid) for c in live if c.question])
         source = record.mesh
+        graded = []
         for c, group in zip(live, hits, strict=True):
             c.stage = "retrieve"
             if not any(h.is_source for h in group):
                 c.end("rejected", "retrieve", reason="source article is no longer retrievable")
                 continue
             assert c.question is not None
+            found = [(h, ctx) for h in group if (ctx := self._articles.get(h.pmid))]
+            graded.append((c, grader.question_uis(c.question.question), found))
+        # One similarity table for the article: its questions share the source and most of
+        # their contexts, so one matrix over the union costs less than one per question
+        # (every similarity is computed on its own, so each value is the same either way).
+        table = grader.table([u for _, q_uis, _ in graded for u in q_uis], source,
+                             [ctx.mesh for _, _, found in graded for _, ctx in found])
+        for c, q_uis, found in graded:
             self.stats.stages["grade"] += 1
             c.stage = "grade"
-            q_uis = grader.question_uis(c.question.question)
             c.question_mesh = q_uis
             ranking_uis = q_uis or list(source.uis)  # the source's topic stands in
-            found = [(h, ctx) for h in group if (ctx := self._articles.get(h.pmid))]
-            table = grader.table(q_uis, source, [ctx.mesh for _, ctx in found])
-            scored = []
-            for h, ctx in found:
-                hierarchy, blended = grader.context_score(ranking_uis, ctx.mesh, h.score,
-                                                          table)
-                scored.append(ContextChoice(h.pmid, h.rank, h.score, hierarchy, blended,
-                                            h.is_source))
+            scores = grader.context_scores(ranking_uis, [ctx.mesh for _, ctx in found],
+                                           [h.score for h, _ in found], table)
+            scored = [ContextChoice(h.pmid, h.rank, h.score, hierarchy, blended, h.is_source)
+                      for (h, _), (hierarchy, blended) in zip(found, scores, strict=True)]
             scored.sort(key=lambda x: (-x.blend, x.rank))
             chosen = scored[: s.k_contexts]
             if not any(x.is_source for x in chosen):
