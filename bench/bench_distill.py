@@ -615,7 +615,9 @@ def part1(url: str, args: argparse.Namespace) -> bool:
     if args.articles_in_flight != 64:
         print(f"articles_in_flight = {args.articles_in_flight} (default 64)")
     server = ServerProcess(kind, LATENCY)
-    ok = True
+    pooled: Counter[str] = Counter()  # requests and seconds summed over the runs
+    ratios: list[float] = []
+    capped_all = True
     try:
         for run in range(1, args.runs + 1):
             reset_model(engine, BENCH_MODEL)
@@ -811,12 +813,37 @@ def part1(url: str, args: argparse.Namespace) -> bool:
                 print(f"pipeline with processes={args.processes}: {m_ratio:.1%} of the bare "
                       f"loop (first request → end; target {args.target:.0%}); max in flight "
                       f"{ms['max_in_flight']} ≤ {CAP}: {m_verdict}")
-                verdict = m_verdict  # the exit status follows the multi-process figure
-            ok = ok and verdict.startswith("PASS")
+            pooled.update({"p_n": n, "p_s": pm.wall - pre, "b_n": bs["n"], "b_s": bm.wall,
+                           "t_n": ts["n"], "t_s": tm.wall})
+            if m_summary is not None:
+                pooled.update({"m_n": ms["n"], "m_s": m1 - min(ms["at"])})
+            ratios.append(m_ratio if m_ratio is not None else ratio)
+            capped_all = capped_all and capped
+        # The machine's speed drifts between runs (the bare loop alone moved between 275
+        # and 407 req/s in one session), so one pair of runs is a noisy estimate; the
+        # verdict pools every run's requests and seconds for each contender.
+        p_rate, b_rate = pooled["p_n"] / pooled["p_s"], pooled["b_n"] / pooled["b_s"]
+        t_rate = pooled["t_n"] / pooled["t_s"]
+        final = p_rate / b_rate
+        label = "pipeline, without prepare"
+        if pooled["m_n"]:
+            p_rate = pooled["m_n"] / pooled["m_s"]
+            final = p_rate / b_rate
+            label = f"pipeline, processes={args.processes}, first request → end"
+        verdict = "PASS" if final >= args.target and capped_all else "FAIL"
+        if args.profile or args.stub_retrieval:
+            verdict += " (profiled or stubbed: not representative)"
+        print(f"\n== over {args.runs} run(s), requests and seconds pooled ==\n"
+              f"{label}: {p_rate:.0f} req/s; bare SDK loop {b_rate:.0f} req/s; strict "
+              f"reference (aiohttp on uvloop) {t_rate:.0f} req/s\n"
+              f"pipeline / bare {final:.1%} (target {args.target:.0%}; per run: "
+              f"{', '.join(f'{r:.1%}' for r in ratios)}); pipeline / strict "
+              f"{p_rate / t_rate:.1%}; max in flight ≤ {CAP} in every run: "
+              f"{'yes' if capped_all else 'NO'}: {verdict}")
     finally:
         server.stop()
         reset_model(engine, BENCH_MODEL)
-    return ok
+    return verdict.startswith("PASS")
 
 
 # -- part 2 --------------------------------------------------------------------------------
@@ -892,18 +919,18 @@ def load_corpus(url: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--articles", type=int, default=300, help="part 1: C04 articles")
-    ap.add_argument("--runs", type=int, default=1, help="part 1 repetitions")
+    ap.add_argument("--runs", type=int, default=3, help="part 1 repetitions (pooled)")
     ap.add_argument("--target", type=float, default=0.9, help="pipeline/bare rate")
     ap.add_argument("--articles-in-flight", type=int, default=64,
                     help="part 1: DistillSettings.articles_in_flight")
     ap.add_argument("--offline-articles", type=int, default=None,
                     help="part 2 limit (default: all)")
-    ap.add_argument("--processes", type=int, default=2,
+    ap.add_argument("--processes", type=int, default=1,
                     help="part 1: also run the pipeline with this many worker processes "
-                         "(default 2; 1 = one-process run only); the exit status follows it")
-    ap.add_argument("--llm-client", choices=("process", "in-process"), default="in-process",
-                    help="part 1: the pipeline's openai client on its event loop (the default, "
-                         "as in production) or in a child process (client_process)")
+                         "(default 1 = one-process run only); the exit status follows it")
+    ap.add_argument("--llm-client", choices=("process", "in-process"), default="process",
+                    help="part 1: the pipeline's openai client in a child process (the "
+                         "default, as in production) or on the pipeline's event loop")
     ap.add_argument("--skip-offline", action="store_true")
     ap.add_argument("--skip-rate", action="store_true")
     ap.add_argument("--cold-index", action="store_true",

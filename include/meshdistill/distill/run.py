@@ -254,6 +254,9 @@ class SubtreeDistiller:
             if c.hierarchy_score < s.min_hierarchy:
                 c.end("rejected", "grade", reason=(
                     f"hierarchy {c.hierarchy_score:.3f} < {s.min_hierarchy}"))
+            # Let the loop run between questions: replies that have arrived release
+            # their concurrency slots now rather than after the whole article's grading.
+            await asyncio.sleep(0)
 
     async def _judge(self, article: ArticleInput, live: list[Candidate]) -> None:
         if not live:
