@@ -204,9 +204,11 @@ class ClientProcessBackend:
                     if future is not None and not future.done():
                         future.set_exception(RuntimeError(
                             f"LLM client process: {message[2]}"))
-                elif kind == "log":
+                elif kind == "log":  # as if logged here: the parent's levels decide
                     record = logging.makeLogRecord(message[1])
-                    logging.getLogger(record.name).handle(record)
+                    logger = logging.getLogger(record.name)
+                    if logger.isEnabledFor(record.levelno):
+                        logger.handle(record)
         except (asyncio.IncompleteReadError, ConnectionError, OSError) as exc:
             why = type(exc).__name__
         finally:
@@ -228,6 +230,8 @@ class ClientProcessBackend:
             link = await self._current()
         except OSError as exc:
             return self._failed(request, f"cannot start the LLM client process: {exc}")
+        if link.closed:  # it died after starting; the next call starts another
+            return self._failed(request, f"LLM client process {link.proc.pid} ended")
         call_id = next(self._ids)
         future: asyncio.Future[LLMResult[Any]] = link.loop.create_future()
         link.pending[call_id] = future
