@@ -176,3 +176,19 @@ def test_config_chooses_the_child_process(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setenv("MESHDISTILL_LLM_CLIENT_PROCESS", "maybe")
     with pytest.raises(ConfigError, match="MESHDISTILL_LLM_CLIENT_PROCESS"):
         make_backend(LLMConfig(**base))
+
+
+def test_a_child_that_cannot_start_is_not_respawned_for_every_call(
+    server: FakeOpenAI,
+) -> None:
+    backend = child(server)
+    backend.python = "/bin/false"  # a "child" that exits at once with status 1
+
+    async def go() -> list[LLMResult[Judgement]]:
+        return [await backend.complete(request(i)) for i in range(6)]
+
+    out = aio.run(go())
+    assert all(r.failure is FailureKind.CONNECTION for r in out)
+    assert all("ended" in (r.error or "") for r in out[:3]), [r.error for r in out]
+    assert all("3 times in a row without answering" in (r.error or "") for r in out[3:])
+    assert server.requests == []

@@ -21,7 +21,9 @@ its result are plain dataclasses and pydantic models. The child is started with
 the parent's ``__main__``, an Airflow or pytest entry point). Its settings, the API key
 included, arrive as the first frame, never in argv or the environment. Its log records
 come back as frames and are handled by the parent's loggers. If the child dies, every
-call it held ends as a ``connection`` failure and the next call starts a new child.
+call it held ends as a ``connection`` failure and the next call starts a new child;
+after :data:`MAX_STARTS_UNANSWERED` children in a row that answered nothing (one that
+cannot start at all), calls fail at once instead.
 """
 
 from __future__ import annotations
@@ -47,6 +49,10 @@ from meshdistill.llm.openai_backend import OpenAIBackend
 log = logging.getLogger(__name__)
 
 _HEADER = struct.Struct("!I")
+# Children that may end in a row, none of them having answered a call, before calls fail
+# at once instead of starting another (a child that cannot start must not be respawned
+# for every one of thousands of calls).
+MAX_STARTS_UNANSWERED = 3
 _LOG_FIELDS = ("name", "levelno", "levelname", "pathname", "filename", "module", "lineno",
                "funcName", "created", "msecs", "relativeCreated", "process", "processName",
                "thread", "threadName", "taskName")
@@ -79,6 +85,7 @@ class _Link:
     pending: dict[int, asyncio.Future[LLMResult[Any]]] = field(default_factory=dict)
     reader_task: asyncio.Task[None] | None = None
     closed: bool = False
+    answered: bool = False  # it has sent at least one result
 
     def send(self, message: Any) -> None:
         if not self.closed:
@@ -108,6 +115,8 @@ class ClientProcessBackend:
         self._ids = itertools.count()
         self._link: _Link | None = None
         self._starting: asyncio.Task[_Link] | None = None
+        self._unanswered_starts = 0  # children started in a row that answered nothing
+        self.python = sys.executable  # the interpreter the child runs on
 
     def __repr__(self) -> str:  # never the key
         return (f"ClientProcessBackend(model={self.model!r}, base_url={self.base_url!r}, "
@@ -134,6 +143,10 @@ class ClientProcessBackend:
             return link
         starting = self._starting
         if starting is None or starting.get_loop() is not loop or starting.done():
+            if self._unanswered_starts >= MAX_STARTS_UNANSWERED:
+                raise _ChildGone(f"the LLM client process ended {self._unanswered_starts} "
+                                 "times in a row without answering (its error is above, "
+                                 "on stderr); not starting another")
             starting = self._starting = loop.create_task(self._start(loop))
         return await asyncio.shield(starting)
 
@@ -144,7 +157,7 @@ class ClientProcessBackend:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
         try:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "meshdistill.llm.client_process",
+                [self.python, "-m", "meshdistill.llm.client_process",
                  str(child_end.fileno())],
                 pass_fds=(child_end.fileno(),), env=env, stdin=subprocess.DEVNULL)
         except BaseException:
@@ -176,6 +189,7 @@ class ClientProcessBackend:
             except TimeoutError:
                 link.proc.kill()
         link.writer.close()
+        self._unanswered_starts = 0  # closed on purpose: no evidence against the next child
         try:
             await asyncio.to_thread(link.proc.wait, 10)
         except subprocess.TimeoutExpired:
@@ -196,6 +210,8 @@ class ClientProcessBackend:
                 message = await _read(reader)
                 kind = message[0]
                 if kind == "result":
+                    if not link.answered:
+                        link.answered, self._unanswered_starts = True, 0
                     future = link.pending.get(message[1])
                     if future is not None and not future.done():
                         future.set_result(message[2])
@@ -213,6 +229,8 @@ class ClientProcessBackend:
             why = type(exc).__name__
         finally:
             link.closed = True
+            if not link.answered:
+                self._unanswered_starts += 1
             code = link.proc.poll()
             gone = _ChildGone(f"LLM client process {link.proc.pid} ended "
                               f"({'exit code ' + str(code) if code is not None else why})")
@@ -228,7 +246,9 @@ class ClientProcessBackend:
         """Send ``request`` to the child and wait for its result."""
         try:
             link = await self._current()
-        except OSError as exc:
+        except _ChildGone as exc:
+            return self._failed(request, str(exc))
+        except (OSError, ConnectionError) as exc:
             return self._failed(request, f"cannot start the LLM client process: {exc}")
         if link.closed:  # it died after starting; the next call starts another
             return self._failed(request, f"LLM client process {link.proc.pid} ended")
