@@ -619,8 +619,9 @@ def part1(url: str, args: argparse.Namespace) -> bool:
         print("DIAGNOSTIC: retrieval SQL replaced by a fixed neighbour list")
     settings = DistillSettings(max_articles=args.articles,
                                articles_in_flight=args.articles_in_flight)
-    if args.articles_in_flight != 64:
-        print(f"articles_in_flight = {args.articles_in_flight} (default 64)")
+    if args.articles_in_flight != DistillSettings().articles_in_flight:
+        print(f"articles_in_flight = {args.articles_in_flight} "
+              f"(default {DistillSettings().articles_in_flight})")
     server = ServerProcess(kind, LATENCY)
     pooled: Counter[str] = Counter()  # requests and seconds summed over the runs
     ratios: list[float] = []
@@ -933,7 +934,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--articles", type=int, default=300, help="part 1: C04 articles")
     ap.add_argument("--runs", type=int, default=3, help="part 1 repetitions (pooled)")
     ap.add_argument("--target", type=float, default=0.9, help="pipeline/bare rate")
-    ap.add_argument("--articles-in-flight", type=int, default=64,
+    from meshdistill.distill.settings import DistillSettings
+
+    ap.add_argument("--articles-in-flight", type=int,
+                    default=DistillSettings().articles_in_flight,
                     help="part 1: DistillSettings.articles_in_flight")
     ap.add_argument("--offline-articles", type=int, default=None,
                     help="part 2 limit (default: all)")
