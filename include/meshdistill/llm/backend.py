@@ -167,6 +167,15 @@ class LLMResult(Generic[T]):
     def ok(self) -> bool:
         return self.output is not None
 
+    @classmethod
+    def for_request(cls, request: LLMRequest[T], backend: str, model: str,
+                    **fields: Any) -> LLMResult[T]:
+        """A result carrying ``request``'s identity (stage, prompt version, cache key and
+        key parameters for ``model``); ``fields`` set the rest."""
+        return cls(stage=request.stage, prompt_version=request.prompt_version,
+                   cache_key=request.cache_key(model), backend=backend, model=model,
+                   params=request.key_params(), **fields)
+
 
 @runtime_checkable
 class LLMBackend(Protocol):

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from meshdistill.errors import ConfigError
 from meshdistill.llm.backend import LLMRequest, LLMResult, T
@@ -46,11 +46,8 @@ def is_deferred(result: LLMResult[Any]) -> bool:
 
 def deferred_result(request: LLMRequest[T], backend: str, model: str) -> DeferredResult[T]:
     """The result returned instead of a call the budget does not allow."""
-    return DeferredResult(
-        stage=request.stage, prompt_version=request.prompt_version,
-        cache_key=request.cache_key(model), backend=backend, model=model,
-        error=DEFERRED_REASON, attempts=0, params=request.key_params(),
-    )
+    return cast(DeferredResult[T], DeferredResult.for_request(
+        request, backend, model, error=DEFERRED_REASON, attempts=0))
 
 
 def estimate_prompt_tokens(request: LLMRequest[Any]) -> int:

@@ -248,7 +248,7 @@ class ClientProcessBackend:
             link = await self._current()
         except _ChildGone as exc:
             return self._failed(request, str(exc))
-        except (OSError, ConnectionError) as exc:
+        except OSError as exc:  # ConnectionError included
             return self._failed(request, f"cannot start the LLM client process: {exc}")
         if link.closed:  # it died after starting; the next call starts another
             return self._failed(request, f"LLM client process {link.proc.pid} ended")
@@ -272,10 +272,8 @@ class ClientProcessBackend:
         return result
 
     def _failed(self, request: LLMRequest[T], error: str) -> LLMResult[T]:
-        return LLMResult(stage=request.stage, prompt_version=request.prompt_version,
-                         cache_key=request.cache_key(self.model), backend=self.name,
-                         model=self.model, failure=FailureKind.CONNECTION, error=error,
-                         params=request.key_params())
+        return LLMResult.for_request(request, self.name, self.model,
+                                     failure=FailureKind.CONNECTION, error=error)
 
 
 # -- the child's side ----------------------------------------------------------------------

@@ -118,11 +118,8 @@ class OfflineBackend:
     async def complete(self, request: LLMRequest[T]) -> LLMResult[T]:
         """Serve ``request`` from its structured inputs; failures are results, not raises."""
         start = time.perf_counter()
-        result: LLMResult[T] = LLMResult(
-            stage=request.stage, prompt_version=request.prompt_version,
-            cache_key=request.cache_key(self.model), backend=self.name, model=self.model,
-            attempts=1, response_format="offline", params=request.key_params(),
-        )
+        result: LLMResult[T] = LLMResult.for_request(
+            request, self.name, self.model, attempts=1, response_format="offline")
         produced: BaseModel
         inp = request.inputs
         if isinstance(inp, GenerateInput):

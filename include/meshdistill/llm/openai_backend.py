@@ -333,11 +333,7 @@ class OpenAIBackend:
     async def complete(self, request: LLMRequest[T]) -> LLMResult[T]:
         """Run ``request``; every failure ends in the result, not in an exception."""
         start = time.perf_counter()
-        result: LLMResult[T] = LLMResult(
-            stage=request.stage, prompt_version=request.prompt_version,
-            cache_key=request.cache_key(self.model), backend=self.name, model=self.model,
-            params=request.key_params(),
-        )
+        result: LLMResult[T] = LLMResult.for_request(request, self.name, self.model)
         counter = [0]
         messages: list[dict[str, str]] = [
             {"role": m["role"], "content": m["content"]} for m in request.messages]

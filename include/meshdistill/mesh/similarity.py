@@ -218,7 +218,6 @@ class SimilarityTable:
             sub = self.index.similarity_matrix(a, b)
         return _bma(sub, a, b, major_a, major_b, major_weight)
 
-
     def best_match_averages(
         self,
         a_uis: Iterable[str],
