@@ -755,9 +755,11 @@ def part1(url: str, args: argparse.Namespace) -> bool:
                                for k, v in sorted(timings.thread_cpu.items()))
             print(f"worker-thread CPU (thread_time): {worker}; process minus loop minus "
                   f"these: {pm.proc_cpu - pm.loop_cpu - sum(timings.thread_cpu.values()):.2f} s")
-            print(f"event loop, pipeline-only work: OpenAIBackend._body (model_json_schema per "
-                  f"request) {timings.body:.2f} s = {1e3 * timings.body / n:.2f} ms/request; "
-                  f"MeshGrader calls {timings.grader:.2f} s = "
+            body = ("" if args.llm_client == "process" else  # _body runs in the child
+                    f"OpenAIBackend._body {timings.body:.2f} s = "
+                    f"{1e3 * timings.body / n:.2f} ms/request; ")
+            print(f"event loop, pipeline-only work: {body}MeshGrader calls (question_uis, "
+                  f"table, context_scores, item_score) {timings.grader:.2f} s = "
                   f"{1e3 * timings.grader / n:.2f} ms/request")
             if prof is not None:
                 out = io.StringIO()
