@@ -62,6 +62,7 @@ class RecordedRequest:
     status: int = 0
     fault: str | None = None
     path: str = "/v1/chat/completions"
+    content_type: str | None = None  # the request's Content-Type header
 
     @property
     def response_format(self) -> str | None:
@@ -237,7 +238,8 @@ class FakeOpenAI:
     async def _record(self, request: Request, path: str, handler: _Handler) -> Response:
         """Record the request, give it the next fault and count it in flight meanwhile."""
         body = await request.json()
-        record = RecordedRequest(at=time.monotonic(), body=body, path=path)
+        record = RecordedRequest(at=time.monotonic(), body=body, path=path,
+                                 content_type=request.headers.get("content-type"))
         with self._lock:
             self.requests.append(record)
             fault = self._faults.popleft() if self._faults else None

@@ -302,6 +302,10 @@ def test_refresh_index_follows_changes(conn: Connection) -> None:
     conn.execute(text("UPDATE article SET status = 'deleted' WHERE pmid = :p"), {"p": other})
     assert refresh_index(conn) == {"added": 1, "removed": 1}
     assert _lexeme_df_mismatches(conn) == 0
+    # the new entry went into the GIN index proper, not its pending list (which every
+    # search scans): merging what is pending now finds nothing left to merge
+    assert conn.exec_driver_sql(
+        "SELECT gin_clean_pending_list('article_fts_gin'::regclass)").scalar_one() == 0
     hits = retrieve(conn, "zyxwv qvxzt", source_pmid=other, k=3)
     assert [h.pmid for h in hits][:1] == [pmid]
     assert all(not h.is_source for h in hits), "a deleted source is not retrievable"

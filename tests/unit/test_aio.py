@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import gc
+import weakref
 
 import pytest
 import uvloop
@@ -43,3 +45,33 @@ def test_run_returns_the_result_and_raises_the_error() -> None:
     assert aio.run(value()) == 7
     with pytest.raises(ValueError, match="inside"):
         aio.run(boom())
+
+
+def test_gc_frozen_hides_what_exists_for_the_block_and_then_restores_the_collector() -> None:
+    before = gc.get_threshold()
+    assert gc.get_freeze_count() == 0
+    with aio.gc_frozen():
+        assert gc.get_freeze_count() > 1000  # the modules, at least
+        assert gc.get_threshold() == aio.GC_THRESHOLDS
+        cycle: list[object] = []
+        cycle.append(cycle)  # made inside the block: still collectable
+        ref = weakref.ref(_Node(cycle))
+        gc.collect()
+        assert ref() is None
+    assert gc.get_freeze_count() == 0
+    assert gc.get_threshold() == before
+
+
+def test_gc_frozen_restores_the_collector_when_the_block_raises() -> None:
+    before = gc.get_threshold()
+    with pytest.raises(RuntimeError), aio.gc_frozen():
+        raise RuntimeError("boom")
+    assert gc.get_freeze_count() == 0 and gc.get_threshold() == before
+
+
+class _Node:
+    """A weak-referenceable object in a reference cycle."""
+
+    def __init__(self, payload: list[object]) -> None:
+        self.payload = payload
+        self.me = self

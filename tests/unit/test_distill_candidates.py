@@ -179,7 +179,8 @@ def test_default_settings_are_valid_and_item_params_omit_run_mechanics() -> None
     assert s.profiles == ("domain", "general")
     assert s.question_types == tuple(QuestionType)
     params = s.item_params()
-    assert not {"redo", "articles_in_flight", "flush_every", "max_articles"} & set(params)
+    assert not {"redo", "articles_in_flight", "retrievals_in_flight", "flush_every",
+                "max_articles"} & set(params)
     assert params["thresholds"] == JudgeThresholds().model_dump()
     assert params["question_types"] == [t.value for t in QuestionType]
 

@@ -22,6 +22,7 @@ from meshdistill import aio
 from meshdistill.distill.backends import LLMConfig, make_backend
 from meshdistill.errors import ConfigError
 from meshdistill.llm import FailureKind, LLMResult, complete_all
+from meshdistill.llm.backend import start
 from meshdistill.llm.client_process import ClientProcessBackend
 from meshdistill.llm.openai_backend import OpenAIBackend
 from meshdistill.llm.schemas import Judgement
@@ -191,4 +192,37 @@ def test_a_child_that_cannot_start_is_not_respawned_for_every_call(
     assert all(r.failure is FailureKind.CONNECTION for r in out)
     assert all("ended" in (r.error or "") for r in out[:3]), [r.error for r in out]
     assert all("3 times in a row without answering" in (r.error or "") for r in out[3:])
+    assert server.requests == []
+
+
+def test_start_returns_once_the_child_is_ready_and_the_first_call_reuses_it(
+    server: FakeOpenAI,
+) -> None:
+    backend = child(server)
+
+    async def go() -> tuple[int | None, bool, int | None, LLMResult[Judgement]]:
+        async with backend:
+            await start(backend)  # the helper a run calls while it prepares
+            pid = backend.pid
+            link = backend._link
+            ready = link is not None and link.ready.is_set() and not link.closed
+            result = await backend.complete(request())
+            return pid, ready, backend.pid, result
+
+    pid, ready, pid_after, result = aio.run(go())
+    assert pid is not None and ready
+    assert pid_after == pid and result.ok  # no second child
+    assert len(server.requests) == 1  # starting sent no request
+
+
+def test_start_of_a_child_that_cannot_start_does_not_raise(server: FakeOpenAI) -> None:
+    backend = child(server)
+    backend.python = "/bin/false"
+
+    async def go() -> LLMResult[Judgement]:
+        await backend.start()  # returns: the child ended; calls report it
+        return await backend.complete(request())
+
+    result = aio.run(go())
+    assert result.failure is FailureKind.CONNECTION and "ended" in (result.error or "")
     assert server.requests == []

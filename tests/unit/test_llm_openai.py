@@ -76,7 +76,10 @@ def test_structured_output_parsed(server: FakeOpenAI) -> None:
     assert result.backend == "openai" and result.model == "fake-model"
     assert result.tokens_in > 0 and result.tokens_out > 0 and result.latency_ms > 0
     assert result.prompt_version == "judge_v1" and len(result.cache_key) == 64
+    assert server.requests[0].content_type == "application/json"  # body sent as bytes
     sent = server.requests[0].body
+    assert sent["messages"] == [{"role": m["role"], "content": m["content"]}
+                                for m in request().messages]
     fmt = sent["response_format"]
     assert fmt["type"] == "json_schema" and fmt["json_schema"]["strict"] is True
     assert fmt["json_schema"]["name"] == "Judgement"

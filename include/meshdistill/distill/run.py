@@ -23,12 +23,13 @@ import logging
 import re
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Engine
 
+from meshdistill.aio import gc_frozen
 from meshdistill.distill.candidates import (
     STAGES,
     Candidate,
@@ -42,6 +43,7 @@ from meshdistill.distill.items import ArticleOutcome, RunIdentity, state_counts,
 from meshdistill.distill.retrieve import refresh_index, retrieve_many
 from meshdistill.distill.settings import DistillSettings
 from meshdistill.llm.backend import LLMBackend, complete_all
+from meshdistill.llm.backend import start as start_backend
 from meshdistill.llm.inputs import AnswerInput, ArticleInput, GenerateInput, JudgeInput
 from meshdistill.llm.stages import answer_request, generate_request, judge_request
 from meshdistill.mesh.subtree import get_subtree, subtree_descriptor_uis
@@ -100,6 +102,7 @@ class SubtreeDistiller:
         self._grader = grader
         self._articles: dict[int, ArticleRecord] = {}
         self._embedder: OpenAIEmbedder | None = None
+        self._retrieval_gate = asyncio.Semaphore(settings.retrievals_in_flight)
         self.stats = RunStats()
         self.label = subtree  # "C04 [worker 1/2]" in a multi-process run's workers
         self.ident = RunIdentity(subtree, backend.model, backend.name, run_id,
@@ -216,8 +219,13 @@ class SubtreeDistiller:
     async def _retrieve_and_grade(self, record: ArticleRecord, live: list[Candidate]) -> None:
         s, grader = self.settings, self.grader
         self.stats.stages["retrieve"] += len(live)
-        hits = await asyncio.to_thread(
-            self._retrieve, [(c.question.question, record.pmid) for c in live if c.question])
+        # Bounded: a burst of articles reaching this step together (they start together)
+        # would otherwise run one ranking statement per worker thread, and PostgreSQL
+        # would take both cores of the bench machine from the LLM client for a while:
+        # replies then wait to be read, and the request rate drops (measured).
+        async with self._retrieval_gate:
+            hits = await asyncio.to_thread(
+                self._retrieve, [(c.question.question, record.pmid) for c in live if c.question])
         source = record.mesh
         graded = []
         for c, group in zip(live, hits, strict=True):
@@ -324,8 +332,9 @@ class SubtreeDistiller:
     async def run(self) -> dict[str, Any]:
         """Select, distill, flush and reconcile (one process)."""
         started = time.perf_counter()
-        pmids = await asyncio.to_thread(self._prepare)
-        read = await self._process(pmids, started)
+        pmids = await self._prepared(self._prepare)
+        with gc_frozen():  # the grader's tables, the modules: see gc_frozen
+            read = await self._process(pmids, started)
         summary = self._summary(read, time.perf_counter() - started)
         self._progress(len(read), started, final=True)
         return summary
@@ -334,10 +343,21 @@ class SubtreeDistiller:
         """Distill and flush exactly these source articles, without selecting or
         reconciling (a worker of :func:`distill_subtree_processes`); the articles read."""
         started = time.perf_counter()
-        await asyncio.to_thread(self._prepare, pmids)
-        read = await self._process(pmids, started)
+        await self._prepared(self._prepare, pmids)
+        with gc_frozen():  # the grader's tables, the modules: see gc_frozen
+            read = await self._process(pmids, started)
         self._progress(len(read), started, final=True)
         return read
+
+    async def _prepared(self, prepare: Callable[..., list[int]], *args: Any) -> list[int]:
+        """``prepare(*args)`` in a worker thread while the backend sets itself up (the
+        client process's start-up overlaps the index refresh and the grader build)."""
+        starting = asyncio.ensure_future(start_backend(self.backend))
+        try:
+            pmids: list[int] = await asyncio.to_thread(prepare, *args)
+        finally:
+            await starting
+        return pmids
 
     async def _process(self, pmids: Sequence[int], started: float) -> list[int]:
         """The stages over ``pmids``, ``articles_in_flight`` at a time, flushed every

@@ -61,7 +61,10 @@ class DistillSettings(BaseModel):
     redo: bool = Field(default=False, description="also re-evaluate articles already settled")
     articles_in_flight: int = Field(default=64, ge=1, le=1024,
                                     description="articles processed concurrently")
-    flush_every: int = Field(default=100, ge=1, description="articles per database commit")
+    retrievals_in_flight: int = Field(
+        default=2, ge=1, le=64, description="retrieval statements running at once; more "
+        "let PostgreSQL's ranking take every core of a small machine from the LLM client")
+    flush_every: int = Field(default=25, ge=1, description="articles per database commit")
     processes: int = Field(
         default=1, ge=1, le=16, description="worker processes per subtree run; the LLM "
         "concurrency cap and the budget are split evenly between them")
@@ -84,5 +87,6 @@ class DistillSettings(BaseModel):
     def item_params(self) -> dict[str, Any]:
         """What is stored with each item (run mechanics such as concurrency left out)."""
         return self.model_dump(mode="json", exclude={"redo", "articles_in_flight",
+                                                     "retrievals_in_flight",
                                                      "flush_every", "max_articles",
                                                      "processes"})

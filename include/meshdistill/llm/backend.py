@@ -197,3 +197,14 @@ async def complete_all(
     The backend bounds how many are in flight, so gathering them all is safe.
     """
     return list(await asyncio.gather(*(backend.complete(r) for r in requests)))
+
+
+async def start(backend: LLMBackend) -> None:
+    """Let a backend with something slow to set up (a client process) do it now.
+
+    Optional for backends (a ``start()`` coroutine); a run calls this while it prepares,
+    so its first requests do not wait for the setup. A no-op for the others.
+    """
+    starter = getattr(backend, "start", None)
+    if starter is not None:
+        await starter()

@@ -43,6 +43,7 @@ from pydantic import ValidationError
 from sqlalchemy import Connection, Engine, text
 
 from meshdistill.llm.backend import LLMBackend, LLMRequest, LLMResult, T
+from meshdistill.llm.backend import start as start_backend
 from meshdistill.llm.budget import (
     Budget,
     Reservation,
@@ -226,6 +227,10 @@ class CachedBackend:
             if self._executor is not None:
                 self._executor.shutdown(wait=True)
                 self._executor = None
+
+    async def start(self) -> None:
+        """Set up the inner backend now (see :func:`meshdistill.llm.backend.start`)."""
+        await start_backend(self.inner)
 
     async def aclose(self) -> None:
         """Close the inner backend's client (if it has one) and the database threads."""
