@@ -5,7 +5,10 @@ barrier leaves the LLM idle while the slowest calls of a batch finish, and the b
 target is a request rate within 10% of a bare SDK loop. Here up to
 ``articles_in_flight`` articles move through the stages independently, so the backend's
 concurrency cap (32 requests by default) stays full; the cap, not this module, bounds
-what is in flight. Retrieval and article reads are synchronous SQL run in worker threads.
+what is in flight. Retrieval and article reads are synchronous SQL run in worker threads,
+``retrievals_in_flight`` (2) retrieval statements at a time. While the run prepares, the
+backend sets itself up (the LLM client process starts); while it distills, the cyclic
+garbage collector leaves the state built before alone (:func:`meshdistill.aio.gc_frozen`).
 
 Results are committed every ``flush_every`` finished articles (one transaction each), so
 a task that dies, or stops on its budget, keeps what it finished; a rerun finds its LLM
