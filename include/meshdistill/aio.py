@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import gc
 import os
+import threading
 from collections.abc import Callable, Coroutine, Iterator
 from typing import Any, TypeVar
 
@@ -61,22 +62,37 @@ def quiet_gc() -> None:
     gc.set_threshold(*GC_THRESHOLDS)
 
 
+_frozen_lock = threading.Lock()
+_frozen_depth = 0
+_saved_thresholds: tuple[int, int, int] | None = None
+
+
 @contextlib.contextmanager
 def gc_frozen() -> Iterator[None]:
-    """:func:`quiet_gc` for the block: on exit the objects frozen on entry are handed back
-    to the collector (``gc.unfreeze``) and its thresholds restored.
+    """:func:`quiet_gc` for the block: when the last such block in the process ends, the
+    objects frozen are handed back to the collector (``gc.unfreeze``) and its thresholds
+    restored.
 
     Why: a distill run builds its long-lived state first (the MeSH grader's tables, the
     modules: hundreds of thousands of objects), and every full collection then walks all
     of it again, stopping the event loop for 50–170 ms on the bench's machine while
-    replies wait to be read. Nothing that exists on entry is freed meanwhile even if it
-    becomes garbage, which is why the block ends with the run. Nested or concurrent
-    blocks are harmless: the first exit restores the defaults for everyone.
+    replies wait to be read. Nothing frozen is freed meanwhile even if it becomes
+    garbage, which is why the block ends with the run. Blocks may overlap (runs in
+    threads, or in one loop): the collector is quiet from the first entry to the last
+    exit.
     """
-    thresholds = gc.get_threshold()
-    quiet_gc()
+    global _frozen_depth, _saved_thresholds
+    with _frozen_lock:
+        if _frozen_depth == 0:
+            _saved_thresholds = gc.get_threshold()
+        _frozen_depth += 1
+        quiet_gc()  # later entries freeze what the earlier blocks have built since
     try:
         yield
     finally:
-        gc.unfreeze()
-        gc.set_threshold(*thresholds)
+        with _frozen_lock:
+            _frozen_depth -= 1
+            if _frozen_depth == 0:
+                gc.unfreeze()
+                if _saved_thresholds is not None:
+                    gc.set_threshold(*_saved_thresholds)

@@ -75,3 +75,14 @@ class _Node:
     def __init__(self, payload: list[object]) -> None:
         self.payload = payload
         self.me = self
+
+
+def test_overlapping_gc_frozen_blocks_restore_the_collector_at_the_last_exit() -> None:
+    before = gc.get_threshold()
+    first, second = aio.gc_frozen(), aio.gc_frozen()
+    first.__enter__()
+    second.__enter__()
+    first.__exit__(None, None, None)  # the other block still runs: still quiet
+    assert gc.get_threshold() == aio.GC_THRESHOLDS and gc.get_freeze_count() > 0
+    second.__exit__(None, None, None)
+    assert gc.get_threshold() == before and gc.get_freeze_count() == 0

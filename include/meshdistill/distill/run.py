@@ -6,7 +6,7 @@ target is a request rate within 10% of a bare SDK loop. Here up to
 ``articles_in_flight`` articles move through the stages independently, so the backend's
 concurrency cap (32 requests by default) stays full; the cap, not this module, bounds
 what is in flight. Retrieval and article reads are synchronous SQL run in worker threads,
-``retrievals_in_flight`` (2) retrieval statements at a time. While the run prepares, the
+``retrievals_in_flight`` (2) full-text retrieval statements at a time. While the run prepares, the
 backend sets itself up (the LLM client process starts); while it distills, the cyclic
 garbage collector leaves the state built before alone (:func:`meshdistill.aio.gc_frozen`).
 
@@ -22,6 +22,7 @@ a mismatch is an error, not a log line.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import time
@@ -105,7 +106,7 @@ class SubtreeDistiller:
         self._grader = grader
         self._articles: dict[int, ArticleRecord] = {}
         self._embedder: OpenAIEmbedder | None = None
-        self._retrieval_gate = asyncio.Semaphore(settings.retrievals_in_flight)
+        self._retrieval_gate = asyncio.Semaphore()  # per run: see _process
         self.stats = RunStats()
         self.label = subtree  # "C04 [worker 1/2]" in a multi-process run's workers
         self.ident = RunIdentity(subtree, backend.model, backend.name, run_id,
@@ -222,11 +223,13 @@ class SubtreeDistiller:
     async def _retrieve_and_grade(self, record: ArticleRecord, live: list[Candidate]) -> None:
         s, grader = self.settings, self.grader
         self.stats.stages["retrieve"] += len(live)
-        # Bounded: a burst of articles reaching this step together (they start together)
-        # would otherwise run one ranking statement per worker thread, and PostgreSQL
-        # would take both cores of the bench machine from the LLM client for a while:
-        # replies then wait to be read, and the request rate drops (measured).
-        async with self._retrieval_gate:
+        # Full-text ranking is bounded: a burst of articles reaching this step together
+        # (they start together) would otherwise run one ranking statement per worker
+        # thread, and PostgreSQL would take both cores of the bench machine from the LLM
+        # client for a while: replies then wait to be read, and the request rate drops
+        # (measured). Vector retrieval is not: it mostly waits for the embeddings endpoint.
+        gate = self._retrieval_gate if self._embedder is None else contextlib.nullcontext()
+        async with gate:
             hits = await asyncio.to_thread(
                 self._retrieve, [(c.question.question, record.pmid) for c in live if c.question])
         source = record.mesh
@@ -372,6 +375,7 @@ class SubtreeDistiller:
                 log.warning("%s: %d selected articles vanished before reading", self.label,
                             len(gone))
             gate = asyncio.Semaphore(self.settings.articles_in_flight)
+            self._retrieval_gate = asyncio.Semaphore(self.settings.retrievals_in_flight)
             pending: list[ArticleOutcome] = []
 
             async def one(record: ArticleRecord) -> ArticleOutcome:

@@ -62,8 +62,9 @@ class DistillSettings(BaseModel):
     articles_in_flight: int = Field(default=64, ge=1, le=1024,
                                     description="articles processed concurrently")
     retrievals_in_flight: int = Field(
-        default=2, ge=1, le=64, description="retrieval statements running at once; more "
-        "let PostgreSQL's ranking take every core of a small machine from the LLM client")
+        default=2, ge=1, le=64, description="full-text retrieval statements running at "
+        "once; more let PostgreSQL's ranking take every core of a small machine from the "
+        "LLM client (vector retrieval is not bounded: it waits on its endpoint)")
     flush_every: int = Field(default=25, ge=1, description="articles per database commit")
     processes: int = Field(
         default=1, ge=1, le=16, description="worker processes per subtree run; the LLM "
