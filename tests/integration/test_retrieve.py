@@ -6,8 +6,10 @@ articles (one deletion, one retraction) do so inside a transaction they roll bac
 
 from __future__ import annotations
 
+import logging
 import random
 import time
+import uuid
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -309,3 +311,21 @@ def test_refresh_index_follows_changes(conn: Connection) -> None:
     hits = retrieve(conn, "zyxwv qvxzt", source_pmid=other, k=3)
     assert [h.pmid for h in hits][:1] == [pmid]
     assert all(not h.is_source for h in hits), "a deleted source is not retrievable"
+
+
+def test_a_role_that_may_not_merge_the_pending_list_still_refreshes(
+    conn: Connection, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Merging GIN's pending list needs the index's owner; without it the refresh goes on."""
+    role = f"md_writer_{uuid.uuid4().hex[:8]}"
+    conn.exec_driver_sql(f"CREATE ROLE {role}")  # rolled back with the test's transaction
+    conn.exec_driver_sql(f"GRANT ALL ON ALL TABLES IN SCHEMA public TO {role}")
+    conn.exec_driver_sql(f"SET LOCAL ROLE {role}")
+    pmid, title = _sample(conn, 1, seed=5)[0]
+    conn.execute(text("UPDATE article SET content_hash = 'changed again' WHERE pmid = :p"),
+                 {"p": pmid})
+    with caplog.at_level(logging.INFO, logger="meshdistill.distill.retrieve"):
+        assert refresh_index(conn) == {"added": 1, "removed": 0}
+    assert "pending entries stay until autovacuum" in caplog.text
+    assert conn.exec_driver_sql("SELECT current_user").scalar_one() == role
+    assert [h.pmid for h in retrieve(conn, title, pmid, k=1)][:1] == [pmid]
