@@ -411,10 +411,11 @@ def instrumented_distiller(*args: Any, timings: Timings, stub_retrieval: bool = 
     from meshdistill.distill.run import SubtreeDistiller
 
     class Timed(SubtreeDistiller):
-        def _prepare(self) -> list[int]:
+        def _prepare(self, given: Sequence[int] | None = None, *,
+                     grade: bool = True) -> list[int]:
             t = time.perf_counter()
             try:
-                return super()._prepare()
+                return super()._prepare(given, grade=grade)
             finally:
                 timings.prepare = time.perf_counter() - t
                 grader = self._grader

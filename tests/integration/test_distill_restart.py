@@ -20,7 +20,7 @@ import itertools
 import json
 import threading
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -169,8 +169,9 @@ class Recorder:
         resolve = CachedBackend._resolve
         rec = self
 
-        def _prepare(self: SubtreeDistiller) -> list[int]:
-            pmids = prepare(self)
+        def _prepare(self: SubtreeDistiller, given: Sequence[int] | None = None, *,
+                     grade: bool = True) -> list[int]:
+            pmids = prepare(self, given, grade=grade)
             rec.selected.append(list(pmids))
             return pmids
 

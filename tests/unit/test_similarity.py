@@ -199,13 +199,20 @@ def test_index_matrix_equals_the_plain_definition_on_real_sample() -> None:
     assert seen_positive > 0  # the sample exercises more than the cross-category zero
 
 
-def test_bma_index_and_table_equal_the_plain_definition_bit_for_bit() -> None:
+def _neighbourhood(
+    branch: str,
+) -> tuple[dict[str, list[str]], list[str], TreeIndex, list[str]]:
+    """(trees, every descriptor, their index, the descriptors under ``branch``): one MeSH
+    neighbourhood, so that sampled sets share branches (not only zeros)."""
     trees = all_trees()
-    rng = random.Random(11)
     names = sorted(trees)
-    index = TreeIndex(trees)
-    # one C04 neighbourhood, so the sets share branches (not only zeros)
-    c04 = [n for n in names if any(t.startswith("C04.557") for t in trees[n])]
+    return trees, names, TreeIndex(trees), [
+        n for n in names if any(t.startswith(branch) for t in trees[n])]
+
+
+def test_bma_index_and_table_equal_the_plain_definition_bit_for_bit() -> None:
+    rng = random.Random(11)
+    trees, names, index, c04 = _neighbourhood("C04.557")
     for _ in range(200):
         a = rng.sample(c04, rng.randint(1, 4)) + rng.sample(names, rng.randint(0, 2))
         b = rng.sample(c04, rng.randint(1, 12)) + rng.sample(names, rng.randint(0, 3))
@@ -225,11 +232,8 @@ def test_bma_index_and_table_equal_the_plain_definition_bit_for_bit() -> None:
 def test_many_bmas_in_one_gather_equal_one_bma_each_bit_for_bit() -> None:
     """``best_match_averages`` (a question against its ten contexts at once) gives the
     very values of one ``best_match_average`` per context and of the plain definition."""
-    trees = all_trees()
     rng = random.Random(13)
-    names = sorted(trees)
-    index = TreeIndex(trees)
-    c04 = [n for n in names if any(t.startswith("C04.588") for t in trees[n])]
+    trees, names, index, c04 = _neighbourhood("C04.588")
     for _ in range(100):
         a = rng.sample(c04, rng.randint(1, 4)) + rng.sample(names, rng.randint(0, 1))
         sets = [rng.sample(c04, rng.randint(0, 8)) + rng.sample(names, rng.randint(0, 2))

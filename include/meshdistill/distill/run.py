@@ -27,7 +27,7 @@ import logging
 import re
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -106,7 +106,7 @@ class SubtreeDistiller:
         self._grader = grader
         self._articles: dict[int, ArticleRecord] = {}
         self._embedder: OpenAIEmbedder | None = None
-        self._retrieval_gate = asyncio.Semaphore()  # per run: see _process
+        self._retrieval_gate = asyncio.Semaphore(settings.retrievals_in_flight)
         self.stats = RunStats()
         self.label = subtree  # "C04 [worker 1/2]" in a multi-process run's workers
         self.ident = RunIdentity(subtree, backend.model, backend.name, run_id,
@@ -338,7 +338,7 @@ class SubtreeDistiller:
     async def run(self) -> dict[str, Any]:
         """Select, distill, flush and reconcile (one process)."""
         started = time.perf_counter()
-        pmids = await self._prepared(self._prepare)
+        pmids = await self._prepared()
         with gc_frozen():  # the grader's tables, the modules: see gc_frozen
             read = await self._process(pmids, started)
         summary = self._summary(read, time.perf_counter() - started)
@@ -349,21 +349,20 @@ class SubtreeDistiller:
         """Distill and flush exactly these source articles, without selecting or
         reconciling (a worker of :func:`distill_subtree_processes`); the articles read."""
         started = time.perf_counter()
-        await self._prepared(self._prepare, pmids)
+        await self._prepared(pmids)
         with gc_frozen():  # the grader's tables, the modules: see gc_frozen
             read = await self._process(pmids, started)
         self._progress(len(read), started, final=True)
         return read
 
-    async def _prepared(self, prepare: Callable[..., list[int]], *args: Any) -> list[int]:
-        """``prepare(*args)`` in a worker thread while the backend sets itself up (the
+    async def _prepared(self, given: Sequence[int] | None = None) -> list[int]:
+        """:meth:`_prepare` in a worker thread while the backend sets itself up (the
         client process's start-up overlaps the index refresh and the grader build)."""
         starting = asyncio.ensure_future(start_backend(self.backend))
         try:
-            pmids: list[int] = await asyncio.to_thread(prepare, *args)
+            return await asyncio.to_thread(self._prepare, given)
         finally:
             await starting
-        return pmids
 
     async def _process(self, pmids: Sequence[int], started: float) -> list[int]:
         """The stages over ``pmids``, ``articles_in_flight`` at a time, flushed every
@@ -375,7 +374,6 @@ class SubtreeDistiller:
                 log.warning("%s: %d selected articles vanished before reading", self.label,
                             len(gone))
             gate = asyncio.Semaphore(self.settings.articles_in_flight)
-            self._retrieval_gate = asyncio.Semaphore(self.settings.retrievals_in_flight)
             pending: list[ArticleOutcome] = []
 
             async def one(record: ArticleRecord) -> ArticleOutcome:
