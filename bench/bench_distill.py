@@ -591,8 +591,8 @@ def run_processes(url: str, engine: Any, settings: Any, run_id: str
     them): (summary, monotonic start, monotonic end, CPU seconds of the workers)."""
     import resource
 
-    from meshdistill.distill.backends import LLMConfig
     from meshdistill.distill.workers import distill_subtree_processes
+    from meshdistill.llm.config import LLMConfig
 
     config = LLMConfig(backend="openai", base_url=url, model=BENCH_MODEL, api_key="unused",
                        max_concurrency=CAP)
@@ -891,9 +891,9 @@ def part1(url: str, args: argparse.Namespace) -> bool:
 
 
 def part2(url: str, args: argparse.Namespace) -> None:
-    from meshdistill.distill.backends import LLMConfig, cached_backend
     from meshdistill.distill.run import distill_subtree_async
     from meshdistill.distill.settings import DistillSettings
+    from meshdistill.llm.config import LLMConfig, cached_backend
     from meshdistill.store.db import get_engine
 
     engine = get_engine(url)

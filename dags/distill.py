@@ -8,9 +8,9 @@ from typing import Any
 import pendulum
 from airflow.sdk import Param, dag, get_current_context, task, task_group
 from meshdistill import pipeline
-from meshdistill.distill.backends import BACKENDS, LLMConfig
 from meshdistill.distill.candidates import TERMINAL
 from meshdistill.distill.settings import JUDGE_CRITERIA, DistillSettings, JudgeThresholds
+from meshdistill.llm.config import BACKENDS, LLMConfig
 from meshdistill.llm.schemas import QuestionType
 from meshdistill_airflow import (
     ARTICLES,

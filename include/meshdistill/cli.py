@@ -188,7 +188,7 @@ def cmd_pubmed_fetch(args: argparse.Namespace) -> int:
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
-    from meshdistill.distill.backends import LLMConfig
+    from meshdistill.llm.config import LLMConfig
     from meshdistill.pipeline import distill_subtree, validate_subtrees
 
     subtrees = validate_subtrees(args.subtree)
@@ -229,7 +229,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from meshdistill.distill.calibrate import calibrate, load_pqal, verdict
+    from meshdistill.evaluate.calibrate import calibrate, verdict
+    from meshdistill.evaluate.pubmedqa import load_pqal
     from meshdistill.store import connect
 
     records = load_pqal(args.pqal, limit=args.limit)
@@ -271,8 +272,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from meshdistill.mesh.subtree import subtree_stats
+    from meshdistill.status import status
     from meshdistill.store import connect
-    from meshdistill.store.status import status
 
     with connect() as conn:
         data = status(conn)

@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from meshdistill.config import Settings
-from meshdistill.distill.backends import LLMConfig
 from meshdistill.errors import ConfigError, MeshDistillError, UnknownSubtreeError
+from meshdistill.llm.config import LLMConfig
 from meshdistill.mesh.subtree import get_subtree, subtree_stats
 from meshdistill.store.db import connect, get_engine
 
@@ -153,10 +153,10 @@ def distill_subtree(
     from pydantic import ValidationError
 
     from meshdistill import aio
-    from meshdistill.distill.backends import cached_backend
     from meshdistill.distill.run import distill_subtree_async
     from meshdistill.distill.settings import DistillSettings
     from meshdistill.distill.workers import distill_subtree_processes
+    from meshdistill.llm.config import cached_backend
 
     try:
         validated = DistillSettings.model_validate(dict(settings or {}))

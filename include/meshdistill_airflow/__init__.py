@@ -26,7 +26,6 @@ from airflow.sdk.exceptions import AirflowFailException, AirflowNotFoundExceptio
 from meshdistill.config import LLM_POOL as LLM_POOL
 from meshdistill.config import NCBI_POOL as NCBI_POOL
 from meshdistill.config import POOLS as POOLS
-from meshdistill.distill.backends import LLMConfig
 from meshdistill.errors import (
     ConfigError,
     MeshSourceError,
@@ -34,6 +33,7 @@ from meshdistill.errors import (
     UnknownSubtreeError,
     WindowTooLargeError,
 )
+from meshdistill.llm.config import LLMConfig
 
 ARTICLES = Asset("meshdistill://articles")
 QA = Asset("meshdistill://qa")

@@ -10,7 +10,9 @@ import json
 
 import pytest
 from meshdistill.cli import main
-from meshdistill.distill.calibrate import SHADOWED_TABLES, calibrate, load_pqal
+from meshdistill.evaluate.calibrate import calibrate
+from meshdistill.evaluate.corpus import SHADOWED_TABLES
+from meshdistill.evaluate.pubmedqa import load_pqal
 from meshdistill.store.db import get_engine
 from sqlalchemy import text
 
@@ -94,20 +96,3 @@ def test_calibrate_text_output_states_the_targets(
     assert "PubMedQA-L file not found" in capsys.readouterr().err
 
 
-def test_refuses_when_retrieval_reads_a_table_it_does_not_shadow(
-    monkeypatch: pytest.MonkeyPatch, mesh_loaded_url: str
-) -> None:
-    from meshdistill.distill import calibrate as cal
-
-    sql = "SELECT ... FROM article_fts f JOIN passage_cache d ON true JOIN article a ON true"
-    monkeypatch.setattr(cal.inspect, "getsource", lambda _module: sql)
-    with get_engine(mesh_loaded_url).connect() as conn:
-        tx = conn.begin()
-        try:
-            assert cal.unshadowed_tables(conn) == []  # passage_cache does not exist yet
-            conn.exec_driver_sql("CREATE TABLE passage_cache (pmid bigint)")
-            assert cal.unshadowed_tables(conn) == ["passage_cache"]
-            with pytest.raises(RuntimeError, match="passage_cache"):
-                cal.build_pairs(conn, load_pqal(PQAL, limit=10), n_random=2, n_hard=2)
-        finally:
-            tx.rollback()

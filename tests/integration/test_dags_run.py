@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from meshdistill.status import status
 from meshdistill.store import connect
-from meshdistill.store.status import status
 from sqlalchemy.engine import make_url
 
 from tests.support import BASELINE_2020, DESC_SAMPLES, MESH_TREE_2017, MTREES_2023, REPO

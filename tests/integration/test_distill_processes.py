@@ -15,8 +15,8 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from meshdistill.distill.backends import LLMConfig
 from meshdistill.distill.workers import split_evenly
+from meshdistill.llm.config import LLMConfig
 from meshdistill.pipeline import distill_subtree
 from meshdistill.pubmed.load import load_records
 from meshdistill.pubmed.parser import iter_records

@@ -29,7 +29,6 @@ import psycopg2
 import pytest
 import sqlalchemy.exc
 from meshdistill.cli import main
-from meshdistill.distill.backends import LLMConfig, cached_backend
 from meshdistill.distill.candidates import TERMINAL
 from meshdistill.distill.corpus import ArticleRecord
 from meshdistill.distill.items import ArticleOutcome
@@ -37,6 +36,7 @@ from meshdistill.distill.run import SubtreeDistiller, distill_subtree_async
 from meshdistill.distill.settings import DistillSettings
 from meshdistill.llm.backend import LLMRequest, LLMResult
 from meshdistill.llm.cache import CachedBackend, is_cached
+from meshdistill.llm.config import LLMConfig, cached_backend
 from meshdistill.pubmed.load import load_records
 from meshdistill.pubmed.parser import iter_records
 from meshdistill.store import embedded

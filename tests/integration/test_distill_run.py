@@ -21,12 +21,12 @@ from typing import Any
 
 import pytest
 from meshdistill.cli import main
-from meshdistill.distill.backends import LLMConfig, cached_backend
 from meshdistill.distill.candidates import TERMINAL
 from meshdistill.distill.corpus import select_sources
 from meshdistill.distill.grade import MeshGrader
 from meshdistill.distill.run import distill_subtree_async
 from meshdistill.distill.settings import DistillSettings
+from meshdistill.llm.config import LLMConfig, cached_backend
 from meshdistill.mesh.subtree import subtree_descriptor_uis
 from meshdistill.pipeline import distill_subtree
 from meshdistill.pubmed.load import load_records

@@ -28,8 +28,6 @@ from meshdistill.distill.vector import (
     INDEX,
     NO_PGVECTOR,
     TABLE,
-    EmbeddingError,
-    OpenAIEmbedder,
     ensure_vector_schema,
     refresh_embeddings,
     retrieve_vector,
@@ -37,6 +35,7 @@ from meshdistill.distill.vector import (
     table_dimension,
 )
 from meshdistill.errors import ConfigError
+from meshdistill.llm.embeddings import EmbeddingError, OpenAIEmbedder
 from meshdistill.pubmed.load import load_records
 from meshdistill.pubmed.parser import iter_records
 from meshdistill.store import embedded
@@ -549,9 +548,9 @@ def test_distill_run_with_vector_retrieval(
     """``retrieval='vector'`` in a distill run: contexts come from pgvector, counts reconcile."""
     import asyncio
 
-    from meshdistill.distill.backends import LLMConfig, cached_backend
     from meshdistill.distill.run import distill_subtree_async
     from meshdistill.distill.settings import DistillSettings
+    from meshdistill.llm.config import LLMConfig, cached_backend
 
     from tests.conftest import load_test_mesh
 

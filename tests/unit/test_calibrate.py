@@ -9,21 +9,19 @@ import random
 from pathlib import Path
 
 import pytest
-from meshdistill.distill.calibrate import (
+from meshdistill.distill.grade import Headings, name_variants
+from meshdistill.errors import ConfigError
+from meshdistill.evaluate.auc import roc_auc
+from meshdistill.evaluate.calibrate import (
     HIERARCHY_TARGET,
     Pair,
     PairSet,
-    PqalRecord,
-    default_pqal_path,
-    load_pqal,
-    roc_auc,
     split_half,
     summarize,
     targets,
     verdict,
 )
-from meshdistill.distill.grade import Headings, name_variants
-from meshdistill.errors import ConfigError
+from meshdistill.evaluate.pubmedqa import PqalRecord, default_pqal_path, load_pqal
 from meshdistill.mesh.matcher import MeshMatcher
 
 from tests.support import PUBMEDQA_DIR, SHARED_DATA
@@ -191,3 +189,23 @@ def test_name_variants_find_natural_order_in_questions() -> None:
     assert matcher.uis("Necrotizing fasciitis: an indication?") == ["D1"]
     assert matcher.uis("Do breast cancers recur?") == ["D3"]
     assert matcher.uis("Is cancer curable?") == ["D4"]
+
+
+def test_retrieval_declares_every_table_its_sql_names() -> None:
+    """Calibration shadows ``retrieve.TABLES``: a table retrieve.py's SQL names without
+    declaring it would be read from the real corpus and falsify the figures silently."""
+    import inspect
+    import re
+
+    from meshdistill.distill import retrieve
+    from meshdistill.evaluate.corpus import SHADOWED_TABLES
+
+    source = inspect.getsource(retrieve)
+    # Table references, less the names of common table expressions ("WITH stale AS (")
+    # and "DISTINCT FROM x.col" comparisons.
+    pattern = re.compile(r"(?<!DISTINCT )\b(?:FROM|JOIN|INTO|UPDATE|TABLE)\s+([a-z_][a-z0-9_]*)\b")
+    ctes = set(re.findall(r"\b([a-z_][a-z0-9_]*) AS \(", source))
+    named = set(pattern.findall(source)) - ctes - {"unnest"}
+    assert named, "the pattern found no table: it no longer reads retrieve.py's SQL"
+    assert named <= set(retrieve.TABLES), sorted(named - set(retrieve.TABLES))
+    assert set(SHADOWED_TABLES) == set(retrieve.TABLES)

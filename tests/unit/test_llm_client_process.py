@@ -19,11 +19,11 @@ from typing import Any
 
 import pytest
 from meshdistill import aio
-from meshdistill.distill.backends import LLMConfig, make_backend
 from meshdistill.errors import ConfigError
 from meshdistill.llm import FailureKind, LLMResult, complete_all
 from meshdistill.llm.backend import start
 from meshdistill.llm.client_process import ClientProcessBackend
+from meshdistill.llm.config import LLMConfig, make_backend
 from meshdistill.llm.openai_backend import OpenAIBackend
 from meshdistill.llm.schemas import Judgement
 

@@ -19,9 +19,9 @@ compared, and blends the result with the retrieval score:
   the chosen contexts other than the source itself (the source always agrees with itself
   and would lift every item alike).
 
-**Tuning** (``meshdistill calibrate``, :mod:`meshdistill.distill.calibrate`): the
+**Tuning** (``meshdistill calibrate``, :mod:`meshdistill.evaluate.calibrate`): the
 choices below were compared on half ``A`` of PubMedQA-L (the 513 questions whose
-sha256(PMID) starts with an even byte, :func:`~meshdistill.distill.calibrate.split_half`)
+sha256(PMID) starts with an even byte, :func:`~meshdistill.evaluate.calibrate.split_half`)
 with MeSH 2023 trees + 2017 UIs, and the other half ``B`` (487 questions) is reported
 as held out. What was tuned, and the half-A AUCs (pooled; random / hard negatives):
 

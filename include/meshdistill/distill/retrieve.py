@@ -91,6 +91,8 @@ from sqlalchemy.exc import DBAPIError
 
 log = logging.getLogger(__name__)
 
+TABLES = ("article", "article_mesh", "article_fts", "lexeme_df")
+"""Every table this module's SQL reads or writes (calibration shadows exactly these)."""
 # The stored vector of migration 0003's side table, joined as ``f``.
 FTS_EXPRESSION = "f.fts"
 RETRIEVABLE = "a.status = 'active' AND a.abstract <> ''"

@@ -53,7 +53,7 @@ from meshdistill.llm.stages import answer_request, generate_request, judge_reque
 from meshdistill.mesh.subtree import get_subtree, subtree_descriptor_uis
 
 if TYPE_CHECKING:
-    from meshdistill.distill.vector import OpenAIEmbedder
+    from meshdistill.llm.embeddings import OpenAIEmbedder
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +139,8 @@ class SubtreeDistiller:
         else:
             log.info("%s: %d source articles to distill", self.label, len(pmids))
         if self.settings.retrieval == "vector":
-            from meshdistill.distill.vector import OpenAIEmbedder, refresh_embeddings
+            from meshdistill.distill.vector import refresh_embeddings
+            from meshdistill.llm.embeddings import OpenAIEmbedder
 
             if given is None:
                 embedder = OpenAIEmbedder()  # endpoint and model from the environment

@@ -1,95 +1,31 @@
-"""Retrieve by embeddings (pipeline step 4, the pgvector option).
+"""Retrieval by embeddings: the pgvector alternative to full-text search.
 
-The default retrieval is full-text search (:mod:`meshdistill.distill.retrieve`); this
-module is the alternative the design names: abstracts embedded by any OpenAI-compatible
-embeddings endpoint (OpenAI, Azure, vLLM, Ollama, llama.cpp, TEI behind an OpenAI
-facade), stored in PostgreSQL with pgvector and searched with an HNSW index. The results
-follow :func:`~meshdistill.distill.retrieve.retrieve_many`'s contract exactly
-(:class:`~meshdistill.distill.retrieve.ContextHit`), so the rest of the pipeline does not
-care which retrieval ran.
-
-Choices, and why:
-
-- **Schema at run time, not in a migration.** ``CREATE EXTENSION vector`` fails on a
-  server without pgvector (the system PostgreSQL 15 of our machines, many managed
-  servers), and a migration that fails there would break the FTS default too.
-  :func:`ensure_vector_schema` creates the extension, the side table
-  ``article_embedding(pmid PK, model, content_hash, embedding vector(dim))`` and its HNSW
-  (cosine) index when first needed, and turns a missing extension into a
-  :class:`~meshdistill.errors.ConfigError` that says what to do. The embedded server
-  (``pgserver``) ships pgvector 0.6.2.
-- **Same corpus and refresh rule as the FTS index.** An article is embedded when it is
-  retrievable (active, with an abstract) and it is new, its content hash changed, or it
-  was embedded by another model; rows of articles no longer retrievable are removed.
-  The input is ``title + "\\n\\n" + abstract``, cut at a word boundary after
-  ``max_input_chars`` characters (default 6,000 ≈ 1,500 tokens: it keeps almost every
-  abstract whole and stays far below OpenAI's 8,191-token input limit; lower it for
-  512-token local models). Changing that limit does not by itself re-embed anything.
-- **Score = (1 + cosine similarity) / 2**, capped below 1 (at 1 − 1e-9) and floored at
-  0, so scores lie in [0, 1) like the FTS ones. With normalised embeddings that is
-  ``1 − cosine_distance / 2``; an unrelated text scores about 0.5, not 0, unlike FTS,
-  so a hierarchy blend that reads scores must not assume 0 = unrelated.
-- **Candidates** are the retrievable articles embedded by the embedder's model (and, with
-  ``subtree_uis``, carrying one of those headings). Vectors of another model are never
-  compared: they live in another space. The HNSW scan is approximate and, in pgvector
-  0.6, filters are applied after it: ``hnsw.ef_search`` is raised for the statement
-  to ``max(100, 4k)`` (pgvector's default of 40 found 369 of the 400 true top-10 hits
-  of 40 questions in the tests, 100 found 392, at the same cost there; ``max(200, 8k)``
-  with a subtree restriction) and a question whose index scan still yields fewer than
-  ``k`` candidates is re-run exactly (a scan of the filtered candidates), so ``k`` is
-  honoured whenever ``k`` candidates exist.
-- **The source is always a candidate**, scored like any other (0 when it has no
-  embedding yet), and appended with its true rank when it misses the top k. The true
-  rank is ``1 + `` the number of candidates scoring strictly higher (ties go to the
-  source, then to the lower PMID, as in FTS), counted exactly: one pass over all the
-  candidates' vectors for all such questions of the batch together (≈0.15 s for 199
-  questions against 1,309 vectors of 256 dimensions here; one scan per question took
-  0.7 s). Questions written from the source usually find it in the top k. An
-  unretrievable source is not returned (no ``is_source`` hit): the question has lost
-  its source.
-- **Bulk fills.** Inserting into an HNSW graph row by row is ≈10x slower than building
-  it once, so a refresh that more than doubles the table (and adds at least
-  ``BULK_FILL_MIN`` rows) drops the index and rebuilds it at the end (retrieval in the
-  meantime scans: correct, slower); otherwise rows go into the existing index.
-- **The embedder** uses the official ``openai`` SDK with its own retries off
-  (``max_retries=0``): 429, 408/409, 5xx, timeouts and connection errors are retried
-  with exponential backoff and jitter, waiting at least ``Retry-After`` /
-  ``retry-after-ms`` (the policy of :mod:`meshdistill.llm.retrying`, shared with
-  :mod:`meshdistill.llm.openai_backend`); a ``Retry-After`` beyond ``max_retry_after``
-  or exhausted attempts raise :class:`EmbeddingError`. Inputs go out in batches
-  (``batch_size``, default 128 per request) with at most ``max_concurrency`` requests in
-  flight per embedder (a semaphore shared by all threads using it). It is synchronous
-  and thread-safe, because retrieval runs in worker threads (``asyncio.to_thread``). The
-  API key is never logged or put in a repr.
-- **Commits.** :func:`refresh_embeddings` on a connection with no transaction begun
-  (``engine.connect()``) commits after every batch, so embeddings already paid for
-  survive a failure later in the run; inside a caller's transaction
-  (``engine.begin()``) it leaves committing to the caller. Concurrent refreshes (mapped
-  tasks) are serialised by an advisory lock, so the second one finds the work done.
+Abstracts are embedded by any OpenAI-compatible endpoint (:mod:`meshdistill.llm.embeddings`),
+stored in a side table ``article_embedding`` with an HNSW (cosine) index, and searched
+with the same contract as :func:`~meshdistill.distill.retrieve.retrieve_many`
+(:class:`~meshdistill.distill.retrieve.ContextHit`: scores in [0, 1), the source always a
+candidate with its true rank), so the rest of the pipeline does not care which retrieval
+ran. The schema is made at run time, not in a migration, because a server without
+pgvector must still run the full-text default; a missing extension is a ConfigError that
+says what to do. Vectors of different models are never compared. Why each choice, and
+what it costs, is in ``docs/retrieval.md``.
 """
 
 from __future__ import annotations
 
-import array
-import base64
 import logging
-import os
-import threading
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
-import openai
-from openai import OpenAI
 from sqlalchemy import Connection, text
 from sqlalchemy.exc import DBAPIError
 
 from meshdistill.distill.retrieve import RETRIEVABLE, ContextHit
-from meshdistill.errors import ConfigError, MeshDistillError
-from meshdistill.llm.retrying import RetryPolicy
+from meshdistill.errors import ConfigError
+from meshdistill.llm.embeddings import OpenAIEmbedder, truncate
 
 log = logging.getLogger(__name__)
 
@@ -98,9 +34,6 @@ INDEX = "article_embedding_hnsw"
 HNSW_MAX_DIM = 2000
 """pgvector 0.6 indexes at most 2,000 dimensions; wider vectors are searched exactly."""
 SCORE_CAP = 1.0 - 1e-9
-DEFAULT_BATCH_SIZE = 128
-DEFAULT_CONCURRENCY = 4
-DEFAULT_MAX_INPUT_CHARS = 6000
 BULK_FILL_MIN = 1000
 NO_PGVECTOR = (
     "pgvector is not available in this PostgreSQL server; use the embedded server "
@@ -109,226 +42,10 @@ NO_PGVECTOR = (
 _LOCK_KEY = "meshdistill.article_embedding"
 
 
-class EmbeddingError(MeshDistillError):
-    """The embeddings endpoint kept failing, or answered something unusable."""
-
-
-@dataclass
-class EmbedderStats:
-    """What an embedder has done so far (all threads together)."""
-
-    requests: int = 0  # logical requests (one batch each), successful or not
-    attempts: int = 0  # HTTP attempts, retries included
-    inputs: int = 0
-    tokens: int = 0
-
-
 def document_text(title: str | None, abstract: str | None, max_chars: int) -> str:
     """The text embedded for an article: title, blank line, abstract, cut sensibly."""
     doc = "\n\n".join(p.strip() for p in (title or "", abstract or "") if p and p.strip())
     return truncate(doc, max_chars)
-
-
-def truncate(value: str, max_chars: int) -> str:
-    """``value`` cut to at most ``max_chars`` characters, at a word boundary if one is near."""
-    if len(value) <= max_chars:
-        return value
-    cut = value[:max_chars]
-    space = cut.rfind(" ")
-    return cut[:space] if space > max_chars * 0.8 else cut
-
-
-class OpenAIEmbedder:
-    """Embeddings from an OpenAI-compatible ``/embeddings`` endpoint via the official SDK.
-
-    ``dimensions`` is sent to the server (OpenAI's text-embedding-3 models shorten their
-    vectors to it; other servers may ignore it: the vectors' real length is checked
-    against the table). ``encoding_format`` defaults to ``"float"``, which every
-    OpenAI-compatible server understands; ``"base64"`` is smaller on the wire.
-    """
-
-    name = "openai"
-
-    def __init__(
-        self,
-        *,
-        model: str | None = None,
-        base_url: str | None = None,
-        api_key: str | None = None,
-        organization: str | None = None,
-        dimensions: int | None = None,
-        batch_size: int = DEFAULT_BATCH_SIZE,
-        max_concurrency: int = DEFAULT_CONCURRENCY,
-        timeout: float = 60.0,
-        max_attempts: int = 6,
-        backoff_initial: float = 0.5,
-        backoff_max: float = 30.0,
-        max_retry_after: float = 120.0,
-        max_input_chars: int = DEFAULT_MAX_INPUT_CHARS,
-        encoding_format: Literal["float", "base64"] = "float",
-    ) -> None:
-        resolved = model or os.environ.get("MESHDISTILL_EMBEDDING_MODEL")
-        if not resolved:
-            raise ConfigError(
-                "no embedding model: pass model= or set MESHDISTILL_EMBEDDING_MODEL")
-        if batch_size < 1 or max_concurrency < 1 or max_attempts < 1 or max_input_chars < 1:
-            raise ConfigError("batch_size, max_concurrency, max_attempts and max_input_chars "
-                              "must be at least 1")
-        if dimensions is not None and dimensions < 1:
-            raise ConfigError(f"dimensions must be at least 1, got {dimensions}")
-        self.model = resolved
-        self.base_url = (base_url or os.environ.get("MESHDISTILL_EMBEDDING_BASE_URL")
-                         or os.environ.get("OPENAI_BASE_URL") or None)
-        # Local servers accept any key; the SDK insists on one.
-        self._api_key = (api_key or os.environ.get("MESHDISTILL_EMBEDDING_API_KEY")
-                         or os.environ.get("OPENAI_API_KEY") or "unused")
-        self.organization = organization or os.environ.get("OPENAI_ORG_ID") or None
-        self.dimensions = dimensions
-        self.batch_size = batch_size
-        self.max_concurrency = max_concurrency
-        self.timeout = timeout
-        self.max_attempts = max_attempts
-        self.backoff_initial = backoff_initial
-        self.backoff_max = backoff_max
-        self.max_retry_after = max_retry_after
-        self.max_input_chars = max_input_chars
-        self.encoding_format = encoding_format
-        self.stats = EmbedderStats()
-        self._dim: int | None = None
-        self._client: OpenAI | None = None
-        self._lock = threading.Lock()
-        self._slots = threading.BoundedSemaphore(max_concurrency)
-
-    def __repr__(self) -> str:  # never the key
-        return (f"OpenAIEmbedder(model={self.model!r}, base_url={self.base_url!r}, "
-                f"dimensions={self.dimensions}, batch_size={self.batch_size}, "
-                f"max_concurrency={self.max_concurrency})")
-
-    # -- lifecycle -------------------------------------------------------------------------
-
-    def _get_client(self) -> OpenAI:
-        with self._lock:
-            if self._client is None:
-                self._client = OpenAI(
-                    api_key=self._api_key, base_url=self.base_url,
-                    organization=self.organization, timeout=self.timeout, max_retries=0,
-                )
-            return self._client
-
-    def close(self) -> None:
-        """Close the pooled HTTP connections (a later call opens new ones)."""
-        with self._lock:
-            client, self._client = self._client, None
-        if client is not None:
-            client.close()
-
-    def __enter__(self) -> OpenAIEmbedder:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    @property
-    def retry_policy(self) -> RetryPolicy:
-        """Attempts, backoff and Retry-After cap (:mod:`meshdistill.llm.retrying`)."""
-        return RetryPolicy(self.max_attempts, self.backoff_initial, self.backoff_max,
-                           self.max_retry_after)
-
-    # -- embedding -------------------------------------------------------------------------
-
-    def dimension(self) -> int:
-        """Length of this model's vectors: seen in a reply, configured, or probed once."""
-        if self._dim is None and self.dimensions is None:
-            self.embed_batch(["dimension probe"])
-        return self._dim or self.dimensions or 0
-
-    def embed(self, texts: Sequence[str]) -> list[list[float]]:
-        """One vector per text, in order: batches of ``batch_size``, run concurrently."""
-        batches = [list(texts[i:i + self.batch_size])
-                   for i in range(0, len(texts), self.batch_size)]
-        if len(batches) <= 1:
-            return self.embed_batch(batches[0]) if batches else []
-        with ThreadPoolExecutor(min(self.max_concurrency, len(batches)),
-                                thread_name_prefix="embed") as pool:
-            parts = list(pool.map(self.embed_batch, batches))
-        return [v for part in parts for v in part]
-
-    def embed_batch(self, texts: Sequence[str]) -> list[list[float]]:
-        """One request (retried) for at most ``batch_size`` non-blank texts."""
-        if not texts:
-            return []
-        if len(texts) > self.batch_size:
-            raise ValueError(f"{len(texts)} inputs exceed batch_size={self.batch_size}")
-        inputs = [truncate(t, self.max_input_chars) for t in texts]
-        if any(not t.strip() for t in inputs):
-            raise ValueError("cannot embed a blank text (servers reject empty inputs)")
-        with self._lock:
-            self.stats.requests += 1
-            self.stats.inputs += len(inputs)
-        kwargs: dict[str, Any] = {"model": self.model, "input": inputs,
-                                  "encoding_format": self.encoding_format}
-        if self.dimensions is not None:
-            kwargs["dimensions"] = self.dimensions
-        client = self._get_client()
-        attempts = 0
-        try:
-            for attempt in self.retry_policy.retrying():
-                with attempt:
-                    attempts += 1
-                    with self._lock:
-                        self.stats.attempts += 1
-                    with self._slots:
-                        response = client.embeddings.create(**kwargs)
-        except openai.APIError as exc:
-            raise EmbeddingError(self._describe(exc, attempts)) from exc
-        except ValueError as exc:  # a 200 whose body is not JSON
-            raise EmbeddingError(
-                f"embeddings at {self.base_url or 'the OpenAI API'}: unreadable reply "
-                f"({type(exc).__name__}: {exc})"[:500]) from exc
-        vectors = self._vectors(response, len(inputs))
-        with self._lock:
-            self.stats.tokens += response.usage.prompt_tokens if response.usage else 0
-        return vectors
-
-    def _vectors(self, response: Any, expected: int) -> list[list[float]]:
-        data = sorted(response.data or [], key=lambda d: d.index)
-        if len(data) != expected or [d.index for d in data] != list(range(expected)):
-            raise EmbeddingError(
-                f"{self.base_url or 'the embeddings endpoint'} returned {len(data)} "
-                f"embeddings for {expected} inputs")
-        vectors: list[list[float]] = []
-        for item in data:
-            raw = item.embedding
-            vector = (array.array("f", base64.b64decode(raw)).tolist()
-                      if isinstance(raw, str) else [float(x) for x in raw])
-            vectors.append(vector)
-        dims = {len(v) for v in vectors}
-        if len(dims) != 1 or 0 in dims:
-            raise EmbeddingError(f"embeddings of unequal or zero length: {sorted(dims)}")
-        (dim,) = dims
-        with self._lock:
-            if self._dim is None:
-                self._dim = dim
-            elif self._dim != dim:
-                raise EmbeddingError(
-                    f"model {self.model!r} returned {dim}-dimensional embeddings after "
-                    f"{self._dim}-dimensional ones")
-        return vectors
-
-    def _describe(self, exc: openai.APIError, attempts: int) -> str:
-        where = self.base_url or "the OpenAI API"
-        if isinstance(exc, openai.APIStatusError):
-            asked = self.retry_policy.beyond_cap(exc)
-            if asked is not None:
-                return (f"embeddings at {where}: HTTP {exc.status_code} asks to retry after "
-                        f"{asked:g}s, beyond the {self.max_retry_after:g}s cap")
-            detail = f"HTTP {exc.status_code}: {exc.message}"[:500]
-        elif isinstance(exc, openai.APITimeoutError):
-            detail = f"timed out after {self.timeout:g}s"
-        else:
-            detail = f"{type(exc).__name__}: {exc}"[:500]
-        return (f"embeddings with model {self.model!r} at {where} failed after {attempts} "
-                f"attempt(s): {detail}")
 
 
 # -- schema --------------------------------------------------------------------------------

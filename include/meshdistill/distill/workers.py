@@ -49,7 +49,7 @@ def _worker(database_url: str, subtree: str, llm: Any, settings: DistillSettings
     """One worker process's share (module level: pickled by reference under spawn)."""
     from dataclasses import replace
 
-    from meshdistill.distill.backends import cached_backend
+    from meshdistill.llm.config import cached_backend
     from meshdistill.store.db import get_engine
 
     engine = get_engine(database_url)
@@ -99,7 +99,7 @@ def distill_subtree_processes(engine: Engine, subtree: str, llm: Any,
                               budget_tokens: int | None = None) -> dict[str, Any]:
     """Run one subtree over ``settings.processes`` worker processes (see above).
 
-    ``llm`` is the :class:`~meshdistill.distill.backends.LLMConfig`; its
+    ``llm`` is the :class:`~meshdistill.llm.config.LLMConfig`; its
     ``max_concurrency`` (default 32) is the cap shared by all workers. The summary has the
     same keys as a one-process run's.
     """
@@ -107,7 +107,7 @@ def distill_subtree_processes(engine: Engine, subtree: str, llm: Any,
     import logging.handlers
     import multiprocessing
 
-    from meshdistill.distill.backends import make_backend
+    from meshdistill.llm.config import make_backend
 
     started = time.perf_counter()
     backend = make_backend(llm)  # name and model only (no client until a call)

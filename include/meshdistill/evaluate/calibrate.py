@@ -1,76 +1,34 @@
-"""Calibration: how well do our ranking signals tell the right context from wrong ones?
+"""Calibration: how well do the ranking signals tell a question's own abstract from others?
 
-Measured on PubMedQA-L (``pubmedqa/ori_pqal.json``, 1,000 expert questions, each with
-its abstract and that abstract's MeSH headings). For each question the **positive**
-context is its own abstract; the **negatives** are
-
-- *random*: ``n_random`` other abstracts of the 1,000, drawn with a seeded RNG;
-- *hard*: the ``n_hard`` other abstracts our retrieval ranks highest for the question.
-
-Each (question, candidate) pair gets four scores, and each score's ROC AUC (positives
-against negatives, pooled over all questions) is reported per kind of negative:
-
-- ``hierarchy``: ``BMA(MeSH(question), MeSH(candidate))``, :meth:`MeshGrader.context_score`;
-- ``retrieval``: our full-text ranking score (:mod:`meshdistill.distill.retrieve`);
-- ``blend``: ``w·retrieval + (1 − w)·hierarchy``, the score that ranks contexts;
-- ``judge``: mean of the judge's groundedness and relevance (1–5) for the question
-  against that single candidate (:func:`judge_score`).
-
-A pooled AUC also compares scores across questions; ``within_question`` adds the mean
-per-question AUC (the share of a question's negatives its positive beats, ties ½), which
-is exactly what ranking the candidates of one question needs.
-
-How the retrieval score is obtained honestly: the real retrieval code runs against the
-1,000 PubMedQA-L abstracts, not against our ``article`` table. In one transaction, TEMP
-tables shadow the tables ``retrieve.py`` reads (PostgreSQL looks in ``pg_temp`` first),
-are filled with the 1,000 abstracts and their headings, indexed with
-:func:`~meshdistill.distill.retrieve.refresh_index`, and dropped at the end (``ON COMMIT
-DROP``, and explicitly). PubMedQA-L has no titles: the title is left empty (the questions
-are mostly the articles' titles rephrased, so putting anything title-like in would leak
-the answer); the abstract is the ``CONTEXTS`` sections joined, without the conclusion
-(``LONG_ANSWER``), as PubMedQA itself defines the context; the headings are the
-``MESHES`` names mapped to UIs through the database (unmapped names are counted and
-dropped; PubMedQA-L marks no major topics). A candidate's retrieval score is its
-``ContextHit.score`` from :func:`retrieve_many` (see :func:`build_pairs`).
-:func:`unshadowed_tables` refuses to run if retrieve.py's SQL names a table of the
-database that is not shadowed.
-
-Which candidate is the positive never enters a score: the hierarchy score reads only
-the question text and the candidate's headings; the judge gets only the question and the
-candidate (PubMedQA has no evidence sentence, so the question stands in for it; none of
-the 1,000 occurs verbatim in its abstract); retrieval scores a candidate from the question
-alone (passing the positive as the "source" only makes sure it is returned, and breaks
-ties in rank, never changes a score).
-
-ROC AUC is written here (Mann–Whitney U with ties counted ½, ~20 lines) rather than
-taken from scikit-learn, to avoid a heavy dependency for one formula.
+On PubMedQA-L each question's own abstract is the positive; the negatives are *random*
+other abstracts (seeded) and *hard* ones, those the pipeline's retrieval ranks highest.
+Each pair gets four scores (``hierarchy``, ``retrieval``, ``blend``, ``judge``) and each
+score's ROC AUC is reported per kind of negative, pooled and per question. Retrieval runs
+the real code on the benchmark abstracts (:mod:`meshdistill.evaluate.corpus`); which
+candidate is the positive never enters a score. The method, its guards and the figures
+are in ``docs/calibration.md``.
 """
 
 from __future__ import annotations
 
 import hashlib
-import inspect
-import json
 import logging
 import random
-import re
 import time
-from bisect import bisect_left, bisect_right
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from statistics import fmean
 from typing import Any
 
-from sqlalchemy import Connection, text
+from sqlalchemy import Connection
 
 from meshdistill import aio
-from meshdistill.config import data_dir
-from meshdistill.distill import retrieve as retrieve_module
 from meshdistill.distill.grade import Headings, MeshGrader
-from meshdistill.distill.retrieve import refresh_index, retrieve_many
+from meshdistill.distill.retrieve import retrieve_many
 from meshdistill.errors import ConfigError
+from meshdistill.evaluate.auc import roc_auc
+from meshdistill.evaluate.corpus import map_mesh_names, shadow_corpus
+from meshdistill.evaluate.pubmedqa import PqalRecord
 from meshdistill.llm.backend import LLMBackend, complete_all
 from meshdistill.llm.inputs import ArticleInput, JudgeInput, MeshHeading, Passage
 from meshdistill.llm.offline import OfflineBackend
@@ -79,195 +37,10 @@ from meshdistill.llm.stages import judge_request
 
 log = logging.getLogger(__name__)
 
-SHADOWED_TABLES = ("article", "article_mesh", "article_fts", "lexeme_df")
-"""Tables :mod:`meshdistill.distill.retrieve` reads or writes, shadowed by TEMP tables."""
-
 SIGNALS = ("hierarchy", "retrieval", "blend", "judge")
 
 HIERARCHY_TARGET = 0.85
-"""The issue's bar: hierarchy AUC on random negatives (pooled) at least this."""
-
-SOURCE = "pubmedqa-l"
-"""``article.source`` of the shadow rows."""
-
-
-def default_pqal_path() -> Path:
-    """``pubmedqa/ori_pqal.json`` under the shared data dir (``MESHDISTILL_DATA_DIR``)."""
-    return data_dir() / "pubmedqa" / "ori_pqal.json"
-
-
-# --- ROC AUC -----------------------------------------------------------------------------
-
-
-def roc_auc(positives: Sequence[float], negatives: Sequence[float]) -> float:
-    """P(score(positive) > score(negative)) + ½·P(equal): the Mann–Whitney form of ROC AUC.
-
-    Our own ~20 lines instead of scikit-learn's ``roc_auc_score``, to avoid a heavy
-    dependency for one formula. O((n + m)·log m): each positive is placed in the sorted
-    negatives by bisection. Raises ``ValueError`` when either side is empty.
-    """
-    if not positives or not negatives:
-        raise ValueError("ROC AUC needs at least one positive and one negative")
-    neg = sorted(negatives)
-    wins = 0.0
-    for p in positives:
-        below = bisect_left(neg, p)
-        ties = bisect_right(neg, p) - below
-        wins += below + 0.5 * ties
-    return wins / (len(positives) * len(neg))
-
-
-# --- data ---------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class PqalRecord:
-    """One PubMedQA-L item: the question, its abstract (without conclusion), MeSH names."""
-
-    pmid: int
-    question: str
-    abstract: str
-    mesh_names: tuple[str, ...]
-
-
-def load_pqal(path: Path | str | None = None, limit: int | None = None) -> list[PqalRecord]:
-    """The records of ``ori_pqal.json``, sorted by PMID; the first ``limit`` if given."""
-    path = Path(path) if path is not None else default_pqal_path()
-    if not path.is_file():
-        raise ConfigError(
-            f"PubMedQA-L file not found: {path} (give --pqal PATH or set MESHDISTILL_DATA_DIR)"
-        )
-    raw = json.loads(path.read_text(encoding="utf-8"))
-    records = [
-        PqalRecord(
-            pmid=int(pmid),
-            question=r["QUESTION"].strip(),
-            abstract=" ".join(c.strip() for c in r["CONTEXTS"]),
-            mesh_names=tuple(r["MESHES"]),
-        )
-        for pmid, r in raw.items()
-    ]
-    records.sort(key=lambda r: r.pmid)
-    return records[:limit] if limit is not None else records
-
-
-def map_mesh_names(conn: Connection, names: Sequence[str]) -> tuple[dict[str, str], list[str]]:
-    """``{name: UI}`` for heading names, case-insensitively, and the names left unmapped.
-
-    Tried in order: descriptor names, tree-file names with a UI, entry terms (old names
-    of renamed descriptors live there when the source has them).
-    """
-    wanted = sorted({n.lower() for n in names})
-    rows = conn.execute(
-        text(
-            """
-            SELECT DISTINCT ON (w.name) w.name, m.ui
-            FROM unnest(CAST(:names AS text[])) AS w(name)
-            JOIN (
-                SELECT lower(name) AS name, ui, 1 AS pref FROM mesh_descriptor
-                UNION ALL SELECT lower(name), ui, 2 FROM mesh_tree WHERE ui IS NOT NULL
-                UNION ALL SELECT lower(term), ui, 3 FROM mesh_entry_term
-            ) m ON m.name = w.name
-            ORDER BY w.name, m.pref, m.ui
-            """
-        ),
-        {"names": wanted},
-    ).all()
-    by_lower = {name: ui for name, ui in rows}
-    mapped = {n: by_lower[n.lower()] for n in dict.fromkeys(names) if n.lower() in by_lower}
-    unmapped = sorted({n for n in names if n.lower() not in by_lower})
-    return mapped, unmapped
-
-
-# --- the corpus, shadowed -----------------------------------------------------------------
-
-
-_TABLE_REF = re.compile(r"\b(?:FROM|JOIN|INTO|UPDATE)\s+([A-Za-z_][A-Za-z0-9_]*)\b")
-
-
-def unshadowed_tables(conn: Connection) -> list[str]:
-    """Tables of the database that retrieve.py's SQL names but :data:`SHADOWED_TABLES` lacks.
-
-    A guard against retrieve.py growing a table (say, lexeme frequencies) that calibration
-    would then read from the real corpus: the calibrated scores would be wrong silently.
-    """
-    named = set(_TABLE_REF.findall(inspect.getsource(retrieve_module)))
-    existing = set(conn.execute(
-        text("SELECT tablename FROM pg_tables WHERE schemaname = current_schema()"
-             " AND tablename = ANY(:names)"),
-        {"names": sorted(named)},
-    ).scalars())
-    return sorted(existing - set(SHADOWED_TABLES))
-
-
-def _temp_schema_of(conn: Connection, table: str) -> str:
-    return str(
-        conn.execute(
-            text(
-                "SELECT n.nspname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
-                " WHERE c.oid = to_regclass(:t)"
-            ),
-            {"t": table},
-        ).scalar_one()
-    )
-
-
-@contextmanager
-def shadow_corpus(
-    conn: Connection, records: Sequence[PqalRecord], headings: dict[int, Headings]
-) -> Iterator[dict[str, int]]:
-    """TEMP tables shadowing :data:`SHADOWED_TABLES`, holding ``records``, indexed.
-
-    Yields the counts loaded. The tables are created ``ON COMMIT DROP`` and dropped
-    explicitly on exit (always by their ``pg_temp`` name, never an unqualified one), so
-    neither the caller's transaction nor a pooled session keeps them.
-    """
-    missing = unshadowed_tables(conn)
-    if missing:
-        raise RuntimeError(
-            f"retrieve.py uses table(s) {', '.join(missing)} that calibration does not "
-            "shadow: add them to calibrate.SHADOWED_TABLES (and fill them if refresh_index "
-            "does not)"
-        )
-    for table in SHADOWED_TABLES:
-        conn.exec_driver_sql(
-            f"CREATE TEMP TABLE {table} (LIKE public.{table} INCLUDING ALL) ON COMMIT DROP"
-        )
-        schema = _temp_schema_of(conn, table)
-        if not schema.startswith("pg_temp"):
-            raise RuntimeError(f"{table} resolves to {schema}.{table}, not the TEMP table")
-    try:
-        conn.execute(
-            text(
-                """
-                INSERT INTO pg_temp.article (pmid, title, abstract, status, source, content_hash)
-                SELECT p, '', a, 'active', :source, md5(a)
-                FROM unnest(CAST(:pmids AS bigint[]), CAST(:abstracts AS text[])) AS t(p, a)
-                """
-            ),
-            {
-                "pmids": [r.pmid for r in records],
-                "abstracts": [r.abstract for r in records],
-                "source": SOURCE,
-            },
-        )
-        links = [(pmid, ui, ui in h.major) for pmid, h in headings.items() for ui in h.uis]
-        conn.execute(
-            text(
-                """
-                INSERT INTO pg_temp.article_mesh (pmid, ui, major)
-                SELECT * FROM unnest(CAST(:p AS bigint[]), CAST(:u AS text[]),
-                                     CAST(:m AS boolean[]))
-                """
-            ),
-            {"p": [x[0] for x in links], "u": [x[1] for x in links], "m": [x[2] for x in links]},
-        )
-        indexed = refresh_index(conn)
-        conn.exec_driver_sql("ANALYZE " + ", ".join(f"pg_temp.{t}" for t in SHADOWED_TABLES))
-        yield {"articles": len(records), "mesh_links": len(links), "indexed": indexed["added"]}
-    finally:
-        for table in SHADOWED_TABLES:
-            conn.exec_driver_sql(f"DROP TABLE IF EXISTS pg_temp.{table}")
+"""The bar for the hierarchy AUC on random negatives (pooled)."""
 
 
 # --- scoring ------------------------------------------------------------------------------
@@ -567,7 +340,7 @@ def calibrate(
 
 
 def targets(result: dict[str, Any]) -> dict[str, Any]:
-    """The issue's two targets, on pooled AUCs: met or not, with the figures."""
+    """The two calibration targets, on pooled AUCs: met or not, with the figures."""
     h = result["random"]["hierarchy_auc"]
     b, r = result["hard"]["blend_auc"], result["hard"]["retrieval_auc"]
     return {

@@ -1,0 +1,1 @@
+"""Evaluation of the ranking signals against labelled benchmarks (PubMedQA-L)."""
