@@ -43,12 +43,10 @@ import argparse
 import asyncio
 import cProfile
 import io
-import json
 import logging
 import multiprocessing as mp
 import os
 import pstats
-import re
 import statistics
 import sys
 import threading
@@ -78,94 +76,13 @@ BENCH_MODEL = "bench-model"
 
 # -- the server, in its own process --------------------------------------------------------
 
-_PMID_BLOCK = re.compile(r"^\[PMID (\d+)\] (.*)$", re.M)
-
-
-def bench_responder(body: dict[str, Any]) -> str:
-    """A meaningful answer rebuilt from the prompt (used when tests/fakes/llm_responder.py
-    is absent): generate and answer parse the rendered prompt and run the offline
-    backend's extractive logic on it, so questions quote the abstract and answers cite
-    their contexts; the judge gives passing scores."""
-    from meshdistill.llm import offline
-    from meshdistill.llm.inputs import (
-        AnswerInput,
-        ArticleInput,
-        GenerateInput,
-        MeshHeading,
-        Passage,
-    )
-    from meshdistill.llm.schemas import Question, QuestionType
-
-    from tests.fakes.openai_server import default_responder
-
-    fmt = body.get("response_format") or {}
-    name = (fmt.get("json_schema") or {}).get("name")
-    msgs = body.get("messages", [])
-    system = "\n".join(m["content"] for m in msgs if m.get("role") == "system")
-    user = "\n".join(m["content"] for m in msgs if m.get("role") == "user")
-    if name == "GeneratedQuestions":
-        title = re.search(r"^Title: (.*)$", user, re.M)
-        mesh = re.search(r"^MeSH headings \(\* = major topic\): (.*)$", user, re.M)
-        abstract = re.search(r"^Abstract \(PMID (\d+)\):\n(.*)\Z", user, re.M | re.S)
-        n = re.search(r"Write exactly (\d+) questions, using only these types: ([a-z, ]+)\.",
-                      system)
-        path = re.search(r"^MeSH topic path \(root first\): (.*)$", system, re.M)
-        headings = tuple(MeshHeading(h.rstrip("*"), h.endswith("*"))
-                         for h in (mesh.group(1).split("; ") if mesh else [])
-                         if h and h != "(none)")
-        article = ArticleInput(
-            pmid=abstract.group(1) if abstract else "1",
-            title=title.group(1) if title else "", abstract=abstract.group(2) if abstract else "",
-            mesh=headings, ancestry=tuple(path.group(1).split(" > ")) if path else ())
-        types = tuple(QuestionType(t.strip()) for t in n.group(2).split(",")) if n else ()
-        profile = "domain" if "domain expert" in system else "general"
-        return offline.generate_questions(GenerateInput(
-            article, profile, int(n.group(1)) if n else 4, types or tuple(QuestionType),
-        )).model_dump_json()
-    if name == "Judgement":
-        return json.dumps({"groundedness": 4, "relevance": 4, "clarity": 4,
-                           "informativeness": 3, "safety": 5,
-                           "rationale": "bench responder: passing scores"})
-    if name == "Answer":
-        qtype = re.search(r"^Question type: (\w+)$", user, re.M)
-        question = re.search(r"^Question: (.*)$", user, re.M)
-        ctx = user.split("\nContexts:\n", 1)[-1]
-        heads = list(_PMID_BLOCK.finditer(ctx))
-        passages = []
-        for i, m in enumerate(heads):
-            end = heads[i + 1].start() if i + 1 < len(heads) else len(ctx)
-            body_text = ctx[m.end():end].strip("\n")
-            passages.append(Passage(m.group(1), m.group(2), body_text))
-        q_text = question.group(1) if question else "What is reported here?"
-        q = Question(type=QuestionType(qtype.group(1)) if qtype else QuestionType.SUMMARY,
-                     question=q_text.ljust(8, "?"), answer_hint=None, evidence=q_text or "?")
-        return offline.answer(AnswerInput(q, tuple(passages))).model_dump_json()
-    return default_responder(body)
-
-
-def _responder(kind: str) -> Any:
-    if kind == "realistic":
-        from tests.fakes.llm_responder import realistic_responder
-
-        return realistic_responder
-    return bench_responder
-
-
-def responder_kind() -> str:
-    """``realistic`` when tests/fakes/llm_responder.py provides one, else ``bench``."""
-    try:
-        from tests.fakes.llm_responder import realistic_responder  # noqa: F401
-    except ImportError:
-        return "bench"
-    return "realistic"
-
-
-def _serve(conn: Any, kind: str, latency: float) -> None:
+def _serve(conn: Any, latency: float) -> None:
     """Child process: run FakeOpenAI and answer commands on ``conn``."""
     sys.path.insert(0, str(REPO))
+    from tests.fakes.llm_responder import realistic_responder
     from tests.fakes.openai_server import FakeOpenAI
 
-    server = FakeOpenAI(_responder(kind), latency=latency).start()
+    server = FakeOpenAI(realistic_responder, latency=latency).start()
     samples: list[int] = []
     sampling = threading.Event()
 
@@ -204,10 +121,10 @@ def _serve(conn: Any, kind: str, latency: float) -> None:
 
 
 class ServerProcess:
-    def __init__(self, kind: str, latency: float) -> None:
+    def __init__(self, latency: float) -> None:
         ctx = mp.get_context("spawn")
         self._conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_serve, args=(child, kind, latency), daemon=True)
+        self.proc = ctx.Process(target=_serve, args=(child, latency), daemon=True)
         self.proc.start()
         self.url: str = self._conn.recv()
 
@@ -411,30 +328,30 @@ def instrumented_distiller(*args: Any, timings: Timings, stub_retrieval: bool = 
     from meshdistill.distill.run import SubtreeDistiller
 
     class Timed(SubtreeDistiller):
-        def _prepare(self, given: Sequence[int] | None = None, *,
+        def prepare(self, given: Sequence[int] | None = None, *,
                      grade: bool = True) -> list[int]:
             t = time.perf_counter()
             try:
-                return super()._prepare(given, grade=grade)
+                return super().prepare(given, grade=grade)
             finally:
                 timings.prepare = time.perf_counter() - t
                 grader = self._grader
                 for name in ("question_uis", "table", "context_scores", "item_score"):
                     setattr(grader, name, _timed(getattr(grader, name), timings, "grader"))
 
-        def _records(self, pmids: Sequence[int]) -> Any:
+        def read_articles(self, pmids: Sequence[int]) -> Any:
             t = time.perf_counter()
-            out = super()._records(pmids)
+            out = super().read_articles(pmids)
             if not timings.first_read:
                 timings.first_read = time.perf_counter() - t
             return out
 
-        def _retrieve(self, items: list[tuple[str, int]]) -> list[list[Any]]:
+        def retrieve(self, items: list[tuple[str, int]]) -> list[list[Any]]:
             t, c = time.perf_counter(), time.thread_time()
             try:
                 if stub_retrieval:
                     return self._stub(items)
-                return super()._retrieve(items)
+                return super().retrieve(items)
             finally:
                 timings.retrieve.append(time.perf_counter() - t)
                 timings.thread_cpu["retrieve"] += time.thread_time() - c
@@ -444,7 +361,7 @@ def instrumented_distiller(*args: Any, timings: Timings, stub_retrieval: bool = 
             """Diagnostic: no SQL; the source plus the 9 nearest selected PMIDs."""
             from meshdistill.distill.retrieve import ContextHit
 
-            pool = sorted(self._articles)
+            pool = sorted(self.articles)
             out = []
             for _, source in items:
                 i = pool.index(source)
@@ -453,10 +370,10 @@ def instrumented_distiller(*args: Any, timings: Timings, stub_retrieval: bool = 
                     ContextHit(p, r, 0.4 - r / 100, False) for r, p in enumerate(others, 2)])
             return out
 
-        def _flush(self, outcomes: list[Any]) -> None:
+        def flush(self, outcomes: list[Any]) -> None:
             t, c = time.perf_counter(), time.thread_time()
             try:
-                super()._flush(outcomes)
+                super().flush(outcomes)
             finally:
                 timings.flush.append(time.perf_counter() - t)
                 timings.thread_cpu["flush"] += time.thread_time() - c
@@ -633,12 +550,10 @@ def part1(url: str, args: argparse.Namespace) -> bool:
     from meshdistill.store.db import get_engine
 
     engine = get_engine(url)
-    kind = responder_kind()
     print(f"\n== Part 1: request rate, {SUBTREE}, {args.articles} articles, server latency "
           f"{LATENCY * 1000:.0f} ms, cap {CAP} (ideal {CAP / LATENCY:.0f} requests/s) ==")
-    who = ("tests/fakes/llm_responder.realistic_responder" if kind == "realistic"
-           else "bench_responder (built in)")
-    print(f"server: FakeOpenAI in its own process, responder: {who}")
+    print("server: FakeOpenAI in its own process, responder: "
+          "tests/fakes/llm_responder.realistic_responder")
     if args.stub_retrieval:
         print("DIAGNOSTIC: retrieval SQL replaced by a fixed neighbour list")
     settings = DistillSettings(max_articles=args.articles,
@@ -646,7 +561,7 @@ def part1(url: str, args: argparse.Namespace) -> bool:
     if args.articles_in_flight != DistillSettings().articles_in_flight:
         print(f"articles_in_flight = {args.articles_in_flight} "
               f"(default {DistillSettings().articles_in_flight})")
-    server = ServerProcess(kind, LATENCY)
+    server = ServerProcess(LATENCY)
     pooled: Counter[str] = Counter()  # requests and seconds summed over the runs
     ratios: list[float] = []
     capped_all = True

@@ -164,18 +164,18 @@ class Recorder:
 
     def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
         """Patch through ``monkeypatch`` (use a ``MonkeyPatch.context()`` per run)."""
-        prepare, article, flush = (SubtreeDistiller._prepare, SubtreeDistiller._article,
-                                   SubtreeDistiller._flush)
+        prepare, article, flush = (SubtreeDistiller.prepare, SubtreeDistiller.distill_article,
+                                   SubtreeDistiller.flush)
         resolve = CachedBackend._resolve
         rec = self
 
-        def _prepare(self: SubtreeDistiller, given: Sequence[int] | None = None, *,
-                     grade: bool = True) -> list[int]:
+        def recorded_prepare(self: SubtreeDistiller, given: Sequence[int] | None = None, *,
+                             grade: bool = True) -> list[int]:
             pmids = prepare(self, given, grade=grade)
             rec.selected.append(list(pmids))
             return pmids
 
-        async def _article(self: SubtreeDistiller, record: ArticleRecord) -> ArticleOutcome:
+        async def held_article(self: SubtreeDistiller, record: ArticleRecord) -> ArticleOutcome:
             _article_of.set(record.pmid)
             if rec.hold:
                 if rec._release is None:
@@ -190,7 +190,7 @@ class Recorder:
                 rec._all_ran.set()
             return outcome
 
-        def _flush(self: SubtreeDistiller, outcomes: list[ArticleOutcome]) -> None:
+        def stopping_flush(self: SubtreeDistiller, outcomes: list[ArticleOutcome]) -> None:
             flush(self, outcomes)
             rec.flushed.append(list(outcomes))
             if rec.hold and not rec.stopped:
@@ -207,9 +207,9 @@ class Recorder:
             rec.calls.append((_article_of.get(), key, is_cached(result), result.ok))
             return result
 
-        monkeypatch.setattr(SubtreeDistiller, "_prepare", _prepare)
-        monkeypatch.setattr(SubtreeDistiller, "_article", _article)
-        monkeypatch.setattr(SubtreeDistiller, "_flush", _flush)
+        monkeypatch.setattr(SubtreeDistiller, "prepare", recorded_prepare)
+        monkeypatch.setattr(SubtreeDistiller, "distill_article", held_article)
+        monkeypatch.setattr(SubtreeDistiller, "flush", stopping_flush)
         monkeypatch.setattr(CachedBackend, "_resolve", _resolve)
 
 
@@ -320,7 +320,7 @@ def test_cli_exits_3_and_the_same_command_finishes_from_the_cache(
     for var in ("MESHDISTILL_DATABASE_URL", "AIRFLOW_CONN_MESHDISTILL_DB",
                 "MESHDISTILL_LLM_BACKEND", "OPENAI_BASE_URL", "MESHDISTILL_LLM_MODEL"):
         monkeypatch.delenv(var, raising=False)
-    flush = SubtreeDistiller._flush
+    flush = SubtreeDistiller.flush
     stops: list[int] = []
 
     def stop_then_flush(self: SubtreeDistiller, outcomes: list[ArticleOutcome]) -> None:
@@ -329,7 +329,7 @@ def test_cli_exits_3_and_the_same_command_finishes_from_the_cache(
             assert embedded.stop(db.home)
         flush(self, outcomes)
 
-    monkeypatch.setattr(SubtreeDistiller, "_flush", stop_then_flush)
+    monkeypatch.setattr(SubtreeDistiller, "flush", stop_then_flush)
     argv = ["distill", "--subtree", SUBTREE, "--limit", "6", "--questions", "2",
             "--backend", "offline", "--run-id", "cli-restart", "--json"]
     assert main(argv) == 3

@@ -9,9 +9,12 @@ from meshdistill.distill.candidates import (
     STAGES,
     TERMINAL,
     Candidate,
+    ContextChoice,
     answer_problems,
+    choose_contexts,
     evidence_in,
     normalize,
+    preference_pairs,
 )
 from meshdistill.distill.settings import JUDGE_CRITERIA, DistillSettings, JudgeThresholds
 from meshdistill.llm.backend import FailureKind, LLMResult, Stage
@@ -246,3 +249,48 @@ def test_judge_thresholds_failures() -> None:
     strict = JudgeThresholds(informativeness=5)
     assert strict.failures({**scores, "informativeness": 4}) == ["informativeness 4 < 5"]
     assert t.failures(JUDGED.model_dump()) == []  # the rationale is ignored
+
+
+# --- context choice and preference pairs -------------------------------------------------
+
+
+def _ctx(pmid: int, rank: int, blend: float, source: bool = False) -> ContextChoice:
+    return ContextChoice(pmid, rank, 0.5, 0.5, blend, source)
+
+
+def test_choose_contexts_keeps_the_best_blends_ties_by_rank() -> None:
+    scored = [_ctx(1, 1, 0.6, source=True), _ctx(2, 2, 0.9), _ctx(3, 3, 0.9), _ctx(4, 4, 0.1)]
+    assert [c.pmid for c in choose_contexts(scored, 3)] == [2, 3, 1]
+
+
+def test_choose_contexts_puts_a_low_source_in_the_last_place() -> None:
+    scored = [_ctx(1, 4, 0.05, source=True), _ctx(2, 1, 0.9), _ctx(3, 2, 0.8), _ctx(4, 3, 0.7)]
+    chosen = choose_contexts(scored, 3)
+    assert [c.pmid for c in chosen] == [2, 3, 1]
+    assert [c.pmid for c in choose_contexts(scored, 1)] == [1]  # k = 1: the source alone
+
+
+def _graded(profile: str, ordinal: int, score: float, state: str = "accepted") -> Candidate:
+    c = Candidate(profile, ordinal, _question(), hierarchy_score=score)
+    c.end(state, "answer" if state == "accepted" else "judge")
+    return c
+
+
+def test_preference_pairs_choose_the_higher_score_over_the_margin() -> None:
+    candidates = [
+        _graded("domain", 0, 0.7), _graded("general", 0, 0.5),  # domain wins by 0.2
+        _graded("domain", 1, 0.40), _graded("general", 1, 0.43),  # margin 0.03 < 0.05
+        _graded("domain", 2, 0.3), _graded("general", 2, 0.9, "rejected"),  # winner rejected
+        _graded("domain", 3, 0.2), _graded("general", 3, 0.6),  # general wins
+        _graded("domain", 4, 0.5),  # no partner
+    ]
+    pairs = preference_pairs(candidates, ("domain", "general"), 0.05)
+    assert pairs == [(0, "domain", "general", 0.7, 0.5), (3, "general", "domain", 0.6, 0.2)]
+
+
+def test_preference_pairs_skip_ungraded_and_need_two_profiles() -> None:
+    ungraded = Candidate("general", 0, _question())
+    ungraded.end("rejected", "retrieve", reason="source article is no longer retrievable")
+    candidates = [_graded("domain", 0, 0.9), ungraded]
+    assert preference_pairs(candidates, ("domain", "general"), 0.05) == []
+    assert preference_pairs([_graded("domain", 0, 0.9)], ("domain",), 0.0) == []

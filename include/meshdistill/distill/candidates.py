@@ -10,6 +10,7 @@ terminal state" is enforced where it happens, not audited afterwards.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -96,9 +97,6 @@ class Candidate:
             return False
         return True
 
-    def context_pmids(self) -> list[int]:
-        return [c.pmid for c in self.contexts]
-
 
 def evidence_in(evidence: str, text: str, *, normalized: bool = False) -> bool:
     """True when ``evidence`` occurs in ``text`` up to case and whitespace.
@@ -140,3 +138,47 @@ def answer_problems(answer: Answer, question: Question, contexts: dict[int, str]
     if question.type is QuestionType.YESNO and answer.label is None:
         problems.append("yesno answer without a yes/no/maybe label")
     return problems
+
+
+def choose_contexts(scored: Sequence[ContextChoice], k: int) -> list[ContextChoice]:
+    """The ``k`` best contexts by blended score (ties: better retrieval rank), the source
+    always among them: it replaces the last one when the blend ranks it lower."""
+    ranked = sorted(scored, key=lambda x: (-x.blend, x.rank))
+    chosen = ranked[:k]
+    if not any(x.is_source for x in chosen):
+        chosen = [*chosen[: k - 1], next(x for x in ranked if x.is_source)]
+    return chosen
+
+
+PreferencePair = tuple[int, str, str, float, float]
+"""(ordinal, chosen profile, rejected profile, chosen score, rejected score)."""
+
+
+def preference_pairs(candidates: Sequence[Candidate], profiles: Sequence[str],
+                     margin: float) -> list[PreferencePair]:
+    """Pairs of the two profiles' graded candidates at the same ordinal.
+
+    The one with the higher hierarchy score is chosen (the first profile on a tie); a
+    pair is kept when the chosen one is accepted and wins by at least ``margin``. With
+    other than two profiles there are no pairs.
+    """
+    if len(profiles) != 2:
+        return []
+    first, second = profiles
+    graded = {(c.profile, c.ordinal): c for c in candidates
+              if c.question is not None and c.hierarchy_score is not None}
+    pairs: list[PreferencePair] = []
+    for (profile, ordinal), a in graded.items():
+        b = graded.get((second, ordinal))
+        if profile != first or b is None:
+            continue
+        chosen, rejected = (a, b) if _graded(a) >= _graded(b) else (b, a)
+        high, low = _graded(chosen), _graded(rejected)
+        if chosen.state == "accepted" and high - low >= margin:
+            pairs.append((ordinal, chosen.profile, rejected.profile, high, low))
+    return pairs
+
+
+def _graded(c: Candidate) -> float:
+    assert c.hierarchy_score is not None
+    return c.hierarchy_score

@@ -17,7 +17,7 @@ from typing import Any
 from psycopg2.extras import execute_values
 from sqlalchemy import Connection, text
 
-from meshdistill.distill.candidates import TERMINAL, Candidate
+from meshdistill.distill.candidates import TERMINAL, Candidate, PreferencePair
 from meshdistill.store.bulk import upsert_sql, values_template
 
 _KEY = ("subtree", "source_pmid", "model", "profile", "ordinal")
@@ -55,8 +55,7 @@ class ArticleOutcome:
 
     pmid: int
     candidates: list[Candidate]
-    pairs: list[tuple[int, str, str, float, float]]  # (ordinal, chosen, rejected profiles,
-    #                                                    chosen score, rejected score)
+    pairs: list[PreferencePair]
 
 
 @dataclass(frozen=True)

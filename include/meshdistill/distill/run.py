@@ -39,7 +39,9 @@ from meshdistill.distill.candidates import (
     Candidate,
     ContextChoice,
     answer_problems,
+    choose_contexts,
     evidence_in,
+    preference_pairs,
 )
 from meshdistill.distill.corpus import ArticleRecord, load_articles, select_sources
 from meshdistill.distill.grade import MeshGrader
@@ -104,7 +106,7 @@ class SubtreeDistiller:
         self.settings = settings
         self.run_id = run_id
         self._grader = grader
-        self._articles: dict[int, ArticleRecord] = {}
+        self.articles: dict[int, ArticleRecord] = {}
         self._embedder: OpenAIEmbedder | None = None
         self._retrieval_gate = asyncio.Semaphore(settings.retrievals_in_flight)
         self.stats = RunStats()
@@ -114,7 +116,7 @@ class SubtreeDistiller:
 
     # -- database (worker threads) ------------------------------------------------------
 
-    def _prepare(self, given: Sequence[int] | None = None, *, grade: bool = True) -> list[int]:
+    def prepare(self, given: Sequence[int] | None = None, *, grade: bool = True) -> list[int]:
         """Subtree facts, the grader and the embedder; the source selection (after the
         index refresh) unless ``given`` (a worker of a multi-process run gets its share).
         ``grade=False``: selection only (the parent of a multi-process run grades nothing).
@@ -160,14 +162,17 @@ class SubtreeDistiller:
                 self._embedder = OpenAIEmbedder()
         return pmids
 
-    def _records(self, pmids: Sequence[int]) -> dict[int, ArticleRecord]:
-        missing = [p for p in pmids if p not in self._articles]
+    def read_articles(self, pmids: Sequence[int]) -> dict[int, ArticleRecord]:
+        """The records of ``pmids`` (read once, then kept in :attr:`articles`); PMIDs
+        that no longer exist are left out."""
+        missing = [p for p in pmids if p not in self.articles]
         if missing:
             with self.engine.connect() as conn:
-                self._articles.update(load_articles(conn, missing))
-        return {p: self._articles[p] for p in pmids if p in self._articles}
+                self.articles.update(load_articles(conn, missing))
+        return {p: self.articles[p] for p in pmids if p in self.articles}
 
-    def _retrieve(self, items: list[tuple[str, int]]) -> list[list[Any]]:
+    def retrieve(self, items: list[tuple[str, int]]) -> list[list[Any]]:
+        """Context hits for each ``(question, source PMID)``, their articles read."""
         with self.engine.connect() as conn:
             if self._embedder is not None:
                 from meshdistill.distill.vector import retrieve_vector_many
@@ -177,10 +182,11 @@ class SubtreeDistiller:
             else:
                 hits = retrieve_many(conn, items, self.settings.k_retrieve,
                                      subtree_uis=self._uis)
-        self._records([h.pmid for group in hits for h in group])
+        self.read_articles([h.pmid for group in hits for h in group])
         return hits
 
-    def _flush(self, outcomes: list[ArticleOutcome]) -> None:
+    def flush(self, outcomes: list[ArticleOutcome]) -> None:
+        """Write finished articles' candidates and pairs in one transaction."""
         with self.engine.begin() as conn:
             write_outcomes(conn, self.ident, outcomes)
 
@@ -191,7 +197,8 @@ class SubtreeDistiller:
         assert self._grader is not None, "prepare() first"
         return self._grader
 
-    async def _article(self, record: ArticleRecord) -> ArticleOutcome:
+    async def distill_article(self, record: ArticleRecord) -> ArticleOutcome:
+        """One source article through every stage; each candidate ends in one state."""
         s = self.settings
         article = record.as_input(self._ancestry, self._scope_note)
         generated = await complete_all(self.backend, [
@@ -219,7 +226,8 @@ class SubtreeDistiller:
             await self._retrieve_and_grade(record, live)
         await self._judge(article, [c for c in candidates if c.live])
         await self._answer(article, [c for c in candidates if c.live])
-        return ArticleOutcome(record.pmid, candidates, self._pairs(candidates))
+        return ArticleOutcome(record.pmid, candidates, preference_pairs(
+            candidates, s.profiles, s.preference_margin))
 
     async def _retrieve_and_grade(self, record: ArticleRecord, live: list[Candidate]) -> None:
         s, grader = self.settings, self.grader
@@ -232,7 +240,7 @@ class SubtreeDistiller:
         gate = self._retrieval_gate if self._embedder is None else contextlib.nullcontext()
         async with gate:
             hits = await asyncio.to_thread(
-                self._retrieve, [(c.question.question, record.pmid) for c in live if c.question])
+                self.retrieve, [(c.question.question, record.pmid) for c in live if c.question])
         source = record.mesh
         graded = []
         for c, group in zip(live, hits, strict=True):
@@ -241,7 +249,7 @@ class SubtreeDistiller:
                 c.end("rejected", "retrieve", reason="source article is no longer retrievable")
                 continue
             assert c.question is not None
-            found = [(h, ctx) for h in group if (ctx := self._articles.get(h.pmid))]
+            found = [(h, ctx) for h in group if (ctx := self.articles.get(h.pmid))]
             graded.append((c, grader.question_uis(c.question.question), found))
         # One similarity table for the article: its questions share the source and most of
         # their contexts, so one matrix over the union costs less than one per question
@@ -255,14 +263,12 @@ class SubtreeDistiller:
             ranking_uis = q_uis or list(source.uis)  # the source's topic stands in
             scores = grader.context_scores(ranking_uis, [ctx.mesh for _, ctx in found],
                                            [h.score for h, _ in found], table)
-            scored = [ContextChoice(h.pmid, h.rank, h.score, hierarchy, blended, h.is_source)
-                      for (h, _), (hierarchy, blended) in zip(found, scores, strict=True)]
-            scored.sort(key=lambda x: (-x.blend, x.rank))
-            chosen = scored[: s.k_contexts]
-            if not any(x.is_source for x in chosen):
-                chosen = [*chosen[: s.k_contexts - 1], next(x for x in scored if x.is_source)]
+            chosen = choose_contexts(
+                [ContextChoice(h.pmid, h.rank, h.score, hierarchy, blended, h.is_source)
+                 for (h, _), (hierarchy, blended) in zip(found, scores, strict=True)],
+                s.k_contexts)
             c.contexts = chosen
-            others = [self._articles[x.pmid].mesh for x in chosen if not x.is_source]
+            others = [self.articles[x.pmid].mesh for x in chosen if not x.is_source]
             c.hierarchy_score = grader.item_score(source, others, q_uis, table)
             c.retrieval_score = sum(x.retrieval for x in chosen) / len(chosen)
             c.blend_score = sum(x.blend for x in chosen) / len(chosen)
@@ -303,7 +309,7 @@ class SubtreeDistiller:
                 continue
             assert result.output is not None and c.question is not None
             c.answer = result.output
-            texts = {x.pmid: self._articles[x.pmid].normalized_text for x in c.contexts}
+            texts = {x.pmid: self.articles[x.pmid].normalized_text for x in c.contexts}
             problems = answer_problems(result.output, c.question, texts, normalized=True)
             if problems:
                 c.end("rejected", "answer", reason="; ".join(problems))
@@ -311,28 +317,7 @@ class SubtreeDistiller:
                 c.end("accepted", "answer")
 
     def _passages(self, c: Candidate) -> tuple[Any, ...]:
-        return tuple(self._articles[x.pmid].passage() for x in c.contexts)
-
-    def _pairs(self, candidates: list[Candidate]) -> list[tuple[int, str, str, float, float]]:
-        """Preference pairs: the profiles' graded candidates at the same ordinal."""
-        if len(self.settings.profiles) != 2:
-            return []
-        first, second = self.settings.profiles
-        by_key = {(c.profile, c.ordinal): c for c in candidates
-                  if c.question is not None and c.hierarchy_score is not None}
-        pairs = []
-        for (profile, ordinal), a in by_key.items():
-            b = by_key.get((second, ordinal))
-            if profile != first or b is None:
-                continue
-            assert a.hierarchy_score is not None and b.hierarchy_score is not None
-            chosen, rejected = (a, b) if a.hierarchy_score >= b.hierarchy_score else (b, a)
-            assert chosen.hierarchy_score is not None and rejected.hierarchy_score is not None
-            margin = chosen.hierarchy_score - rejected.hierarchy_score
-            if chosen.state == "accepted" and margin >= self.settings.preference_margin:
-                pairs.append((ordinal, chosen.profile, rejected.profile,
-                              chosen.hierarchy_score, rejected.hierarchy_score))
-        return pairs
+        return tuple(self.articles[x.pmid].passage() for x in c.contexts)
 
     # -- the run ------------------------------------------------------------------------
 
@@ -342,9 +327,9 @@ class SubtreeDistiller:
         pmids = await self._prepared()
         with gc_frozen():  # the grader's tables, the modules: see gc_frozen
             read = await self._process(pmids, started)
-        summary = self._summary(read, time.perf_counter() - started)
-        self._progress(len(read), started, final=True)
-        return summary
+        result = self.summary(read, time.perf_counter() - started)
+        self.log_progress(len(read), started, final=True)
+        return result
 
     async def run_pmids(self, pmids: Sequence[int]) -> list[int]:
         """Distill and flush exactly these source articles, without selecting or
@@ -353,15 +338,15 @@ class SubtreeDistiller:
         await self._prepared(pmids)
         with gc_frozen():  # the grader's tables, the modules: see gc_frozen
             read = await self._process(pmids, started)
-        self._progress(len(read), started, final=True)
+        self.log_progress(len(read), started, final=True)
         return read
 
     async def _prepared(self, given: Sequence[int] | None = None) -> list[int]:
-        """:meth:`_prepare` in a worker thread while the backend sets itself up (the
+        """:meth:`prepare` in a worker thread while the backend sets itself up (the
         client process's start-up overlaps the index refresh and the grader build)."""
         starting = asyncio.ensure_future(start_backend(self.backend))
         try:
-            return await asyncio.to_thread(self._prepare, given)
+            return await asyncio.to_thread(self.prepare, given)
         finally:
             await starting
 
@@ -369,7 +354,7 @@ class SubtreeDistiller:
         """The stages over ``pmids``, ``articles_in_flight`` at a time, flushed every
         ``flush_every``; returns the articles actually read (the rest vanished)."""
         try:
-            records = await asyncio.to_thread(self._records, pmids)
+            records = await asyncio.to_thread(self.read_articles, pmids)
             gone = [p for p in pmids if p not in records]
             if gone:  # deleted between the selection and the read; nothing to distill
                 log.warning("%s: %d selected articles vanished before reading", self.label,
@@ -379,7 +364,7 @@ class SubtreeDistiller:
 
             async def one(record: ArticleRecord) -> ArticleOutcome:
                 async with gate:
-                    return await self._article(record)
+                    return await self.distill_article(record)
 
             tasks = [asyncio.ensure_future(one(records[p])) for p in pmids if p in records]
             try:
@@ -388,11 +373,11 @@ class SubtreeDistiller:
                     self.stats.add(outcome)
                     pending.append(outcome)
                     if len(pending) >= self.settings.flush_every:
-                        await asyncio.to_thread(self._flush, pending)
+                        await asyncio.to_thread(self.flush, pending)
                         pending = []
-                        self._progress(len(tasks), started)
+                        self.log_progress(len(tasks), started)
                 if pending:
-                    await asyncio.to_thread(self._flush, pending)
+                    await asyncio.to_thread(self.flush, pending)
             except BaseException:
                 for t in tasks:
                     t.cancel()
@@ -402,7 +387,7 @@ class SubtreeDistiller:
                 self._embedder.close()
         return list(records)
 
-    def _progress(self, total: int, started: float, final: bool = False) -> None:
+    def log_progress(self, total: int, started: float, final: bool = False) -> None:
         elapsed = max(time.perf_counter() - started, 1e-9)
         st = self.stats.states
         log.info(
@@ -419,7 +404,7 @@ class SubtreeDistiller:
                 log.info("%s: rejected/failed by reason: %s", self.label, "; ".join(
                     f"{k} {n}" for k, n in self.stats.reasons.most_common()))
 
-    def _summary(self, pmids: list[int], seconds: float, *,
+    def summary(self, pmids: list[int], seconds: float, *,
                  llm: dict[str, Any] | None = None,
                  budget: dict[str, Any] | None = None) -> dict[str, Any]:
         with self.engine.connect() as conn:

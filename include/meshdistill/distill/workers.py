@@ -112,11 +112,11 @@ def distill_subtree_processes(engine: Engine, subtree: str, llm: Any,
     started = time.perf_counter()
     backend = make_backend(llm)  # name and model only (no client until a call)
     parent = SubtreeDistiller(engine, subtree, backend, settings, run_id)
-    pmids = parent._prepare(grade=False)
+    pmids = parent.prepare(grade=False)
     cap = llm.max_concurrency or DEFAULT_CONCURRENCY
     n = min(settings.processes, cap, len(pmids))  # no idle workers; at least 1 call each
     if not n:
-        summary = parent._summary([], time.perf_counter() - started, llm={})
+        summary = parent.summary([], time.perf_counter() - started, llm={})
         summary["processes"] = 0
         return summary
     shares = [pmids[i::n] for i in range(n)]
@@ -166,9 +166,9 @@ def distill_subtree_processes(engine: Engine, subtree: str, llm: Any,
         stats.pairs += r["pairs"]
         llm_stats.update(r["llm"])
     read = [p for r in results for p in r["read"]]
-    summary = parent._summary(
+    summary = parent.summary(
         read, time.perf_counter() - started, llm=dict(llm_stats),
         budget=_merge_budgets([r["budget"] for r in results if r["budget"] is not None]))
     summary["processes"] = n
-    parent._progress(len(read), started, final=True)
+    parent.log_progress(len(read), started, final=True)
     return summary

@@ -33,7 +33,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields, replace
 from typing import Any, Generic, TypeVar, cast
@@ -211,7 +211,6 @@ class CachedBackend:
         self._executor_lock = threading.Lock()
         self._inflight: dict[tuple[int, str], asyncio.Task[Any]] = {}
         self._loop_runners: dict[int, tuple[_Lookups, _Stores]] = {}
-        self._prefetched: dict[str, _Row] = {}
         self._stats_lock = threading.Lock()
         self.stats = {"hits": 0, "misses": 0, "shared": 0, "deferred": 0, "stored": 0,
                       "failed": 0}
@@ -324,20 +323,6 @@ class CachedBackend:
             self._loop_runners[loop_id] = runners
         return runners
 
-    async def prefetch(self, requests: Iterable[LLMRequest[Any]]) -> int:
-        """Load the cached rows of many requests in one query; returns how many were found.
-
-        Optional: concurrent :meth:`complete` calls already share lookup queries; a task
-        that knows its whole batch can load it up front (hits then never wait on the
-        database). Rows are kept in memory until their request is completed.
-        """
-        keys = list({r.cache_key(self.model) for r in requests})
-        found: dict[str, _Row] = {}
-        for start in range(0, len(keys), 1000):
-            found.update(await self._db(self._lookup, keys[start:start + 1000]))
-        self._prefetched.update(found)
-        return len(found)
-
     # -- accounting --------------------------------------------------------------------------
 
     def cost_of(self, model: str, tokens_in: int, tokens_out: int) -> float:
@@ -381,9 +366,7 @@ class CachedBackend:
         )
 
     async def _resolve(self, request: LLMRequest[T], key: str) -> LLMResult[T]:
-        row = self._prefetched.pop(key, None)
-        if row is None:
-            row = await self._runners()[0](key)
+        row = await self._runners()[0](key)
         stale = False
         if row is not None:
             hit = self._from_row(request, row)
@@ -433,13 +416,3 @@ def usage(conn: Connection, *, model: str | None = None) -> dict[str, Any]:
     tokens_in, tokens_out = int(row.tokens_in), int(row.tokens_out)
     return {"calls": int(row.calls), "tokens_in": tokens_in, "tokens_out": tokens_out,
             "tokens": tokens_in + tokens_out, "cost_usd": float(row.cost_usd)}
-
-
-def usage_by_model(conn: Connection) -> Mapping[str, dict[str, Any]]:
-    """The same figures per model."""
-    rows = conn.execute(text(
-        "SELECT model, count(*) AS calls, sum(tokens_in) AS tin, sum(tokens_out) AS tout, "
-        "sum(cost_usd) AS cost FROM llm_call GROUP BY model ORDER BY model"))
-    return {r.model: {"calls": int(r.calls), "tokens_in": int(r.tin),
-                      "tokens_out": int(r.tout), "tokens": int(r.tin) + int(r.tout),
-                      "cost_usd": float(r.cost)} for r in rows}
