@@ -20,9 +20,14 @@ import psycopg2
 import sqlalchemy.exc
 
 from meshdistill.config import Settings
+from meshdistill.distill.settings import DistillSettings
 from meshdistill.errors import MeshDistillError
+from meshdistill.llm.config import BACKENDS
+from meshdistill.llm.schemas import QuestionType
+from meshdistill.pubmed.eutils import DATETYPES
 
 log = logging.getLogger("meshdistill")
+DEFAULTS = DistillSettings()
 
 
 def _print_json(data: Any) -> None:
@@ -55,18 +60,9 @@ def cmd_db(args: argparse.Namespace) -> int:
 
 
 def cmd_mesh_load(args: argparse.Namespace) -> int:
-    from meshdistill.mesh.load import load_sources
-    from meshdistill.mesh.sources import nlm_release_urls
-    from meshdistill.store import connect
+    from meshdistill.pipeline import refresh_mesh
 
-    settings = Settings.from_env()
-    sources = args.sources or nlm_release_urls(args.year or date.today().year)
-    t0 = time.perf_counter()
-    with connect() as conn:
-        out = load_sources(
-            conn, sources, settings.mesh_cache_dir, year=args.year, replace_trees=args.replace
-        )
-    out["seconds"] = round(time.perf_counter() - t0, 2)
+    out = refresh_mesh(args.sources, year=args.year, replace=args.replace)
     if args.json:
         _print_json(out)
     else:
@@ -108,69 +104,42 @@ def cmd_mesh_subtree(args: argparse.Namespace) -> int:
 
 
 def cmd_pubmed_parse(args: argparse.Namespace) -> int:
-    from meshdistill.pubmed.parser import iter_records
-    from meshdistill.pubmed.records import Skip
+    from meshdistill.pubmed.jsonl import write_jsonl
 
-    out = sys.stdout if args.out == "-" else open(args.out, "w", encoding="utf-8")  # noqa: SIM115
-    failed = 0
-    try:
-        for path in args.files:
-            t0 = time.perf_counter()
-            n = skipped = 0
-            try:
-                for record in iter_records(path):
-                    if isinstance(record, Skip):
-                        skipped += 1
-                        log.warning(
-                            "%s: skipped a record (%s): %s", path, record.pmid, record.reason
-                        )
-                        continue
-                    out.write(json.dumps(record.to_json(), ensure_ascii=False))
-                    out.write("\n")
-                    n += 1
-            except MeshDistillError as exc:
-                failed += 1
-                log.error("%s", exc)
-            dt = time.perf_counter() - t0
-            log.info("%s: %d records (%d skipped) in %.1fs, %.0f/s", path, n, skipped, dt,
-                     n / dt if dt else 0)
-    finally:
-        if out is not sys.stdout:
-            out.close()
-    return 1 if failed else 0
+    if args.out == "-":
+        summary = write_jsonl(args.files, sys.stdout.buffer)
+        sys.stdout.buffer.flush()
+    else:
+        with open(args.out, "wb", buffering=1 << 20) as out:
+            summary = write_jsonl(args.files, out)
+    return 0 if summary.ok else 1
 
 
 def cmd_pubmed_load(args: argparse.Namespace) -> int:
-    from meshdistill.pubmed.files import load_files
+    from meshdistill.pipeline import load_pubmed_files
 
-    results = load_files(args.files)
+    files = load_pubmed_files(args.files, strict=False)["files"]
     if args.json:
-        _print_json([r.as_dict() for r in results])
+        _print_json(files)
     else:
-        for r in results:
-            rate = r.parsed / r.seconds if r.seconds else 0
+        for r in files:
+            rate = r["parsed"] / r["seconds"] if r["seconds"] else 0
             print(
-                f"{r.item}: {r.status}: {r.parsed} parsed, {r.loaded} loaded, "
-                f"{r.unchanged} unchanged, {r.deleted} deleted, {r.skipped} skipped "
-                f"({r.without_abstract} without abstract, {r.without_mesh} without MeSH) "
-                f"in {r.seconds:.1f}s ({rate:.0f}/s)"
+                f"{r['item']}: {r['status']}: {r['parsed']} parsed, {r['loaded']} loaded, "
+                f"{r['unchanged']} unchanged, {r['deleted']} deleted, {r['skipped']} skipped "
+                f"({r['without_abstract']} without abstract, {r['without_mesh']} without "
+                f"MeSH) in {r['seconds']:.1f}s ({rate:.0f}/s)"
             )
-            if r.error:
-                print(f"  error: {r.error}", file=sys.stderr)
-    return 0 if all(r.status == "succeeded" for r in results) else 1
+            if r["error"]:
+                print(f"  error: {r['error']}", file=sys.stderr)
+    return 0 if all(r["status"] == "succeeded" for r in files) else 1
 
 
 def cmd_pubmed_fetch(args: argparse.Namespace) -> int:
-    from meshdistill.pubmed.eutils import EutilsClient
-    from meshdistill.pubmed.ingest import ingest_subtree
-    from meshdistill.store.db import get_engine
+    from meshdistill.pipeline import ingest_subtree_window
 
-    settings = Settings.from_env()
-    client = EutilsClient.from_settings(settings, base_url=args.eutils_url)
-    summary = ingest_subtree(
-        get_engine(), args.subtree, args.date_from, args.date_to, client=client,
-        datetype=args.datetype,
-    )
+    summary = ingest_subtree_window(args.subtree, args.date_from, args.date_to,
+                                    eutils_url=args.eutils_url, datetype=args.datetype)
     if args.json:
         _print_json(summary)
     else:
@@ -188,39 +157,31 @@ def cmd_pubmed_fetch(args: argparse.Namespace) -> int:
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
-    from meshdistill.llm.config import LLMConfig
-    from meshdistill.pipeline import distill_subtree, validate_subtrees
+    from meshdistill import pipeline
 
-    subtrees = validate_subtrees(args.subtree)
+    given = {"subtrees": args.subtree, "max_articles": args.limit, "redo": args.redo,
+             "processes": args.processes, "questions_per_article": args.questions,
+             "question_types": args.types, "backend": args.backend, "model": args.model,
+             "budget_usd": args.budget_usd, "budget_tokens": args.budget_tokens}
+    values = {k: v for k, v in given.items() if v is not None}  # None: the default
+    request, settings = pipeline.distill_request(values), pipeline.distill_settings(values)
+    llm = pipeline.llm_for(request, base_url=args.base_url, max_concurrency=args.concurrency)
+    subtrees = pipeline.validate_subtrees(request.subtrees)
+    shares = pipeline.budget_shares(request.budget_usd, request.budget_tokens, len(subtrees))
     run_id = args.run_id or f"cli-{time.strftime('%Y%m%dT%H%M%S')}"
-    settings: dict[str, Any] = {"max_articles": args.limit, "redo": args.redo,
-                                "processes": args.processes}
-    if args.questions is not None:
-        settings["questions_per_article"] = args.questions
-    if args.types:
-        settings["question_types"] = args.types
-    llm = LLMConfig(backend=args.backend, model=args.model, base_url=args.base_url,
-                    max_concurrency=args.concurrency)
-    n = len(subtrees)
     summaries = [
-        distill_subtree(
-            prefix, run_id=run_id, settings=settings, llm=llm,
-            budget_usd=None if args.budget_usd is None else args.budget_usd / n,
-            budget_tokens=None if args.budget_tokens is None else args.budget_tokens // n,
-        )
-        for prefix in subtrees
+        pipeline.distill_subtree(prefix, run_id=run_id, settings=settings, llm=llm,
+                                 budget_usd=usd, budget_tokens=tokens)
+        for prefix, (usd, tokens) in zip(subtrees, shares, strict=True)
     ]
     if args.json:
         _print_json({"run_id": run_id, "subtrees": summaries})
         return 0
+    out = pipeline.summarize_runs(summaries)
     print(f"run {run_id} ({summaries[0]['backend']}, {summaries[0]['model']})")
-    print(f"  {'subtree':<10}{'articles':>9}{'accepted':>10}{'rejected':>10}{'failed':>8}"
-          f"{'deferred':>10}{'pairs':>7}{'cand/s':>8}")
-    for s in summaries:
-        print(f"  {s['subtree']:<10}{s['articles']:>9}{s['accepted']:>10}{s['rejected']:>10}"
-              f"{s['failed']:>8}{s['deferred']:>10}{s['preference_pairs']:>7}"
-              f"{s['candidates_per_s'] or 0:>8}")
-    if any(s["deferred"] for s in summaries):
+    for line in pipeline.summary_table(out["subtrees"]):
+        print(f"  {line}")
+    if out["totals"]["deferred"]:
         print("  budget reached: deferred candidates continue on the next run")
     return 0
 
@@ -271,14 +232,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from meshdistill.mesh.subtree import subtree_stats
-    from meshdistill.status import status
-    from meshdistill.store import connect
+    from meshdistill.pipeline import status_report
 
-    with connect() as conn:
-        data = status(conn)
-        if args.subtree:
-            data["subtrees"] = {p: subtree_stats(conn, p) for p in args.subtree}
+    data = status_report(args.subtree or ())
     if args.json:
         _print_json(data)
     else:
@@ -353,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     pf.add_argument("--subtree", required=True)
     pf.add_argument("--from", dest="date_from", type=_date, required=True)
     pf.add_argument("--to", dest="date_to", type=_date, required=True)
-    pf.add_argument("--datetype", choices=["edat", "mdat"], default="edat")
+    pf.add_argument("--datetype", choices=DATETYPES, default=DATETYPES[0])
     pf.add_argument("--eutils-url", help="E-utilities base URL (default: NCBI's)")
     pf.add_argument("--json", action="store_true")
     pf.set_defaults(func=cmd_pubmed_fetch)
@@ -361,18 +317,21 @@ def build_parser() -> argparse.ArgumentParser:
     di = sub.add_parser("distill", help="generate, retrieve, grade, judge and answer")
     di.add_argument("--subtree", action="append", required=True,
                     help="MeSH tree-number prefix, e.g. C04 (repeat for several)")
-    di.add_argument("--limit", type=int, default=100,
-                    help="articles per subtree (default 100; pending ones first)")
-    di.add_argument("--questions", type=int, help="questions per article and profile")
-    di.add_argument("--types", nargs="+", choices=["yesno", "factoid", "list", "summary"])
-    di.add_argument("--backend", choices=["offline", "openai"],
+    di.add_argument("--limit", type=int, default=DEFAULTS.max_articles,
+                    help=f"articles per subtree (default {DEFAULTS.max_articles}; pending "
+                         "ones first)")
+    di.add_argument("--questions", type=int, help="questions per article and profile "
+                    f"(default {DEFAULTS.questions_per_article})")
+    di.add_argument("--types", nargs="+", choices=[t.value for t in QuestionType],
+                    help="question types (default: all)")
+    di.add_argument("--backend", choices=BACKENDS,
                     help="default: openai when a base URL is set, else offline")
     di.add_argument("--base-url", help="OpenAI-compatible endpoint (or OPENAI_BASE_URL)")
     di.add_argument("--model", help="model name (or MESHDISTILL_LLM_MODEL)")
     di.add_argument("--concurrency", type=int, help="requests in flight (default 32)")
-    di.add_argument("--processes", type=int, default=1,
-                    help="worker processes per subtree (default 1); the --concurrency cap "
-                         "and the budget are split evenly between them")
+    di.add_argument("--processes", type=int, default=DEFAULTS.processes,
+                    help=f"worker processes per subtree (default {DEFAULTS.processes}); the "
+                         "--concurrency cap and the budget are split evenly between them")
     di.add_argument("--budget-usd", type=float, help="stop calling the LLM past this cost")
     di.add_argument("--budget-tokens", type=int, help="stop calling the LLM past these tokens")
     di.add_argument("--run-id", help="name of the run (rerunning it makes no new calls)")
@@ -383,8 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     ca = sub.add_parser("calibrate",
                         help="ROC AUC of the ranking signals on PubMedQA-L's expert questions")
-    ca.add_argument("--pqal", type=Path, help="ori_pqal.json (default: "
-                    "$MESHDISTILL_DATA_DIR/pubmedqa/ori_pqal.json, data dir ../shared/data)")
+    ca.add_argument("--pqal", type=Path, help="PubMedQA-L's ori_pqal.json, plain or gzip "
+                    "(default: the copy in $MESHDISTILL_DATA_DIR, the repository's data/)")
     ca.add_argument("--random", type=int, default=5, help="random negatives per question")
     ca.add_argument("--hard", type=int, default=5, help="hard negatives per question")
     ca.add_argument("--seed", type=int, default=0, help="seed of the random negatives")

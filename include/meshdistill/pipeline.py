@@ -1,19 +1,26 @@
-"""The steps the DAGs run, as plain functions with explicit arguments.
+"""The steps the DAGs, the CLI and the demo run, as plain functions with explicit arguments.
 
 Each takes what it needs (database URL, subtree, window, ...) and returns a small
 JSON-serialisable summary that Airflow keeps as the task's XCom and logs; the DAG files
-only wire them to Airflow (schedule, params, mapping, pools, retries).
+only wire them to Airflow (schedule, params, mapping, pools, retries), and the CLI only
+parses options and prints. What a run is asked (settings, budget shares) and how its
+outcome reads (the per-subtree table) are decided here once for all three.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping, Sequence
-from datetime import date
+from datetime import date, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
 
 from meshdistill.config import Settings
+from meshdistill.distill.candidates import TERMINAL
+from meshdistill.distill.settings import DistillRequest, DistillSettings
 from meshdistill.errors import ConfigError, MeshDistillError, UnknownSubtreeError
 from meshdistill.llm.config import LLMConfig
 from meshdistill.mesh.subtree import get_subtree, subtree_stats
@@ -36,11 +43,13 @@ def refresh_mesh(
     settings = Settings.from_env()
     if not sources:
         sources = nlm_release_urls(year or date.today().year)
+    started = time.perf_counter()
     with connect(database_url) as conn:
         out = load_sources(
             conn, list(sources), settings.mesh_cache_dir, year=year, replace_trees=replace
         )
-    log.info("MeSH loaded: %s", out["counts"])
+    out["seconds"] = round(time.perf_counter() - started, 2)
+    log.info("MeSH loaded in %.1fs: %s", out["seconds"], out["counts"])
     return out
 
 
@@ -67,8 +76,10 @@ def validate_subtrees(prefixes: Sequence[str], database_url: str | None = None) 
     return unique
 
 
-def load_pubmed_files(paths: Sequence[str], database_url: str | None = None) -> dict[str, Any]:
-    """Load baseline/update files in order; fails (after keeping what loaded) on bad files."""
+def load_pubmed_files(paths: Sequence[str], database_url: str | None = None, *,
+                      strict: bool = True) -> dict[str, Any]:
+    """Load baseline/update files in order. A bad file keeps the complete records before
+    its fault; ``strict`` then raises once all files are done (else its status says so)."""
     from meshdistill.pubmed.files import load_files
 
     missing = [p for p in paths if not Path(p).is_file()]
@@ -82,7 +93,7 @@ def load_pubmed_files(paths: Sequence[str], database_url: str | None = None) -> 
         "deleted": sum(r.deleted for r in results),
     }
     bad = [r for r in results if r.status != "succeeded"]
-    if bad:
+    if bad and strict:
         raise MeshDistillError(
             "; ".join(f"{r.item}: {r.status}: {r.error}" for r in bad)
             + " (complete records before each fault were loaded)"
@@ -135,7 +146,7 @@ def distill_subtree(
     prefix: str,
     *,
     run_id: str,
-    settings: Mapping[str, Any] | None = None,
+    settings: DistillSettings | Mapping[str, Any] | None = None,
     llm: LLMConfig | None = None,
     budget_usd: float | None = None,
     budget_tokens: int | None = None,
@@ -180,3 +191,134 @@ def distill_subtree(
         log.warning("%s: budget reached; %d candidates deferred to the next run",
                     prefix, summary["deferred"])
     return summary
+
+
+# --- what a distill run is asked, and how its outcome reads -------------------------------
+
+_Model = TypeVar("_Model", bound=BaseModel)
+
+
+def _validated(model: type[_Model], values: Mapping[str, Any]) -> _Model:
+    fields = {k: v for k, v in values.items() if k in model.model_fields}
+    try:
+        return model.model_validate(fields)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}"
+                             for e in exc.errors())
+        raise ConfigError(f"invalid distill settings: {problems}") from exc
+
+
+def distill_settings(values: Mapping[str, Any]) -> DistillSettings:
+    """The :class:`DistillSettings` among ``values`` (a Params form, CLI options), validated;
+    keys that are not settings (subtrees, backend, budget) are left to
+    :func:`distill_request`. A bad value is a :class:`ConfigError` naming the field."""
+    return _validated(DistillSettings, values)
+
+
+def distill_request(values: Mapping[str, Any]) -> DistillRequest:
+    """The :class:`DistillRequest` among ``values``, validated like :func:`distill_settings`."""
+    return _validated(DistillRequest, values)
+
+
+def llm_for(request: DistillRequest, connection: LLMConfig | None = None,
+            **given: Any) -> LLMConfig:
+    """The request's backend and model, then ``given`` (CLI options), over ``connection``
+    (the ``meshdistill_llm`` connection) and the environment."""
+    return LLMConfig(backend=request.backend, model=request.model, **given).merged(connection)
+
+
+def budget_shares(budget_usd: float | None, budget_tokens: int | None,
+                  parts: int) -> list[tuple[float | None, int | None]]:
+    """A run's budget split evenly over its ``parts`` subtree tasks.
+
+    USD splits exactly; tokens split into whole shares that differ by at most one and add
+    up to the total, so the tasks together never exceed it. A token budget smaller than
+    the number of subtrees would leave a task nothing: that is a :class:`ConfigError`.
+    """
+    from meshdistill.distill.workers import split_evenly
+
+    if parts < 1:
+        raise ConfigError("a budget needs at least one subtree to split over")
+    if budget_tokens is not None and budget_tokens < parts:
+        raise ConfigError(f"budget_tokens {budget_tokens} is less than one token for each "
+                          f"of the {parts} subtrees")
+    usd = [None if budget_usd is None else budget_usd / parts] * parts
+    tokens: list[int | None] = (list(split_evenly(budget_tokens, parts))
+                                if budget_tokens is not None else [None] * parts)
+    return list(zip(usd, tokens, strict=True))
+
+
+SUMMARY_COUNTS = ("articles", "candidates", *TERMINAL, "preference_pairs", "llm_new_calls",
+                  "llm_cached")
+"""The per-subtree counts of a distill run, in the order the summary table shows them."""
+
+
+def summarize_runs(results: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Per-subtree counts and totals of :func:`distill_subtree` summaries.
+
+    ``llm_new_calls`` are the answers the run asked the LLM for (cache misses);
+    ``llm_cached`` those it took from the ``llm_call`` cache.
+    """
+    per: dict[str, dict[str, Any]] = {}
+    for r in results:
+        llm = r.get("llm") or {}
+        per[r["subtree"]] = {
+            **{k: r[k] for k in ("articles", "candidates", *TERMINAL, "preference_pairs")},
+            "llm_new_calls": llm.get("misses", 0), "llm_cached": llm.get("hits", 0),
+            "backend": r.get("backend"), "model": r.get("model"),
+        }
+    totals = {k: sum(row.get(k) or 0 for row in per.values()) for k in SUMMARY_COUNTS}
+    return {"subtrees": per, "totals": totals}
+
+
+def summary_table(rows: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """The per-subtree table of a distill run, one line each (a count a row lacks
+    prints as "-"), with a totals line when there is more than one subtree."""
+    heads = ("subtree", "articles", "candidates", *TERMINAL, "pairs", "new calls", "cached")
+    widths = [max(8, len(h)) for h in heads]
+    widths[0] = max([10, *(len(p) for p in rows)])
+
+    def line(cells: Sequence[Any]) -> str:
+        first, *rest = cells
+        return f"{first:<{widths[0]}}" + "".join(
+            f"{'-' if c is None else c:>{w + 1}}" for c, w in zip(rest, widths[1:], strict=True))
+
+    out = [line(heads)]
+    for prefix, row in rows.items():
+        out.append(line([prefix, *(row.get(k) for k in SUMMARY_COUNTS)]))
+    if len(rows) > 1:
+        out.append(line(["total", *(
+            None if all(r.get(k) is None for r in rows.values())
+            else sum(r.get(k) or 0 for r in rows.values()) for k in SUMMARY_COUNTS)]))
+    return out
+
+
+# --- what the database holds ---------------------------------------------------------------
+
+
+def status_report(subtrees: Sequence[str] = (), database_url: str | None = None
+                  ) -> dict[str, Any]:
+    """``meshdistill status --json``: the database's counts, and each subtree's articles."""
+    from meshdistill.status import status
+
+    with connect(database_url) as conn:
+        data = status(conn)
+        if subtrees:
+            data["subtrees"] = {p: subtree_stats(conn, p) for p in subtrees}
+    return data
+
+
+def database_now(database_url: str | None = None) -> datetime:
+    """The database server's clock (what row timestamps are compared with)."""
+    with connect(database_url) as conn:
+        now: datetime = conn.exec_driver_sql("SELECT now()").scalar_one()
+    return now
+
+
+def distilled_since(since: datetime, database_url: str | None = None) -> dict[str, Any]:
+    """What distill runs wrote since ``since``: per-subtree counts in
+    :data:`SUMMARY_COUNTS` form, the new LLM calls, and one accepted example item."""
+    from meshdistill.status import distilled_since as query
+
+    with connect(database_url) as conn:
+        return query(conn, since)

@@ -1,11 +1,13 @@
-"""Counts that describe the pipeline database, for ``meshdistill status`` and the DAG logs."""
+"""Counts that describe the pipeline database: ``meshdistill status``, the demo, the DAG logs."""
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Connection
 
+from meshdistill.distill.candidates import TERMINAL
 from meshdistill.distill.items import qa_counts
 from meshdistill.llm.cache import usage
 from meshdistill.mesh.load import mesh_counts
@@ -55,3 +57,39 @@ def status(conn: Connection) -> dict[str, Any]:
             "watermarks": watermarks,
         },
     }
+
+
+def distilled_since(conn: Connection, since: datetime) -> dict[str, Any]:
+    """Candidates, states and preference pairs per subtree written (or rewritten) since
+    ``since``, the LLM calls stored since, and one accepted item as an example."""
+    subtrees: dict[str, dict[str, int]] = {}
+    for subtree, state, n in conn.exec_driver_sql(
+        "SELECT subtree, state, count(*) FROM qa_item "
+        "WHERE updated_at >= %(t)s GROUP BY subtree, state ORDER BY subtree", {"t": since}
+    ):
+        row = subtrees.setdefault(subtree, {"candidates": 0})
+        row[state] = n
+        row["candidates"] += n
+    for subtree, articles, pairs in conn.exec_driver_sql(
+        "SELECT q.subtree, count(DISTINCT q.source_pmid), "
+        "       (SELECT count(*) FROM preference_pair p WHERE p.subtree = q.subtree "
+        "        AND p.created_at >= %(t)s) "
+        "FROM qa_item q WHERE q.updated_at >= %(t)s GROUP BY q.subtree", {"t": since}
+    ):
+        subtrees[subtree].update(articles=articles, preference_pairs=pairs)
+    for row in subtrees.values():
+        for state in TERMINAL:
+            row.setdefault(state, 0)
+    calls = conn.exec_driver_sql(
+        "SELECT count(*) FROM llm_call WHERE created_at >= %(t)s", {"t": since}
+    ).scalar_one()
+    example = conn.exec_driver_sql(
+        "SELECT subtree, source_pmid, qtype, question, answer FROM qa_item "
+        "WHERE updated_at >= %(t)s AND state = 'accepted' "
+        "ORDER BY subtree, source_pmid DESC, profile, ordinal LIMIT 1", {"t": since}
+    ).first()
+    out: dict[str, Any] = {"subtrees": subtrees, "new_llm_calls": int(calls)}
+    if example:
+        out["example"] = dict(zip(("subtree", "pmid", "qtype", "question", "answer"),
+                                  example, strict=True))
+    return out

@@ -34,6 +34,7 @@ from meshdistill.errors import (
     WindowTooLargeError,
 )
 from meshdistill.llm.config import LLMConfig
+from meshdistill.mesh.tree import PREFIX_RE
 
 ARTICLES = Asset("meshdistill://articles")
 QA = Asset("meshdistill://qa")
@@ -48,7 +49,7 @@ DEFAULT_ARGS: dict[str, Any] = {
 }
 
 # A tree-number prefix: a category letter, or a tree number such as C04 or C04.557.337.
-SUBTREE_PATTERN = r"^[A-Z](\d{2}(\.\d{3})*)?$"
+SUBTREE_PATTERN = PREFIX_RE.pattern
 
 
 # Errors no retry can fix (a bad Param, a malformed file): fail the task at once.

@@ -100,9 +100,8 @@ def test_distill_params_match_the_pipeline_defaults_and_validate(dagbag: DagBag)
 
     dag = dagbag.dags["distill"]
     defaults = DistillSettings()
-    assert set(dag.params) == {
-        "subtrees", "max_articles", "questions_per_article", "question_types", "backend",
-        "model", "thresholds", "min_hierarchy", "budget_usd", "budget_tokens", "processes"}
+    assert list(dag.params) == [
+        "subtrees", *DistillSettings.FORM, "backend", "model", "budget_usd", "budget_tokens"]
     assert dag.params["subtrees"] == ["C04"]
     assert dag.params["processes"] == defaults.processes
     assert dag.params["max_articles"] == defaults.max_articles
@@ -130,7 +129,7 @@ def test_distill_params_match_the_pipeline_defaults_and_validate(dagbag: DagBag)
         ("backend", "anthropic"),
         ("thresholds", {"groundedness": 6, "relevance": 3, "clarity": 3,
                         "informativeness": 2, "safety": 4}),
-        ("thresholds", {"groundedness": 3}),
+        ("thresholds", {"groundedness": 3, "tone": 2}),
         ("min_hierarchy", 1.5),
         ("questions_per_article", 0),
         ("budget_usd", -1),

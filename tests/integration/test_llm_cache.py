@@ -15,23 +15,20 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import pytest
-from meshdistill.llm import (
-    Budget,
-    CachedBackend,
+from meshdistill.llm.backend import (
     FailureKind,
+    LLMBackend,
     LLMParams,
+    LLMRequest,
     LLMResult,
-    OfflineBackend,
-    Pricing,
     complete_all,
-    is_cached,
-    is_deferred,
-    usage,
 )
-from meshdistill.llm.backend import LLMBackend, LLMRequest
-from meshdistill.llm.budget import DEFERRED_REASON, estimate_prompt_tokens
+from meshdistill.llm.budget import DEFERRED_REASON, Budget, estimate_prompt_tokens, is_deferred
+from meshdistill.llm.cache import CachedBackend, is_cached, usage
 from meshdistill.llm.inputs import ArticleInput, JudgeInput, MeshHeading, Passage
+from meshdistill.llm.offline import OfflineBackend
 from meshdistill.llm.openai_backend import OpenAIBackend
+from meshdistill.llm.pricing import Pricing
 from meshdistill.llm.schemas import Judgement, Question, QuestionType
 from meshdistill.llm.stages import judge_request
 from meshdistill.store.db import get_engine

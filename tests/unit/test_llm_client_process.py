@@ -20,8 +20,7 @@ from typing import Any
 import pytest
 from meshdistill import aio
 from meshdistill.errors import ConfigError
-from meshdistill.llm import FailureKind, LLMResult, complete_all
-from meshdistill.llm.backend import start
+from meshdistill.llm.backend import FailureKind, LLMResult, complete_all, start
 from meshdistill.llm.client_process import ClientProcessBackend
 from meshdistill.llm.config import LLMConfig, make_backend
 from meshdistill.llm.openai_backend import OpenAIBackend

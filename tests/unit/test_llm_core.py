@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from meshdistill.llm import LLMParams, cache_key, prompts
+from meshdistill.llm import prompts
+from meshdistill.llm.backend import LLMParams, cache_key
 from meshdistill.llm.inputs import ArticleInput, GenerateInput, MeshHeading
 from meshdistill.llm.schemas import Answer, GeneratedQuestions, Judgement
 from meshdistill.llm.stages import generate_request

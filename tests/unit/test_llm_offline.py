@@ -8,8 +8,8 @@ from functools import cache
 from typing import Any
 
 import pytest
-from meshdistill.llm import LLMResult, OfflineBackend, Stage
-from meshdistill.llm.backend import FailureKind, LLMRequest
+from meshdistill.fileio import read_text
+from meshdistill.llm.backend import FailureKind, LLMRequest, LLMResult, Stage
 from meshdistill.llm.inputs import (
     AnswerInput,
     ArticleInput,
@@ -18,7 +18,7 @@ from meshdistill.llm.inputs import (
     MeshHeading,
     Passage,
 )
-from meshdistill.llm.offline import split_sentences
+from meshdistill.llm.offline import OfflineBackend, split_sentences
 from meshdistill.llm.schemas import (
     AnswerLabel,
     GeneratedQuestions,
@@ -28,13 +28,13 @@ from meshdistill.llm.schemas import (
 )
 from meshdistill.llm.stages import answer_request, generate_request, judge_request
 
-from tests.support import PUBMEDQA_DIR
+from tests.support import PQAL
 
 
 @cache
 def articles(n: int = 40) -> tuple[ArticleInput, ...]:
     """Real abstracts (PubMedQA-L); the expert question stands in for the title."""
-    data = json.loads((PUBMEDQA_DIR / "ori_pqal.json").read_text())
+    data = json.loads(read_text(PQAL))
     out = []
     for pmid, item in list(data.items())[:n]:
         out.append(ArticleInput(

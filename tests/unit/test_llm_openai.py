@@ -17,8 +17,7 @@ from typing import Any
 
 import pytest
 from meshdistill.errors import ConfigError
-from meshdistill.llm import FailureKind, LLMResult, complete_all
-from meshdistill.llm.backend import LLMRequest
+from meshdistill.llm.backend import FailureKind, LLMRequest, LLMResult, complete_all
 from meshdistill.llm.inputs import ArticleInput, JudgeInput, MeshHeading, Passage
 from meshdistill.llm.openai_backend import OpenAIBackend
 from meshdistill.llm.schemas import Judgement, Question, QuestionType

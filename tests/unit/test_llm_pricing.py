@@ -6,8 +6,8 @@ import logging
 
 import pytest
 from meshdistill.errors import ConfigError
-from meshdistill.llm import OFFLINE_MODEL
 from meshdistill.llm.budget import Budget
+from meshdistill.llm.offline import OFFLINE_MODEL
 from meshdistill.llm.pricing import PRICES_ENV, ModelPrice, Pricing, cost_usd, default_pricing
 
 PRICES = {"gpt-4o-mini": {"input": 0.15, "output": 0.6}, "gpt-4o": {"input": 2.5, "output": 10}}

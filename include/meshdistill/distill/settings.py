@@ -1,19 +1,35 @@
-"""What one distillation run is asked to do, validated once: the DAG's Params form, the
-CLI flags and the library call all become a :class:`DistillSettings`.
+"""What a distillation run is asked to do, validated once.
 
-Everything here that changes what an item *is* (types, counts, thresholds, k) is stored
-with every item (``qa_item.params``), so a reader of the data can tell how it was made.
+The DAG's Params form, the CLI options and the library call all become a
+:class:`DistillRequest` (subtrees, LLM, budget) and a :class:`DistillSettings` (what to
+do per subtree); the DAG's form is generated from these fields, so the form, the CLI and
+the library cannot disagree on a default, a bound or a choice. Everything that changes
+what an item *is* (types, counts, thresholds, k) is stored with every item
+(``qa_item.params``), so a reader of the data can tell how it was made.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
 from meshdistill.distill.grade import DEFAULT_BLEND_WEIGHT
+from meshdistill.llm.config import Backend
 from meshdistill.llm.schemas import QuestionType
 from meshdistill.llm.stages import GENERATOR_PROFILES
+from meshdistill.mesh.tree import PREFIX_RE
+
+# Sections of the DAG's Params form (``json_schema_extra["section"]`` of each field).
+WHAT, HOW_MUCH, QUALITY, LLM, BUDGET, RUN = (
+    "What to distill", "How much", "Quality thresholds", "LLM", "Budget", "How it runs")
+
+SubtreePrefix = Annotated[str, StringConstraints(pattern=PREFIX_RE.pattern)]
+"""A MeSH tree-number prefix: ``C04`` (Neoplasms), ``C14.280`` (Heart Diseases), ``C``."""
+
+
+def _in(section: str, **extra: Any) -> dict[str, Any]:
+    return {"section": section, **extra}
 
 JUDGE_CRITERIA = ("groundedness", "relevance", "clarity", "informativeness", "safety")
 
@@ -23,11 +39,13 @@ class JudgeThresholds(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    groundedness: int = Field(default=3, ge=1, le=5)
-    relevance: int = Field(default=3, ge=1, le=5)
-    clarity: int = Field(default=3, ge=1, le=5)
-    informativeness: int = Field(default=2, ge=1, le=5)
-    safety: int = Field(default=4, ge=1, le=5)
+    groundedness: int = Field(default=3, ge=1, le=5,
+                              description="the question is answerable from the contexts")
+    relevance: int = Field(default=3, ge=1, le=5, description="the contexts bear on it")
+    clarity: int = Field(default=3, ge=1, le=5, description="one clear, unambiguous question")
+    informativeness: int = Field(default=2, ge=1, le=5,
+                                 description="worth asking: not trivial or generic")
+    safety: int = Field(default=4, ge=1, le=5, description="no harmful medical advice")
 
     def failures(self, scores: dict[str, Any]) -> list[str]:
         """One ``"clarity 2 < 3"`` per criterion below its threshold."""
@@ -39,26 +57,57 @@ class DistillSettings(BaseModel):
     """Parameters of one run over one subtree; defaults suit a first run."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+    FORM: ClassVar[tuple[str, ...]] = (
+        "max_articles", "questions_per_article", "question_types", "retrieval", "k_contexts",
+        "contexts_in_subtree", "min_hierarchy", "thresholds", "preference_margin", "redo",
+        "processes")
+    """The fields the DAG's Params form offers; the rest are tuning for benchmarks."""
 
     max_articles: int | None = Field(
-        default=100, ge=1, description="articles per subtree per run; None = all pending")
-    questions_per_article: int = Field(default=4, ge=1, le=20, description="per generator profile")
-    question_types: tuple[QuestionType, ...] = tuple(QuestionType)
+        default=100, ge=1, title="Articles per subtree",
+        description="source articles per subtree per run: those this run already took, "
+        "then those with failed or deferred candidates, then new ones, newest first "
+        "(empty = all pending)", json_schema_extra=_in(HOW_MUCH))
+    questions_per_article: int = Field(
+        default=4, ge=1, le=20, title="Questions per article",
+        description="questions each generator profile writes per article",
+        json_schema_extra=_in(HOW_MUCH))
+    question_types: tuple[QuestionType, ...] = Field(
+        default=tuple(QuestionType), min_length=1, title="Question types",
+        description="BioASQ/PubMedQA types: yesno (with a yes/no/maybe label), factoid, "
+        "list, summary", json_schema_extra=_in(WHAT, uniqueItems=True))
     profiles: tuple[str, ...] = GENERATOR_PROFILES
     retrieval: Literal["fts", "vector"] = Field(
-        default="fts", description="full-text search, or pgvector with an embeddings "
-        "endpoint (MESHDISTILL_EMBEDDING_MODEL / _BASE_URL / _API_KEY)")
-    k_retrieve: int = Field(default=10, ge=1, le=100,
-                            description="candidates retrieved per question")
-    k_contexts: int = Field(default=3, ge=1, le=20, description="contexts kept (source included)")
+        default="fts", title="Retrieval", description="fts: PostgreSQL full-text search; "
+        "vector: pgvector with an embeddings endpoint (MESHDISTILL_EMBEDDING_MODEL / "
+        "_BASE_URL / _API_KEY)", json_schema_extra=_in(WHAT))
+    k_retrieve: int = Field(default=10, ge=1, le=100, title="Candidates retrieved",
+                            description="candidate contexts retrieved per question")
+    k_contexts: int = Field(
+        default=3, ge=1, le=20, title="Contexts kept",
+        description="contexts kept per question, the source article always among them",
+        json_schema_extra=_in(WHAT))
     contexts_in_subtree: bool = Field(
-        default=False, description="only take contexts from articles indexed under the subtree")
-    blend_weight: float = Field(default=DEFAULT_BLEND_WEIGHT, ge=0.0, le=1.0)
-    min_hierarchy: float = Field(default=0.2, ge=0.0, le=1.0,
-                                 description="reject items whose hierarchy score is lower")
-    thresholds: JudgeThresholds = Field(default_factory=JudgeThresholds)
-    preference_margin: float = Field(default=0.05, ge=0.0, le=1.0)
-    redo: bool = Field(default=False, description="also re-evaluate articles already settled")
+        default=False, title="Contexts from the subtree only",
+        description="take contexts only from articles indexed under the subtree",
+        json_schema_extra=_in(WHAT))
+    blend_weight: float = Field(default=DEFAULT_BLEND_WEIGHT, ge=0.0, le=1.0,
+                                description="weight of retrieval in the context ranking")
+    min_hierarchy: float = Field(
+        default=0.2, ge=0.0, le=1.0, title="Minimum MeSH-hierarchy score",
+        description="reject items whose MeSH-hierarchy score (0-1) is lower",
+        json_schema_extra=_in(QUALITY))
+    thresholds: JudgeThresholds = Field(
+        default_factory=JudgeThresholds, title="Judge thresholds",
+        description="minimum 1-5 judge score per criterion for an item to be accepted",
+        json_schema_extra=_in(QUALITY))
+    preference_margin: float = Field(
+        default=0.05, ge=0.0, le=1.0, title="Preference margin",
+        description="a preference pair needs its chosen question to score at least this "
+        "much higher on the hierarchy", json_schema_extra=_in(QUALITY))
+    redo: bool = Field(default=False, title="Redo settled articles",
+                       description="also re-evaluate articles already settled (LLM answers "
+                       "come from the cache)", json_schema_extra=_in(HOW_MUCH))
     articles_in_flight: int = Field(default=64, ge=1, le=1024,
                                     description="articles processed concurrently")
     retrievals_in_flight: int = Field(
@@ -67,8 +116,9 @@ class DistillSettings(BaseModel):
         "LLM client (vector retrieval is not bounded: it waits on its endpoint)")
     flush_every: int = Field(default=25, ge=1, description="articles per database commit")
     processes: int = Field(
-        default=1, ge=1, le=16, description="worker processes per subtree run; the LLM "
-        "concurrency cap and the budget are split evenly between them")
+        default=1, ge=1, le=16, title="Worker processes",
+        description="worker processes per subtree task; the LLM concurrency cap and the "
+        "budget are split evenly between them", json_schema_extra=_in(RUN))
 
     @field_validator("question_types")
     @classmethod
@@ -91,3 +141,31 @@ class DistillSettings(BaseModel):
                                                      "retrievals_in_flight",
                                                      "flush_every", "max_articles",
                                                      "processes"})
+
+
+class DistillRequest(BaseModel):
+    """A run over several subtrees: which ones, which LLM, and a budget for the whole run."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    subtrees: tuple[SubtreePrefix, ...] = Field(
+        default=("C04",), min_length=1, title="MeSH subtrees",
+        description="MeSH tree-number prefixes, one task each, e.g. C04 (Neoplasms), "
+        "C14.280 (Heart Diseases); a run triggered by pubmed_ingest takes the subtrees it "
+        "ingested", json_schema_extra=_in(WHAT, examples=[["C04"], ["C04", "C14.280"]]))
+    backend: Backend | None = Field(
+        default=None, title="LLM backend", description="offline (deterministic, no "
+        "network) or openai (any OpenAI-compatible server); empty = the meshdistill_llm "
+        "connection, else MESHDISTILL_LLM_BACKEND, else offline",
+        json_schema_extra=_in(LLM))
+    model: str | None = Field(
+        default=None, title="Model", description="empty = the connection's or the "
+        "backend's default", json_schema_extra=_in(LLM))
+    budget_usd: float | None = Field(
+        default=None, ge=0, title="Budget (USD)", description="cap for the whole run, "
+        "split evenly over the subtrees; past it, candidates are deferred to the next run "
+        "(empty = no cap)", json_schema_extra=_in(BUDGET))
+    budget_tokens: int | None = Field(
+        default=None, ge=1, title="Budget (tokens)", description="token cap for the whole "
+        "run, split evenly over the subtrees (empty = no cap)",
+        json_schema_extra=_in(BUDGET))

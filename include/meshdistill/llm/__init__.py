@@ -1,44 +1,9 @@
-"""LLM layer: stage schemas, versioned prompts, and backends behind one interface.
+"""The LLM layer: stage schemas, versioned prompts, and backends behind one interface.
 
-``backend`` defines the interface (:class:`LLMBackend`, :class:`LLMRequest`,
-:class:`LLMResult`, :func:`cache_key`); ``offline`` and ``openai_backend`` implement it;
-``stages`` builds each stage's request from its structured inputs.
+``backend`` defines the interface (:class:`~meshdistill.llm.backend.LLMBackend`,
+``LLMRequest``, ``LLMResult``, ``cache_key``); ``offline`` and ``openai_backend`` (with
+``client_process``) implement it; ``cache`` and ``budget`` wrap any backend; ``config``
+chooses one from settings; ``stages`` builds each stage's request from its inputs;
+``embeddings`` is the client of an embeddings endpoint. Import from those modules: this
+package stays empty so that importing one of them costs only what it needs.
 """
-
-from meshdistill.llm.backend import (
-    FailureKind,
-    LLMBackend,
-    LLMParams,
-    LLMRequest,
-    LLMResult,
-    Stage,
-    cache_key,
-    complete_all,
-)
-from meshdistill.llm.budget import Budget, DeferredResult, is_deferred
-from meshdistill.llm.cache import CachedBackend, CachedResult, is_cached, usage
-from meshdistill.llm.offline import OFFLINE_MODEL, OfflineBackend
-from meshdistill.llm.pricing import ModelPrice, Pricing, cost_usd
-
-__all__ = [
-    "OFFLINE_MODEL",
-    "Budget",
-    "CachedBackend",
-    "CachedResult",
-    "DeferredResult",
-    "FailureKind",
-    "LLMBackend",
-    "LLMParams",
-    "LLMRequest",
-    "LLMResult",
-    "ModelPrice",
-    "OfflineBackend",
-    "Pricing",
-    "Stage",
-    "cache_key",
-    "complete_all",
-    "cost_usd",
-    "is_cached",
-    "is_deferred",
-    "usage",
-]

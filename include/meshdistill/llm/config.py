@@ -11,17 +11,18 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field, replace
-from typing import Any
-
-from sqlalchemy import Engine
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from meshdistill.errors import ConfigError
-from meshdistill.llm.backend import LLMBackend
-from meshdistill.llm.budget import Budget
-from meshdistill.llm.cache import CachedBackend
-from meshdistill.llm.offline import OfflineBackend
 
-BACKENDS = ("offline", "openai")
+if TYPE_CHECKING:  # the backends load when one is made: options and forms need none of them
+    from sqlalchemy import Engine
+
+    from meshdistill.llm.backend import LLMBackend
+    from meshdistill.llm.cache import CachedBackend
+
+Backend = Literal["offline", "openai"]
+BACKENDS: tuple[str, ...] = get_args(Backend)
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,8 @@ class LLMConfig:
 def make_backend(config: LLMConfig) -> LLMBackend:
     """The bare backend a config names."""
     if config.kind == "offline":
+        from meshdistill.llm.offline import OfflineBackend
+
         return OfflineBackend(config.model) if config.model else OfflineBackend()
     from meshdistill.llm.client_process import ClientProcessBackend
     from meshdistill.llm.openai_backend import OpenAIBackend
@@ -100,6 +103,9 @@ def make_backend(config: LLMConfig) -> LLMBackend:
 def cached_backend(config: LLMConfig, engine: Engine, *, budget_usd: float | None = None,
                    budget_tokens: int | None = None) -> CachedBackend:
     """The configured backend behind the ``llm_call`` cache and the run budget."""
+    from meshdistill.llm.budget import Budget
+    from meshdistill.llm.cache import CachedBackend
+
     budget = (Budget(usd=budget_usd, tokens=budget_tokens)
               if budget_usd is not None or budget_tokens is not None else None)
     return CachedBackend(make_backend(config), engine, budget=budget)

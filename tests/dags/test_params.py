@@ -1,0 +1,95 @@
+"""Params generated from pydantic fields: the form and the pipeline accept the same values."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+from airflow.sdk.definitions.param import ParamsDict
+from airflow.sdk.exceptions import ParamValidationError
+from meshdistill.distill.settings import DistillRequest, DistillSettings, JudgeThresholds
+from meshdistill_airflow.params import field_param, field_schema, model_params
+from pydantic import BaseModel, Field, ValidationError
+
+
+class _Example(BaseModel):
+    count: int | None = Field(default=3, ge=1, le=9, title="Count", description="how many")
+    mode: str = Field(default="a", pattern="^[ab]$", json_schema_extra={"section": "S"})
+
+
+def test_optional_field_becomes_a_nullable_type_with_its_bounds() -> None:
+    schema = field_schema(_Example, "count")
+    assert schema["type"] == ["null", "integer"]
+    assert (schema["minimum"], schema["maximum"]) == (1, 9)
+    assert (schema["title"], schema["description"]) == ("Count", "how many")
+    param = field_param(_Example, "count")
+    assert param.value == 3
+    assert field_schema(_Example, "mode")["section"] == "S"
+
+
+def test_enums_and_nested_models_are_resolved_without_refs() -> None:
+    backend = field_schema(DistillRequest, "backend")
+    assert backend["type"] == ["null", "string"]
+    assert backend["enum"] == [None, "offline", "openai"]
+    types = field_schema(DistillSettings, "question_types")
+    assert types["items"]["enum"] == ["yesno", "factoid", "list", "summary"]
+    thresholds = field_schema(DistillSettings, "thresholds")
+    assert set(thresholds["properties"]) == set(JudgeThresholds.model_fields)
+    assert "$ref" not in repr(thresholds) and "$ref" not in repr(types)
+    with pytest.raises(KeyError, match="no field"):
+        field_schema(DistillSettings, "temperature")
+
+
+def _pydantic_accepts(name: str, value: Any) -> bool:
+    model = DistillRequest if name in DistillRequest.model_fields else DistillSettings
+    try:
+        model.model_validate({name: value})
+    except ValidationError:
+        return False
+    return True
+
+
+# Values at and beyond every bound and choice of the form's fields.
+PROBES: dict[str, list[Any]] = {
+    "subtrees": [["C04"], ["C04", "C14.280"], ["C"], [], ["neoplasms"], ["C4"], ["c04"]],
+    "max_articles": [None, 1, 100, 0, -3],
+    "questions_per_article": [1, 20, 0, 21],
+    "question_types": [["yesno"], ["list", "summary"], [], ["essay"]],
+    "retrieval": ["fts", "vector", "bm25"],
+    "k_contexts": [1, 20, 0, 21],
+    "contexts_in_subtree": [True, False],
+    "min_hierarchy": [0, 0.5, 1, -0.1, 1.5],
+    "thresholds": [JudgeThresholds().model_dump(), {**JudgeThresholds().model_dump(),
+                                                   "safety": 6},
+                   {**JudgeThresholds().model_dump(), "tone": 3}],
+    "preference_margin": [0, 1, -0.01, 1.01],
+    "redo": [True, False],
+    "processes": [1, 16, 0, 17],
+    "backend": [None, "offline", "openai", "anthropic"],
+    "model": [None, "gpt-4o-mini"],
+    "budget_usd": [None, 0, 2.5, -1],
+    "budget_tokens": [None, 1, 0],
+}
+
+
+def test_the_form_and_the_settings_agree_on_every_probe() -> None:
+    params = {**model_params(DistillRequest), **model_params(DistillSettings,
+                                                              DistillSettings.FORM)}
+    assert set(PROBES) == set(params), "every form field is probed"
+    disagreements = []
+    for name, values in PROBES.items():
+        for value in values:
+            form = ParamsDict({name: copy.deepcopy(params[name])})
+            try:
+                form[name] = value
+                form_ok = True
+            except ParamValidationError:
+                form_ok = False
+            if form_ok != _pydantic_accepts(name, value):
+                disagreements.append((name, value, form_ok))
+    assert disagreements == []
+    # Each default is the settings' default, and valid for both.
+    for name, param in params.items():
+        model = DistillRequest if name in DistillRequest.model_fields else DistillSettings
+        assert param.value == model().model_dump(mode="json")[name]
