@@ -142,4 +142,3 @@ def test_workers_share_the_concurrency_cap(url: str,
     # the workers' progress reaches the parent's logging
     done = [r.getMessage() for r in caplog.records if "done:" in r.getMessage()]
     assert any("[worker 1/2]" in m for m in done) and any("[worker 2/2]" in m for m in done)
-    print("max in flight", server.max_in_flight)

@@ -7,7 +7,6 @@ entry terms; a few use a plain dict to pin the matching rules without a database
 from __future__ import annotations
 
 import itertools
-import time
 
 import pytest
 from meshdistill.mesh.matcher import MeshMatcher, load_tree_numbers
@@ -28,16 +27,9 @@ QUESTIONS = [
 
 
 @pytest.fixture(scope="module")
-def matcher_and_build_s(mesh_loaded_url: str) -> tuple[MeshMatcher, float]:
+def matcher(mesh_loaded_url: str) -> MeshMatcher:
     with connect(mesh_loaded_url) as conn:
-        t0 = time.perf_counter()
-        matcher = MeshMatcher.from_db(conn)
-        return matcher, time.perf_counter() - t0
-
-
-@pytest.fixture(scope="module")
-def matcher(matcher_and_build_s: tuple[MeshMatcher, float]) -> MeshMatcher:
-    return matcher_and_build_s[0]
+        return MeshMatcher.from_db(conn)
 
 
 def ui_of(conn: Connection, name: str) -> str:
@@ -146,17 +138,6 @@ def test_dict_built_matcher_rules() -> None:
 
 
 @pytest.mark.integration
-def test_timing_figures(matcher_and_build_s: tuple[MeshMatcher, float]) -> None:
-    matcher, build_s = matcher_and_build_s
-    reps = 250
-    t0 = time.perf_counter()
-    total = 0
-    for _ in range(reps):
-        for q in QUESTIONS:
-            total += len(matcher.find(q))
-    per_q_us = (time.perf_counter() - t0) / (reps * len(QUESTIONS)) * 1e6
-    print(
-        f"\nMeshMatcher: {matcher.term_count} spellings indexed, built in {build_s:.2f} s "
-        f"(incl. query); {per_q_us:.1f} µs per question over {reps * len(QUESTIONS)} questions"
-    )
-    assert total >= reps * len(QUESTIONS)  # every sample question mentions some descriptor
+def test_every_sample_question_names_a_descriptor(matcher: MeshMatcher) -> None:
+    assert matcher.term_count > 100_000  # names and entry terms of MeSH 2023 and 2017
+    assert all(matcher.find(q) for q in QUESTIONS), [q for q in QUESTIONS if not matcher.find(q)]

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import random
-import time
 import uuid
 from collections.abc import Callable, Iterator
 
@@ -80,11 +79,7 @@ def test_own_title_retrieves_article_at_rank_1(conn: Connection) -> None:
         any(h.pmid == pmid and h.rank == 1 for h in hits)
         for (pmid, _), hits in zip(sample, exhaustive, strict=True)
     )
-    print(f"\nown title -> article: rank 1 for {first}/200 ({first / 2:.1f}%), "
-          f"top 5 for {in_top5}/200; every match a candidate: rank 1 for "
-          f"{first_exhaustive}/200")
-    # 198 when measured (191 with every matching article a candidate).
-    assert first >= 0.95 * len(sample)
+    assert first >= 0.95 * len(sample), (first, in_top5)
     # Pruning candidates can only remove competitors of an article that holds every
     # lexeme of its title, and leaves every score as it was.
     assert first >= first_exhaustive
@@ -210,12 +205,10 @@ def test_retrieve_many_matches_retrieve(conn: Connection) -> None:
     assert retrieve_many(conn, [], k=4) == []
 
 
-def test_retrieve_many_throughput(conn: Connection) -> None:
-    """Queries/s over 200 questions (kept small: the suite's time budget; the figure is
-    printed, not asserted): one statement vs one round trip per question."""
+def test_retrieve_many_matches_retrieve_for_generic_questions(conn: Connection) -> None:
+    """Batched retrieval gives each question what one ``retrieve()`` per question gives,
+    also for short generic questions, which match thousands of abstracts each."""
     sample = _sample(conn, 200, seed=9)
-    # Titles are long, specific questions; also time short generic ones, which match
-    # thousands of abstracts each and are the expensive case for OR semantics.
     generic = [
         f"What is the effect of {w} in patients?"
         for w in ("treatment", "surgery", "therapy", "exercise", "smoking")
@@ -224,15 +217,8 @@ def test_retrieve_many_throughput(conn: Connection) -> None:
         (generic[i % 5] if i % 10 == 0 else title, pmid)
         for i, (pmid, title) in enumerate(sample)
     ]
-    t0 = time.perf_counter()
     batched = retrieve_many(conn, items, k=5)
-    batch_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
     single = [retrieve(conn, q, s, k=5) for q, s in items[:50]]
-    single_s = time.perf_counter() - t0
-    print(f"\nretrieve_many: {len(items)} questions in {batch_s:.2f}s "
-          f"({len(items) / batch_s:,.0f} queries/s); one retrieve() per question: "
-          f"{50 / single_s:,.0f} queries/s")
     assert single == batched[:50]
     for (_, source), hits in zip(items, batched, strict=True):
         check_hit_shape(hits, source, 5)
@@ -275,9 +261,7 @@ def test_generated_questions_find_their_source(conn: Connection) -> None:
     exhaustive = retrieve_many(conn, items, k=5, candidate_budget=None)
     first = sum(hits[0].is_source for hits in pruned)
     first_exhaustive = sum(hits[0].is_source for hits in exhaustive)
-    print(f"\ngenerated question -> source at rank 1: {first}/100; every match a "
-          f"candidate: {first_exhaustive}/100")
-    assert first >= 80 and first >= first_exhaustive
+    assert first >= 80 and first >= first_exhaustive, (first, first_exhaustive)
     for (_, source), hits, full in zip(items, pruned, exhaustive, strict=True):
         check_hit_shape(hits, source, 5)
         # The best pruned hit cannot beat the exhaustive best: same scores, fewer rivals.

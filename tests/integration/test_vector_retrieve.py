@@ -122,9 +122,6 @@ def corpus(tmp_path_factory: pytest.TempPathFactory, server: FakeOpenAI) -> Iter
             logger.removeHandler(handler)
             embedder.close()
         seconds = time.perf_counter() - start
-        print(f"\nrefresh_embeddings: {refreshed['added']} articles in {seconds:.2f}s "
-              f"({refreshed['added'] / seconds:.0f}/s, fake server latency 200 ms), "
-              f"{refreshed['requests']} requests, max in flight {server.max_in_flight}")
         yield Corpus(url, retrievable, refreshed, seconds,
                      [r.getMessage() for r in handler.records], server.max_in_flight)
     finally:
@@ -275,17 +272,13 @@ def test_own_title_retrieves_article(conn: Connection, embedder: OpenAIEmbedder,
     decoy = sample[-1][0]
     items = [(title, decoy if pmid != decoy else sample[0][0]) for pmid, title in sample]
     server.reset_stats()
-    start = time.perf_counter()
     results = retrieve_vector_many(conn, items, k=5, embedder=embedder)
-    seconds = time.perf_counter() - start
     assert len(embedding_requests(server)) == 2  # 200 questions, 128 per request
     first = sum(any(h.pmid == p and h.rank == 1 for h in hits)
                 for (p, _), hits in zip(sample, results, strict=True))
     top5 = sum(any(h.pmid == p and h.rank <= 5 for h in hits)
                for (p, _), hits in zip(sample, results, strict=True))
-    print(f"\nown title -> article (fake embeddings, {DIM} dims): rank 1 for {first}/200, "
-          f"top 5 for {top5}/200; 200 questions in {seconds:.2f}s")
-    assert top5 >= 0.9 * len(sample)
+    assert top5 >= 0.9 * len(sample), (first, top5)
     assert first >= 0.75 * len(sample)
     for (_, source), hits in zip(items, results, strict=True):
         check_hit_shape(hits, source, 5)
@@ -306,8 +299,7 @@ def test_hits_are_the_exact_nearest(conn: Connection, embedder: OpenAIEmbedder) 
         agree, total = agree + len(exact & got), total + 10
         for hit in hits:
             assert hit.score == pytest.approx(_score(vector, stored[hit.pmid]), abs=1e-6)
-    print(f"\nHNSW recall@10 against brute force: {agree}/{total}")
-    assert agree >= 0.95 * total
+    assert agree >= 0.95 * total, f"HNSW recall@10 against brute force: {agree}/{total}"
 
 
 def test_source_always_present_with_true_rank(
@@ -527,8 +519,6 @@ def test_server_without_pgvector_gives_a_clear_error(
         if c.execute(text("SELECT 1 FROM pg_available_extensions WHERE name = 'vector'")
                      ).first():
             pytest.skip("this PostgreSQL server has pgvector")
-        version = c.execute(text("SHOW server_version")).scalar()
-    print(f"\nPostgreSQL {version} without pgvector")
     server.reset_stats()
     with engine.begin() as c, pytest.raises(ConfigError) as info:
         ensure_vector_schema(c, DIM)
