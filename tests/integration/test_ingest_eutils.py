@@ -15,6 +15,7 @@ from datetime import date
 
 import pytest
 from meshdistill.errors import UnknownSubtreeError, WindowTooLargeError
+from meshdistill.fileio import open_text
 from meshdistill.pubmed.eutils import EutilsClient
 from meshdistill.pubmed.ingest import ingest_subtree, next_window, read_watermark
 from meshdistill.pubmed.ratelimit import PostgresRateLimiter
@@ -38,7 +39,7 @@ ROOTS = {"C04": "Neoplasms", "C04.557": "Neoplasms by Histologic Type"}
 
 
 def _c_top_level() -> list[str]:
-    with open(MTREES_2023, encoding="utf-8") as fh:
+    with open_text(MTREES_2023) as fh:
         rows = [line.rstrip("\n").split(";") for line in fh]
     return [name for name, tn in rows if len(tn) == 3 and tn.startswith("C")]
 

@@ -139,5 +139,5 @@ def test_dict_built_matcher_rules() -> None:
 
 @pytest.mark.integration
 def test_every_sample_question_names_a_descriptor(matcher: MeshMatcher) -> None:
-    assert matcher.term_count > 100_000  # names and entry terms of MeSH 2023 and 2017
+    assert matcher.term_count > 50_000  # spellings of the names and entry terms loaded
     assert all(matcher.find(q) for q in QUESTIONS), [q for q in QUESTIONS if not matcher.find(q)]

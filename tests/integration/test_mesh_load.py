@@ -149,7 +149,7 @@ def test_article_headings_join_unjoined_tree_numbers(fresh_mesh_url: str) -> Non
     """The 2023 trees name descriptors created after 2017 (COVID-19, Betacoronavirus ...),
     which the 2017 table cannot give UIs. An article's headings pair UI and name, and
     loading it gives those tree numbers their UIs."""
-    path = EUTILS_DIR / "metapub" / "pmid_32437181.xml"
+    path = EUTILS_DIR / "metapub" / "pmid_32437181.xml.gz"
     (article,) = [r for r in iter_records(path) if isinstance(r, Article)]
     headings = {m.name.lower(): m.ui for m in article.mesh}
     assert headings["covid-19"] == "D000086382"

@@ -39,7 +39,7 @@ from tests.support import (
 pytestmark = pytest.mark.integration
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "pubmed"
-PUBMED1 = EUTILS_DIR / "biopython" / "pubmed1.xml"  # PMIDs 12091962 (19 headings), 9997 (13)
+PUBMED1 = EUTILS_DIR / "biopython" / "pubmed1.xml.gz"  # PMIDs 12091962 (19 headings), 9997 (13)
 
 
 @dataclass(frozen=True)
@@ -206,10 +206,10 @@ def test_batches_reconcile(ingested: Ingested) -> None:
 
 
 def test_c04_articles_with_abstract(ingested: Ingested) -> None:
-    """DESIGN.md quotes 14,832 articles with abstract and MeSH in pubmed20n0014, 1,770 of
-    them under C04. With the MeSH 2023 trees we load it is 1,779: the 1,770 comes from the
-    2017 trees. MeSH 2023 added Myasthenia Gravis (D009157) under Neoplasms
-    (C04.588.614.550.500, C04.730.856.490, as a paraneoplastic syndrome), and 9 of the
+    """pubmed20n0014 holds 14,832 articles with abstract and MeSH; 1,779 of them are under
+    C04 with the MeSH 2023 trees (1,770 with the 2017 trees). MeSH 2023 places Myasthenia
+    Gravis (D009157) under Neoplasms (C04.588.614.550.500, C04.730.856.490, as a
+    paraneoplastic syndrome), and 9 of the
     baseline's articles have it as their only C04 heading."""
     url, steps = ingested.url, ingested.steps
     assert steps[0].c04_with_abstract == steps[1].c04_with_abstract == 1_779

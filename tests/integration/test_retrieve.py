@@ -1,4 +1,4 @@
-"""Full-text retrieval of context abstracts (pipeline step 4) on the real pubmed20n0014 file.
+"""Full-text retrieval of context abstracts (docs/retrieval.md) on the real pubmed20n0014 file.
 
 The file is loaded once per module into a fresh database with MeSH; tests that change
 articles (one deletion, one retraction) do so inside a transaction they roll back.

@@ -1,4 +1,4 @@
-"""Vector retrieval (pipeline step 4, the pgvector option) on the embedded PostgreSQL.
+"""Vector retrieval (the pgvector option; docs/retrieval.md) on the embedded PostgreSQL.
 
 The system PostgreSQL 15 has no pgvector, so this module starts its own embedded server
 (``pgserver`` ships pgvector 0.6.2) and loads the first 3,000 citations of the real

@@ -22,11 +22,10 @@ from meshdistill.evaluate.calibrate import (
     verdict,
 )
 from meshdistill.evaluate.pubmedqa import PqalRecord, default_pqal_path, load_pqal
+from meshdistill.fileio import read_text
 from meshdistill.mesh.matcher import MeshMatcher
 
-from tests.support import PUBMEDQA_DIR, SHARED_DATA
-
-PQAL = PUBMEDQA_DIR / "ori_pqal.json"
+from tests.support import DATA_DIR, PQAL
 
 # --- ROC AUC, checked by hand ---------------------------------------------------------------
 
@@ -138,7 +137,7 @@ def test_load_pqal_reads_the_real_file() -> None:
     records = load_pqal(PQAL)
     assert len(records) == 1000
     assert [r.pmid for r in records] == sorted(r.pmid for r in records)
-    raw = json.loads(PQAL.read_text())
+    raw = json.loads(read_text(PQAL))
     first = records[0]
     item = raw[str(first.pmid)]
     assert first.question == item["QUESTION"].strip()
@@ -151,9 +150,9 @@ def test_load_pqal_reads_the_real_file() -> None:
 
 def test_default_path_follows_data_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.delenv("MESHDISTILL_DATA_DIR", raising=False)
-    assert default_pqal_path() == SHARED_DATA / "pubmedqa" / "ori_pqal.json"
+    assert default_pqal_path() == DATA_DIR / "pubmedqa" / "ori_pqal.json.gz" == PQAL
     monkeypatch.setenv("MESHDISTILL_DATA_DIR", str(tmp_path))
-    assert default_pqal_path() == tmp_path / "pubmedqa" / "ori_pqal.json"
+    assert default_pqal_path() == tmp_path / "pubmedqa" / "ori_pqal.json.gz"
     with pytest.raises(ConfigError, match="MESHDISTILL_DATA_DIR"):
         load_pqal()
 

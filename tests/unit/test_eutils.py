@@ -18,6 +18,7 @@ from email.utils import format_datetime
 
 import pytest
 from meshdistill.errors import EutilsError
+from meshdistill.fileio import read_bytes
 from meshdistill.httputil import parse_retry_after
 from meshdistill.pubmed.eutils import EutilsClient, parse_esearch
 from meshdistill.pubmed.parser import iter_records
@@ -25,7 +26,7 @@ from meshdistill.pubmed.ratelimit import LocalRateLimiter
 from meshdistill.pubmed.records import Article
 
 from tests.fakes.eutils_server import (
-    SHARED_DATA,
+    DATA_DIR,
     FakeArticle,
     FakeEutils,
     baseline_corpus,
@@ -33,7 +34,7 @@ from tests.fakes.eutils_server import (
     metapub_corpus,
 )
 
-BIOPYTHON = SHARED_DATA / "eutils" / "biopython"
+BIOPYTHON = DATA_DIR / "eutils" / "biopython"
 API_KEY = "k3y-do-not-leak-0123456789"
 MAY_FROM, MAY_TO = date(1977, 5, 2), date(1977, 5, 31)
 
@@ -140,14 +141,14 @@ def test_esearch_no_hits_in_empty_window(fake: FakeEutils) -> None:
 
 
 def test_parse_real_ncbi_answers() -> None:
-    hits = parse_esearch((BIOPYTHON / "esearch2.xml").read_bytes())
+    hits = parse_esearch(read_bytes(BIOPYTHON / "esearch2.xml.gz"))
     assert hits.count == 42249
     assert len(hits.ids) == 100 and hits.ids[0] == "41297076"
     assert hits.query_key == "1"
     assert hits.webenv == "MCID_6927d6e7fee3e90f880ec190"
     assert hits.query_translation and '"neoplasms"[MeSH Terms]' in hits.query_translation
 
-    none = parse_esearch((BIOPYTHON / "esearch8.xml").read_bytes())
+    none = parse_esearch(read_bytes(BIOPYTHON / "esearch8.xml.gz"))
     assert (none.count, none.ids) == (0, [])
     assert none.phrases_not_found == ["abcXYZ"]
     assert none.warnings == ["No items found."]

@@ -1,7 +1,8 @@
 """Readers for NLM's MeSH release formats, and the join of a trees-only file with UIs.
 
-Counts come from ``shared/data/SOURCES.md`` and are re-derived here from the raw files
-with plain Python (no reader code), so that a reader which drops or invents lines fails.
+Counts come from ``data/SOURCES.md`` and are re-derived here from the raw files with
+plain Python (``gzip`` and string splitting, no reader code), so that a reader which
+drops or invents lines fails.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from meshdistill.mesh.formats import (
     Descriptor,
     MeshFormat,
     TreeEntry,
+    format_from_name,
     read_descriptor_xml,
     read_mtrees,
     read_tree_table,
@@ -26,6 +28,11 @@ from meshdistill.mesh.formats import (
 from meshdistill.mesh.sources import resolve
 
 from tests.support import DESC_SAMPLES, MESH_TREE_2017, MTREES_2023
+
+
+def raw_text(path: Path, encoding: str = "utf-8") -> str:
+    """A gzip data file's text, decompressed with the standard library alone."""
+    return gzip.decompress(path.read_bytes()).decode(encoding)
 
 
 @pytest.fixture(scope="module")
@@ -72,16 +79,20 @@ def test_descriptor_xml(descriptors: list[Descriptor]) -> None:
 def test_descriptor_xml_gzip(tmp_path: Path, descriptors: list[Descriptor]) -> None:
     """NLM ships ``descYYYY.gz``: the same reader, recognised by content."""
     gz = tmp_path / "desc2016.gz"
-    gz.write_bytes(gzip.compress(DESC_SAMPLES.read_bytes()))
+    gz.write_bytes(DESC_SAMPLES.read_bytes())
     assert sniff_format(gz) is MeshFormat.DESCRIPTOR_XML
     assert list(read_descriptor_xml(gz)) == descriptors
+    plain = tmp_path / "desc2016.xml"
+    plain.write_bytes(gzip.decompress(DESC_SAMPLES.read_bytes()))
+    assert sniff_format(plain) is MeshFormat.DESCRIPTOR_XML
+    assert list(read_descriptor_xml(plain)) == descriptors
 
 
 # --- mtrees ---------------------------------------------------------------------------------
 
 
 def test_mtrees(mtrees: list[TreeEntry]) -> None:
-    raw = MTREES_2023.read_text(encoding="ascii").splitlines()
+    raw = raw_text(MTREES_2023, "ascii").splitlines()
     assert len(raw) == len(mtrees) == 63_056
     assert [f"{t.name};{t.tree_number}" for t in mtrees] == raw
     assert len({t.tree_number for t in mtrees}) == 63_056
@@ -107,7 +118,7 @@ def test_mtrees_name_with_semicolon(tmp_path: Path) -> None:
 
 
 def test_tree_table(table: list[TreeEntry]) -> None:
-    assert MESH_TREE_2017.read_bytes()[:3] == b"\xef\xbb\xbf"  # the BOM is there ...
+    assert gzip.decompress(MESH_TREE_2017.read_bytes())[:3] == b"\xef\xbb\xbf"  # a BOM ...
     assert len(table) == 57_840  # ... and neither it nor the header became a row
     assert table[0] == TreeEntry("A01", "Body Regions", "D001829")
     assert not any(t.name.startswith("\ufeff") or t.tree_number.startswith("\ufeff")
@@ -124,10 +135,46 @@ def test_sniff_format() -> None:
 
 
 def test_year_from_name() -> None:
-    assert year_from_name(MTREES_2023) == 2023
-    assert year_from_name(MESH_TREE_2017) == 2017
+    assert year_from_name(MTREES_2023) == 2023  # mtrees2023.bin.gz
+    assert year_from_name(MESH_TREE_2017) == 2017  # 2017MeshTree.txt.gz
     assert year_from_name("desc2026.gz") == 2026
+    assert year_from_name("desc2023.xml.gz") == 2023
+    assert year_from_name("/cache/2024/mtrees2023.bin") == 2023  # the name, not the folder
     assert year_from_name(DESC_SAMPLES) is None
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("mtrees2023.bin", MeshFormat.MTREES),
+        ("mtrees2023.bin.gz", MeshFormat.MTREES),
+        ("2017MeshTree.txt", MeshFormat.TREE_TABLE),
+        ("2017MeshTree.txt.gz", MeshFormat.TREE_TABLE),
+        ("desc2023.xml", MeshFormat.DESCRIPTOR_XML),
+        ("desc2023.xml.gz", MeshFormat.DESCRIPTOR_XML),
+        ("desc2023.gz", MeshFormat.DESCRIPTOR_XML),
+        ("desc-samples.xml.gz", MeshFormat.DESCRIPTOR_XML),
+        ("qual2023.xml", None),
+        ("mesh.dat", None),
+        (".gz", None),
+    ],
+)
+def test_format_from_name(name: str, expected: MeshFormat | None) -> None:
+    assert format_from_name(name) is expected
+
+
+def test_content_decides_over_name(tmp_path: Path) -> None:
+    """A tree table saved as ``mtrees2023.bin.gz`` (and not compressed) is a tree table."""
+    path = tmp_path / "mtrees2023.bin.gz"
+    path.write_bytes(gzip.decompress(MESH_TREE_2017.read_bytes()))
+    assert sniff_format(path) is MeshFormat.TREE_TABLE
+
+
+def test_unrecognised_file_names_the_format_its_name_suggests(tmp_path: Path) -> None:
+    path = tmp_path / "mtrees2023.bin.gz"
+    path.write_bytes(gzip.compress(b"Service Unavailable\n"))
+    with pytest.raises(MeshSourceError, match="the name suggests mtrees"):
+        sniff_format(path)
 
 
 # --- bad files ------------------------------------------------------------------------------
@@ -164,7 +211,7 @@ def test_bad_mtrees_lines(tmp_path: Path) -> None:
     with pytest.raises(MeshSourceError, match=r":2: 'C4' is not a MeSH tree number"):
         list(read_mtrees(path))
     path.write_bytes(b"Neoplasms;C04\nN\xe9oplasmes;C04.001\n")  # Latin-1, not UTF-8
-    with pytest.raises(MeshSourceError, match="truncated or unreadable"):
+    with pytest.raises(MeshSourceError, match="not UTF-8 text"):
         list(read_mtrees(path))
 
 
@@ -176,14 +223,14 @@ def test_bad_tree_table(tmp_path: Path) -> None:
 
 
 def test_bad_descriptor_xml(tmp_path: Path) -> None:
-    data = DESC_SAMPLES.read_bytes()
+    data = gzip.decompress(DESC_SAMPLES.read_bytes())
     truncated = tmp_path / "desc-truncated.xml"
     truncated.write_bytes(data[: len(data) // 2])
     with pytest.raises(MeshSourceError, match="malformed descriptor XML"):
         list(read_descriptor_xml(truncated))
     truncated_gz = tmp_path / "desc2016.gz"
     truncated_gz.write_bytes(gzip.compress(data)[:5_000])
-    with pytest.raises(MeshSourceError, match="truncated or unreadable"):
+    with pytest.raises(MeshSourceError, match="truncated or corrupt gzip"):
         list(read_descriptor_xml(truncated_gz))
 
 
@@ -194,11 +241,11 @@ def _independent_join() -> tuple[int, int, int, int]:
     """Exact-name matches, casefold matches, and the tree numbers they cover, computed from
     the raw files with nothing but string splitting."""
     names_2017 = {}
-    for line in MESH_TREE_2017.read_text(encoding="utf-8-sig").splitlines()[1:]:
+    for line in raw_text(MESH_TREE_2017, "utf-8-sig").splitlines()[1:]:
         _, ui, name = line.split("\t")
         names_2017[name] = ui
     folded_2017 = {n.casefold() for n in names_2017}
-    pairs = [line.rsplit(";", 1) for line in MTREES_2023.read_text().splitlines()]
+    pairs = [line.rsplit(";", 1) for line in raw_text(MTREES_2023).splitlines()]
     names_2023 = {name for name, _ in pairs}
     exact = len(names_2023 & set(names_2017))
     folded = sum(1 for n in names_2023 if n in names_2017 or n.casefold() in folded_2017)

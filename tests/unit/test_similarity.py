@@ -11,6 +11,7 @@ import random
 from functools import cache
 
 import pytest
+from meshdistill.fileio import open_text
 from meshdistill.mesh.similarity import (
     TreeIndex,
     best_match_average,
@@ -38,7 +39,7 @@ CDB = "Carcinoma, Ductal, Breast"
 @cache
 def all_trees() -> dict[str, list[str]]:
     trees: dict[str, list[str]] = {}
-    with MTREES_2023.open(encoding="utf-8") as fh:
+    with open_text(MTREES_2023) as fh:
         for line in fh:
             name, _, number = line.rstrip("\n").rpartition(";")
             if name and number:

@@ -1,1 +1,2 @@
-"""Distillation stages: generate, retrieve, MeSH-grade, judge, answer (pipeline steps 3-7)."""
+"""Distillation: generate, retrieve, MeSH-grade, judge, answer (docs/architecture.md,
+"Pipeline steps")."""

@@ -2,7 +2,7 @@
 
 The calibration benchmark: each record gives a question, the abstract it was written
 from (without its conclusion, as PubMedQA defines the context) and that abstract's MeSH
-heading names.
+heading names. The file is read plain or gzip-compressed, told apart by content.
 """
 
 from __future__ import annotations
@@ -13,11 +13,13 @@ from pathlib import Path
 
 from meshdistill.config import data_dir
 from meshdistill.errors import ConfigError
+from meshdistill.fileio import DataFileError, read_text
 
 
 def default_pqal_path() -> Path:
-    """``pubmedqa/ori_pqal.json`` under the data directory (``MESHDISTILL_DATA_DIR``)."""
-    return data_dir() / "pubmedqa" / "ori_pqal.json"
+    """``pubmedqa/ori_pqal.json.gz`` under the data directory (``MESHDISTILL_DATA_DIR``,
+    else the repository's ``data/``)."""
+    return data_dir() / "pubmedqa" / "ori_pqal.json.gz"
 
 
 @dataclass(frozen=True)
@@ -31,21 +33,41 @@ class PqalRecord:
 
 
 def load_pqal(path: Path | str | None = None, limit: int | None = None) -> list[PqalRecord]:
-    """The records of ``ori_pqal.json``, sorted by PMID; the first ``limit`` if given."""
+    """The records of ``ori_pqal.json`` (plain or gzip), sorted by PMID; the first ``limit``
+    if given.
+
+    A missing, damaged or malformed file is a :class:`ConfigError` naming it.
+    """
     path = Path(path) if path is not None else default_pqal_path()
     if not path.is_file():
         raise ConfigError(
             f"PubMedQA-L file not found: {path} (give --pqal PATH or set MESHDISTILL_DATA_DIR)"
         )
-    raw = json.loads(path.read_text(encoding="utf-8"))
-    records = [
-        PqalRecord(
-            pmid=int(pmid),
-            question=r["QUESTION"].strip(),
-            abstract=" ".join(c.strip() for c in r["CONTEXTS"]),
-            mesh_names=tuple(r["MESHES"]),
-        )
-        for pmid, r in raw.items()
-    ]
+    try:
+        text = read_text(path)
+    except DataFileError as exc:
+        raise ConfigError(f"PubMedQA-L file unreadable: {exc}") from exc
+    if not text.strip():
+        raise ConfigError(f"PubMedQA-L file {path} is empty")
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"PubMedQA-L file {path} is not JSON ({exc})") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"PubMedQA-L file {path}: expected an object keyed by PMID")
+    try:
+        records = [
+            PqalRecord(
+                pmid=int(pmid),
+                question=r["QUESTION"].strip(),
+                abstract=" ".join(c.strip() for c in r["CONTEXTS"]),
+                mesh_names=tuple(r["MESHES"]),
+            )
+            for pmid, r in raw.items()
+        ]
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise ConfigError(
+            f"PubMedQA-L file {path}: not in ori_pqal.json's shape ({exc!r})"
+        ) from exc
     records.sort(key=lambda r: r.pmid)
     return records[:limit] if limit is not None else records

@@ -1,8 +1,10 @@
 """Where MeSH release files come from: a local path, or a URL downloaded once per year.
 
 Downloads land in ``<cache>/<year>/<file name>`` (the year taken from the file name, as
-NLM names them ``desc2026.gz``/``mtrees2026.bin``), so a second ``mesh load`` of the
-same release reads the cached copy.
+NLM names them ``desc2026.gz``/``mtrees2026.bin``, with or without a ``.gz`` ending), so a
+second ``mesh load`` of the same release reads the cached copy. The cached copy keeps the
+URL's name whatever its content: the readers tell gzip from plain by content, so a ``.gz``
+that a server decompressed in transit (``Content-Encoding: gzip``) reads just the same.
 """
 
 from __future__ import annotations

@@ -2,15 +2,14 @@
 
 lxml ``iterparse`` over ``PubmedArticle``/``PubmedBookArticle``/``DeleteCitation``
 elements, each cleared as soon as it is read, so memory stays flat whatever the file
-size. No DTD is ever loaded or fetched (``Bio.Entrez.parse`` tries to download NLM's DTD
-and fails offline). Inline markup in titles and abstracts (``<i>``, ``<sup>``, MathML)
-is flattened to its text.
+size. Files are read plain or gzip-compressed, told apart by content. No DTD is ever
+loaded or fetched (``Bio.Entrez.parse`` tries to download NLM's DTD and fails offline).
+Inline markup in titles and abstracts (``<i>``, ``<sup>``, MathML) is flattened to its
+text.
 """
 
 from __future__ import annotations
 
-import gzip
-import zlib
 from collections.abc import Iterator
 from datetime import date
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import IO
 from lxml import etree
 
 from meshdistill.errors import PubmedParseError
+from meshdistill.fileio import GZIP_ERRORS, is_gzip
 from meshdistill.pubmed.gunzip import ThreadedGunzip
 from meshdistill.pubmed.records import Article, Deletion, MeshHeading, Record, Section, Skip
 
@@ -290,11 +290,12 @@ def _parse_book(elem: etree._Element) -> Article | Skip:
 
 
 def _open(source: Path | IO[bytes]) -> IO[bytes] | ThreadedGunzip:
+    """A file's bytes, through the threaded gunzip when its content is gzip (magic bytes,
+    not the name: ``.xml.gz`` files that hold plain XML and gzip under ``.xml`` both
+    occur); a stream is read as given."""
     if not isinstance(source, Path):
         return source
-    with open(source, "rb") as probe:
-        magic = probe.read(2)
-    if magic == b"\x1f\x8b":
+    if is_gzip(source):
         return ThreadedGunzip(source)
     return open(source, "rb")
 
@@ -346,7 +347,7 @@ def iter_records(source: str | Path | IO[bytes], name: str | None = None) -> Ite
     except etree.XMLSyntaxError as exc:
         reason = f"malformed XML at line {exc.lineno}: {exc.msg}"
         raise PubmedParseError(label, reason, parsed) from exc
-    except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
+    except GZIP_ERRORS as exc:
         raise PubmedParseError(label, f"truncated or corrupt gzip ({exc})", parsed) from exc
     except OSError as exc:
         raise PubmedParseError(label, f"read error ({exc})", parsed) from exc
