@@ -53,5 +53,8 @@ RUN mkdir -p meshdistill-home auth \
 
 ENV MESHDISTILL_HOME=/opt/airflow/meshdistill-home
 
+# The sample data (MeSH, PubMedQA-L) calibration and the offline demo read: data_dir()
+# is data/ beside include/, i.e. /opt/airflow/data.
+COPY --chown=airflow:0 data/ ./data/
 COPY --chown=airflow:0 plugins/ ./plugins/
 COPY --chown=airflow:0 dags/ ./dags/
