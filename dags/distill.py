@@ -14,10 +14,10 @@ from meshdistill_airflow import (
     DEFAULT_ARGS,
     LLM_POOL,
     QA,
-    asset_subtrees,
     database_url,
     fail_fast,
     llm_config,
+    run_subtrees,
 )
 from meshdistill_airflow.params import model_params
 
@@ -26,28 +26,18 @@ log = logging.getLogger(__name__)
 DOC = f"""
 ### distill
 Turns each MeSH subtree's ingested abstracts into question–context–answer items (KAILIN):
-two generator profiles write questions → full-text retrieval adds contexts → a
-MeSH-hierarchy score ranks them → an LLM judge filters → grounded answers, plus
-preference pairs between the profiles. Every candidate ends `accepted`, `rejected` (with
-a reason), `failed` (with an error) or `deferred` (budget reached); counts are reconciled
-with the stored rows before a task succeeds. Steps: `docs/architecture.md`.
-
-**Runs** after `pubmed_ingest` (asset `meshdistill://articles`), on the subtrees named in
-the triggering events, or by hand with the form (its subtrees win). The Airflow run id is
-the pipeline's: clearing a task or the run redoes the same articles with zero new LLM
-calls (the `llm_call` cache) and no duplicate rows.
-
-**Tasks**: `validate` checks the subtrees against the loaded MeSH (naming the closest
-valid ones) and the LLM settings; `subtree` (mapped, one per tree number) logs the
-subtree's size, then `distill` runs in the **`{LLM_POOL}` pool** (a slot is one running
-task; each keeps at most `max_concurrency` requests in flight, 32 by default); `summary`
-logs the per-subtree table and updates `meshdistill://qa`. A budget is for the whole run,
-split evenly over the subtrees. Bad settings fail at once; other errors are retried.
-
-**LLM**: connection `meshdistill_llm` (host = OpenAI-compatible base URL, password = API
-key, extra = `model`, `organization`, `max_concurrency`, `timeout`, `max_attempts`,
-`client_process`, `backend`); the form's backend and model override it. Database:
-connection `meshdistill_db`.
+generate → retrieve contexts → MeSH-hierarchy grade → LLM judge → grounded answer, plus
+preference pairs between the two generator profiles. Every candidate ends `accepted`,
+`rejected` (reason), `failed` (error) or `deferred` (budget); counts are reconciled with
+the stored rows. Runs after `pubmed_ingest` (asset `meshdistill://articles`) on the
+subtrees it ingested, or by hand with the form (whose subtrees win). `validate` checks the
+subtrees and the LLM; `subtree` (mapped, one per tree number) runs in the **`{LLM_POOL}`**
+pool, each task keeping at most `max_concurrency` requests in flight (32 by default);
+`summary` logs the per-subtree table and updates `meshdistill://qa`. The Airflow run id
+is the pipeline's: a cleared task or run redoes its articles from the `llm_call` cache,
+with no new calls and no duplicate rows. LLM: connection `meshdistill_llm` (host = base
+URL, password = key, extra = `model`, `max_concurrency`, `timeout`, ...); database:
+`meshdistill_db`. Steps and modules: `docs/architecture.md`.
 """
 
 
@@ -72,14 +62,9 @@ def distill() -> None:
     @task
     def validate(params: dict[str, Any] | None = None) -> list[str]:
         assert params is not None
-        context = get_current_context()
-        conf = getattr(context.get("dag_run"), "conf", None) or {}
         with fail_fast():
             request, _ = _request(params)
-            subtrees = list(request.subtrees)
-            if "subtrees" not in conf and (from_assets := asset_subtrees(context, ARTICLES)):
-                log.info("subtrees from the triggering asset events: %s", from_assets)
-                subtrees = from_assets
+            subtrees = run_subtrees(get_current_context(), request.subtrees, ARTICLES)
             llm = pipeline.llm_for(request, llm_config())
             log.info("LLM backend %s, model %s", llm.kind, llm.model or "(default)")
             pipeline.budget_shares(request.budget_usd, request.budget_tokens, len(subtrees))

@@ -13,7 +13,8 @@ for the database, an embedded PostgreSQL; for the LLM, the offline backend.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import logging
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any
@@ -35,6 +36,8 @@ from meshdistill.errors import (
 )
 from meshdistill.llm.config import LLMConfig
 from meshdistill.mesh.tree import PREFIX_RE
+
+log = logging.getLogger(__name__)
 
 ARTICLES = Asset("meshdistill://articles")
 QA = Asset("meshdistill://qa")
@@ -145,3 +148,15 @@ def asset_subtrees(context: Any, asset: Asset) -> list[str]:
             if isinstance(prefix, str) and prefix not in subtrees:
                 subtrees.append(prefix)
     return subtrees
+
+
+def run_subtrees(context: Any, requested: Sequence[str], asset: Asset) -> list[str]:
+    """The subtrees a run works on: those named in the triggering asset events (a run the
+    scheduler made after ``pubmed_ingest``), unless the run's conf names its own, else
+    ``requested`` (the form's)."""
+    conf = getattr(context.get("dag_run"), "conf", None) or {}
+    from_assets = [] if "subtrees" in conf else asset_subtrees(context, asset)
+    if from_assets:
+        log.info("subtrees from the triggering asset events: %s", from_assets)
+        return from_assets
+    return list(requested)
