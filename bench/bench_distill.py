@@ -1,40 +1,16 @@
-"""Distillation throughput: the pipeline's LLM request rate against a bare SDK loop, and an
-offline run of a whole subtree end to end.
+"""Distillation throughput: the pipeline's LLM request rate against a bare SDK loop.
 
-Part 1 (request rate). A local OpenAI-compatible server (``tests/fakes/openai_server.py``,
-50 ms per answer) runs in its own process, so its CPU does not share a GIL with the
-client's event loop. Against it, in the same run:
-
-- the **pipeline**: ``SubtreeDistiller`` over C04 (``--articles``, default 300) with the
-  ``openai`` backend (cap 32) behind the ``llm_call`` cache, cache empty at the start;
-- the **baseline**: a bare loop of ``AsyncOpenAI().chat.completions.create`` calls under
-  an ``asyncio.Semaphore(32)``, replaying the very request bodies the pipeline sent (same
-  count, same payloads, so the server does the same work for both);
-- the **LLM layer**: the very ``LLMRequest`` objects the pipeline sent, grouped as its
-  ``complete_all`` calls were, replayed through a fresh ``CachedBackend(OpenAIBackend)``
-  (cap 32, empty ``llm_call`` cache, so every request misses and is stored) with
-  ``complete_all``, ``articles_in_flight`` groups at a time: our LLM client stack without
-  retrieval, grading, checks or ``qa_item`` writes. Its gap to the bare loop is the client
-  stack's; the pipeline's gap to it is distillation's own work.
-
-Requests are counted by the server. Rates: the whole run (requests / wall time of
-``run()``, prepare included), the run without its prepare step (``refresh_index``, the
-MeSH grader build, the source selection and the first article read), and the server's
-active window (first to last arrival). The target compares the pipeline's rate without
-the prepare step with the bare loop's: at least 90%. The server's ``max_in_flight`` must
-never exceed 32. The ideal is 32 / 50 ms = 640 requests/s.
-
-Part 2 (offline end to end). The same database, the ``offline`` backend, every C04 article
-of pubmed20n0014 with an abstract (cold cache), then a second pass with the same run id
-(every LLM answer cached).
-
-Database: as ``bench_load.py`` (``MESHDISTILL_DATABASE_URL``, else 127.0.0.1:5432, else
-embedded); a fresh database with MeSH and pubmed20n0014 loaded, dropped at the end.
-
-    .venv/bin/python bench/bench_distill.py [--articles 300] [--runs 1] [--target 0.9]
-        [--processes 2] [--skip-offline] [--profile]
-
-Exit status 1 when the rate target or the in-flight cap is missed.
+Part 1: a local OpenAI-compatible server (``tests/fakes/openai_server.py``, 50 ms per
+answer) in its own process. Same runs: the pipeline (``SubtreeDistiller`` over C04,
+``--articles``, ``openai`` backend capped at 32, empty ``llm_call`` cache); the baseline, a
+bare ``AsyncOpenAI().chat.completions.create`` loop under ``asyncio.Semaphore(32)``
+replaying the pipeline's very bodies; the LLM layer (the pipeline's requests, grouped as
+sent, through a fresh ``CachedBackend(OpenAIBackend)``), to split the gap between client
+stack and distillation. Requests are counted by the server. Target: the pipeline's rate
+without its prepare step >= 90% of the bare loop's, runs pooled, server ``max_in_flight``
+<= 32 (ideal 640 req/s). Part 2: the ``offline`` backend over every C04 article of
+pubmed20n0014, cold cache, then all cached. Database: as ``bench_load.py``. Options:
+``--help``; figures: ``bench/README.md``. Exit status 1 when a target is missed.
 """
 
 from __future__ import annotations
@@ -775,9 +751,9 @@ def part1(url: str, args: argparse.Namespace) -> bool:
                 pooled.update({"m_n": ms["n"], "m_s": m1 - min(ms["at"])})
             ratios.append(m_ratio if m_ratio is not None else ratio)
             capped_all = capped_all and capped
-        # The machine's speed drifts between runs (the bare loop alone moved between 275
-        # and 407 req/s in one session), so one pair of runs is a noisy estimate; the
-        # verdict pools every run's requests and seconds for each contender.
+        # The machine's speed drifts between runs (the bare loop's rate alone can move by
+        # 40% within one process), so one pair of runs is a noisy estimate; the verdict
+        # pools every run's requests and seconds for each contender.
         p_rate, b_rate = pooled["p_n"] / pooled["p_s"], pooled["b_n"] / pooled["b_s"]
         t_rate = pooled["t_n"] / pooled["t_s"]
         final = p_rate / b_rate

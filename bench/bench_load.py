@@ -2,17 +2,13 @@
 
 The records of pubmed20n0014.xml.gz are parsed once, up front, so the load figures are
 the loader's alone (COPY into staging, the set-based merge, MeSH links, the batch row,
-commit). Every run gets a fresh database with MeSH loaded (untimed), then is timed twice:
-a first load (30,000 new articles, 288,334 MeSH links) and a second load of the same
-records (all unchanged: hashing and comparing only). A separate end-to-end figure times
-``load_files`` (parse and load overlapping, as the ingest DAG runs it) on another fresh
-database. Best of N runs.
-
-Target: first load at least 10,000 articles/s. Exit status 1 when missed.
-
-Database: ``MESHDISTILL_DATABASE_URL`` (a server where we may CREATE DATABASE), else the
-PostgreSQL on 127.0.0.1:5432 when one answers, else an embedded pgserver under
-``.meshdistill/bench``.
+commit). Each run gets a fresh database with MeSH loaded (untimed) and times a first load
+(30,000 new articles, 288,334 MeSH links) and a second load of the same records (all
+unchanged: hashing and comparing only). ``load_files`` (parse and load overlapping, as
+the ingest DAG runs them) is timed end to end on another fresh database. Best of N runs.
+Target: first load at least 10,000 articles/s; exit status 1 when missed. Database:
+``MESHDISTILL_DATABASE_URL`` (a server where we may CREATE DATABASE), else the PostgreSQL
+on 127.0.0.1:5432 when one answers, else an embedded pgserver under ``.meshdistill/bench``.
 
     .venv/bin/python bench/bench_load.py [--runs 3] [--file PATH] [--target 10000]
 """

@@ -1,24 +1,17 @@
 """Peak memory of parse and of parse + load: a small file against a three times larger one.
 
-A streaming parser and a chunked loader should need the same memory for 10,000 articles
-as for 30,000. Each measurement runs in its own subprocess, so the peak resident set size
-belongs to that one job: after imports (and, for loads, after connecting) the kernel's
-high-water mark is reset (``/proc/self/clear_refs``), and the figure reported is the peak
-during the job (``VmHWM``) minus the resident size at the reset, i.e. what the job added.
-Where ``/proc`` is missing, ``resource.getrusage().ru_maxrss`` stands in. ``--tracemalloc``
-also reports the Python-heap peak (slower; lxml's own C allocations are not seen by
-tracemalloc, RSS sees both).
+A streaming parser and a chunked loader need the same memory for 10,000 articles as for
+30,000. Each measurement runs in its own subprocess: after imports (and connecting) the
+kernel's high-water mark is reset (``/proc/self/clear_refs``), and the figure is the peak
+(``VmHWM``) minus the resident size at the reset (``ru_maxrss`` where ``/proc`` is
+missing). ``--tracemalloc`` adds the Python-heap peak (lxml's C allocations are not seen
+there). The small file is the first N articles of pubmed20n0014.xml.gz, re-gzipped; below
+about 10,000 articles the fixed buffers (gunzip read-ahead of up to 16 chunks, COPY
+chunks of 5,000 articles) are not filled, and the comparison would show them filling.
+Target: the large file's growth at most 1.5x the small file's plus 16 MB, for parse and
+for parse + load; exit status 1 when missed.
 
-The small file is the first N articles of pubmed20n0014.xml.gz, cut at an article
-boundary and re-gzipped into a temporary directory; the large one is the whole file.
-The small file should not be smaller than the fixed buffers (the gunzip read-ahead queue
-of up to 16 decompressed chunks, COPY chunks of 5,000 articles): below about 10,000
-articles those are not filled, and the comparison would show buffers filling, not growth.
-
-Target: the large file's growth at most 1.5x the small file's (plus 16 MB of slack for
-allocator noise), for parse and for parse + load. Exit status 1 when missed.
-
-    .venv/bin/python bench/bench_memory.py [--articles 3000] [--tracemalloc]
+    .venv/bin/python bench/bench_memory.py [--articles 10000] [--tracemalloc]
 """
 
 from __future__ import annotations

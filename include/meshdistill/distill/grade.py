@@ -1,45 +1,16 @@
-"""MeSH-hierarchy grade (pipeline step 5) of questions and their contexts.
+"""MeSH-hierarchy grade of questions and contexts (docs/architecture.md, Pipeline steps: Grade).
 
-The similarity itself (Wu–Palmer on tree numbers, best-match average, majors weighted) is
-:mod:`meshdistill.mesh.similarity`; this module decides *which* descriptor sets are
-compared, and blends the result with the retrieval score:
-
-- ``MeSH(question)``: descriptors whose name or entry term occurs in the question
-  (:class:`~meshdistill.mesh.matcher.MeshMatcher`, plus the everyday spellings of
-  :func:`name_variants`), minus a few descriptors so generic that their name is an
-  ordinary word of question phrasing (:data:`GENERIC_NAMES`).
-- **Context score** (ranks the candidates of one question; also what ``calibrate``
-  measures): ``BMA(MeSH(question), MeSH(context))`` blended with the retrieval score. It
-  uses nothing but the question and the candidate, so it can be checked against expert
-  data where the right context is known. When the matcher finds no descriptor in a
-  question, the pipeline lets the source abstract's headings stand in (the question was
-  written about that abstract); calibration has no source to fall back on.
-- **Item score** (the preference-pair criterion, and the ``min_hierarchy`` filter):
-  ``hierarchy_score(MeSH(source), MeSH(contexts), MeSH(question))``, DESIGN step 5, over
-  the chosen contexts other than the source itself (the source always agrees with itself
-  and would lift every item alike).
-
-**Tuning** (``meshdistill calibrate``, :mod:`meshdistill.evaluate.calibrate`): the
-choices below were compared on half ``A`` of PubMedQA-L (the 513 questions whose
-sha256(PMID) starts with an even byte, :func:`~meshdistill.evaluate.calibrate.split_half`)
-with MeSH 2023 trees + 2017 UIs, and the other half ``B`` (487 questions) is reported
-as held out. What was tuned, and the half-A AUCs (pooled; random / hard negatives):
-
-- :func:`name_variants` in the question matcher (natural word order of inverted
-  headings, 'cancer' for 'Neoplasms'), since a trees-only MeSH source has no entry
-  terms: hierarchy 0.853 → 0.858 (random), 0.786 → 0.792 (hard). Kept.
-- :data:`GENERIC_NAMES`: adding further everyday words the matcher hit in half-A
-  questions (health, history, work, forms, syndrome, family, ...) moved no AUC by more
-  than 0.004, in either direction; only 'affect' (the verb of "does X affect Y", matched
-  as the descriptor Affect) was added. Dropping check tags (Humans, Female, age groups)
-  from the context's headings did not help either (±0.003) and was not adopted.
-- :data:`DEFAULT_BLEND_WEIGHT`: 0.2–0.7 tried; 0.5 gives the best mean per-question
-  AUC on hard negatives (0.925; the ranking view), 0.6 the best pooled one (0.871 vs
-  0.864). Kept at 0.5.
-
-With both changes, half A: hierarchy 0.853 → 0.859 (random), 0.786 → 0.792 (hard);
-held-out half B: 0.866 → 0.874 and 0.799 → 0.808; blend on hard negatives 0.861 → 0.865
-(A) and 0.857 → 0.861 (B). Nothing else was fitted to PubMedQA-L.
+The measures (Wu–Palmer on tree numbers, best-match average) are
+:mod:`meshdistill.mesh.similarity`; this module picks the descriptor sets compared:
+``MeSH(question)`` is the descriptors whose name, entry term or :func:`name_variants`
+occurs in the question (:class:`~meshdistill.mesh.matcher.MeshMatcher`), minus
+:data:`GENERIC_NAMES`. The context score ``blend(retrieval, BMA(MeSH(question),
+MeSH(context)))`` ranks a question's candidates (the pipeline falls back on the source's
+headings when the question names no descriptor). The item score, ``hierarchy_score`` of
+the source, the chosen contexts other than the source, and the question, is the
+``min_hierarchy`` filter and the preference-pair criterion. The matcher choices and the
+blend weight were tuned on half A of PubMedQA-L only; why, and the figures:
+``docs/grading.md`` and ``docs/calibration.md``.
 """
 
 from __future__ import annotations
@@ -247,7 +218,7 @@ class MeshGrader:
         self, source: Headings, contexts: Iterable[Headings], question_uis: Sequence[str],
         table: SimilarityTable | None = None,
     ) -> float:
-        """DESIGN step 5's hierarchy score of a (question, contexts) pair."""
+        """The item's hierarchy score of a (question, contexts) pair (``docs/grading.md``)."""
         ctx_uis: dict[str, None] = {}
         ctx_major: set[str] = set()
         for c in contexts:

@@ -1,82 +1,17 @@
-"""Retrieve (pipeline step 4): top-k context abstracts for a question, by full-text search.
+"""Retrieve (docs/architecture.md, Pipeline steps: Retrieve): context abstracts by full-text search.
 
-The corpus is the local ``article`` table. Its tsvectors,
-``setweight(title, 'A') || setweight(abstract, 'B')`` (english configuration), live in the
-side table ``article_fts`` (migration 0003) with a GIN index, for active articles with an
-abstract (the only ones a context may come from). :func:`refresh_index` brings it up to
-date in bulk (new or changed articles by content hash, gone ones removed); the distill
-stage calls it once before retrieving, so loading stays fast (see 0003).
-
-Choices, and why:
-
-- **OR semantics.** A natural question ("Does X improve survival in patients with Y?")
-  rarely has every one of its words in one abstract, so AND semantics (``plainto_tsquery``)
-  returns nothing for most questions. The question's lexemes (stemmed, stop words dropped)
-  are ORed instead and the ranking decides. The OR query is built from
-  ``to_tsvector(question)``'s lexeme array, each lexeme quoted, rather than by rewriting
-  ``&`` to ``|`` in a tsquery's text: a lexeme may itself contain ``&`` (URLs, "AT&T").
-- **Ranking: ``ts_rank_cd(..., 1 | 32)``.** Under OR semantics every occurrence of any
-  query word is a cover, so raw cover density grows with the abstract's length and long
-  abstracts full of common words ("patients", "study") crowd out short, on-topic ones;
-  flag 1 divides by 1 + log(length), which tempers that without the heavy penalty of flag
-  2 (divide by length), which favours title-only matches of tiny documents. Flag 32
-  (rank / (rank + 1)) keeps the order and maps scores to [0, 1), so they can be compared
-  across questions and blended with the MeSH-hierarchy score. With these flags an
-  article's own title retrieves it at rank 1 for 191 of 200 sampled articles of
-  pubmed20n0014 (``tests/integration/test_retrieve.py``) with every matching article a
-  candidate, 198 of 200 with the candidate pruning below; the other flags were not
-  compared.
-- **Candidates: the question's rarest lexemes** (migration 0005). Ranking every article
-  that shares any lexeme with the question was the whole cost: a question's common
-  lexemes ("studi" occurs in half the abstracts, "patient", "cell", "use" in a third)
-  matched 4,000 to 26,000 of the ≈33,000 abstracts of pubmed20n0014 + pubmed21n1298,
-  and ``ts_rank_cd`` costs ≈15 µs per match with such a query (its covers walk every
-  position of every matched lexeme), so a batch ran at 2 to 21 questions/s. Now
-  ``lexeme_df`` holds each lexeme's document frequency in ``article_fts`` (kept by
-  :func:`refresh_index`), and only the articles matching the question's rarest lexemes
-  are candidates: lexemes are taken by ascending document frequency while their
-  frequencies add up to at most :data:`CANDIDATE_BUDGET` (100) articles, always up to and
-  including the first that occurs at all, so a question with any indexed lexeme has
-  candidates. The candidates are ranked by ``ts_rank_cd`` over **all** the question's
-  lexemes, exactly as before: a returned hit's score is the one the exact search gives
-  that article (the source's too), so scores stay comparable across questions; what
-  changes is that an article sharing only common words with the question is no longer a
-  candidate. Measured (``bench/bench_retrieve.py``, same run, busy 2-core machine):
-  ≈1,040 questions/s for titles and ≈810/s for generated yes/no questions, against 6.8/s
-  and 3.1/s for the exhaustive query; an article's own title ranks it first for 491/500
-  sampled articles (old query: 90/100), and for a generated question the source is first
-  for 444/500 (old: 62/100): the abstracts that beat the source before were long ones full
-  of the question's common words, which is the noise the pruning removes. The top 5
-  share only about a third of their articles with the exhaustive top 5 for that reason.
-  Alternatives measured on 200 sampled articles of both files (titles at rank 1; the
-  source at rank 1 for generated questions; the exhaustive query: 185 and 109): budget
-  100: 196 and 174; 300: 194 and 168, ≈2.5× slower; 1,000: 190 and 151, ≈8× slower; 30
-  or 50: 196 and ≈180, no faster, and leaning on one or two tokens (numbers, typos).
-  Dropping common lexemes from the ranking query too (document frequency above 3,000 or
-  1,000, keeping the 3 or 1 rarest) changes the scores and lost quality (194 and 171; 185
-  and 157) for no clear speed gain once the candidates are few. IDF weights are not
-  expressible in ``ts_rank_cd`` (its only weights are per label A-D). A question whose
-  rarest lexeme is itself common ("What is the effect of treatment in patients?") still
-  ranks all of that lexeme's articles: such a question has no better candidates; on a
-  larger corpus the rarest lexemes' frequencies grow with it, and so does the cost.
-  ``candidate_budget=None`` restores the exhaustive candidate set.
-- **No JIT.** The batch statement's cost estimate crosses ``jit_above_cost``, and compiling
-  it took ≈0.17 s per batch of 200 for no gain (the time is in ``ts_rank_cd``): it is
-  switched off for the statement (``set_config(..., true)``) and the caller's value put
-  back afterwards.
-- **The source is always a candidate.** The question was written from the source
-  abstract, so the grader must see it even when the question shares no word with it
-  (paraphrase, a question about MeSH headings): it is scored like any other candidate
-  (possibly 0, never a made-up score), and added to the result when it is not in the top
-  k. A source that is not itself retrievable (deleted, retracted, without abstract,
-  unknown) is not returned: the caller sees no ``is_source`` hit and must treat the
-  question as having lost its source.
-- **Subtree restriction** (optional) keeps contexts to articles with at least one heading
-  among the given descriptor UIs (``mesh.subtree.subtree_descriptor_uis``); it does not
-  apply to the source, which is a candidate by definition.
-- **Many questions at once.** :func:`retrieve_many` sends all questions in one statement
-  (a ``LATERAL`` subquery over an ``unnest`` of the questions), so a batch costs one round
-  trip and one plan instead of one per question.
+:func:`retrieve_many` returns, per ``(question, source_pmid)``, the top ``k`` retrievable
+articles (:data:`RETRIEVABLE`) as :class:`ContextHit`: ``ts_rank_cd`` scores normalised to
+[0, 1), 1-based ranks. The source is always a candidate: when it misses the top ``k`` it
+is appended with its own score and true rank, because the grader must see the abstract
+the question was written from; an unretrievable source is not returned. The question's
+lexemes are ORed (a natural question rarely has all its words in one abstract); the
+candidates are the articles holding its rarest lexemes, up to a postings budget
+(:data:`CANDIDATE_BUDGET`), ranked over all its lexemes, so a hit's score is the one the
+exhaustive search gives it. All questions of a batch go in one statement. The vectors
+live in ``article_fts`` and the document frequencies in ``lexeme_df``, both kept by
+:func:`refresh_index`, which the distill step calls once before retrieving, outside the
+load path. Why each choice, with its measurements: ``docs/retrieval.md``.
 """
 
 from __future__ import annotations
@@ -103,7 +38,7 @@ RANK_NORMALIZATION = 1 | 32
 
 CANDIDATE_BUDGET = 100
 """Default postings budget: the rarest lexemes of a question whose document frequencies
-add up to at most this many articles choose the candidates (see the module docstring)."""
+add up to at most this many articles choose the candidates (``docs/retrieval.md``)."""
 
 _REFRESH_LOCK = 0x6D64_6674  # pg_advisory_xact_lock key of refresh_index ("mdft")
 
@@ -158,8 +93,8 @@ def refresh_index(conn: Connection) -> dict[str, int]:
     refresh after an unchanged reload costs one anti-join. The document frequencies in
     ``lexeme_df`` (migration 0005) follow incrementally: the lexemes of every vector taken
     out are subtracted, those of every vector put in are added. ``added`` counts new and
-    re-indexed (changed) articles, ``removed`` the ones no longer retrievable. Concurrent
-    refreshes are serialised by a transaction-level advisory lock.
+    re-indexed (changed) articles, ``removed`` the ones that left the retrievable set.
+    Concurrent refreshes are serialised by a transaction-level advisory lock.
     """
     conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_REFRESH_LOCK})")
     # Stale vectors out first (gone, or built from another content hash), their lexemes
@@ -214,10 +149,9 @@ def _merge_pending_entries(conn: Connection) -> None:
 
     Why: GIN buffers new entries in an unsorted pending list (``fastupdate``) until a
     vacuum merges them, and every search scans that whole list. After a bulk refresh it
-    held some 400 articles' entries here, and retrieval's PostgreSQL CPU fell by a tenth
-    once they were merged (``bench_distill``'s retrieval figures, pubmed20n0014). Merging
-    needs the index's owner (or MAINTAIN); a role without it keeps the pending list
-    until autovacuum, which is only slower.
+    holds some 400 articles' entries; merging them cuts retrieval's PostgreSQL CPU by
+    about a tenth (``docs/retrieval.md``). Merging needs the index's owner (or MAINTAIN);
+    a role without it keeps the pending list until autovacuum, which is only slower.
     """
     try:
         with conn.begin_nested():
@@ -279,7 +213,7 @@ def retrieve_many(
     Each list follows :func:`retrieve`'s contract. One round trip for the whole batch:
     the per-question work is the same, but the planning and the client/server exchanges
     are paid once (see the queries/s printed by the tests). ``candidate_budget`` bounds
-    the candidates by document frequency (see the module docstring); ``None`` ranks every
+    the candidates by document frequency (``docs/retrieval.md``); ``None`` ranks every
     article that shares a lexeme with the question (slow: the exact candidate set).
     """
     if k < 1:
@@ -297,7 +231,7 @@ def retrieve_many(
     }
     if subtree_uis is not None:
         params["uis"] = list(subtree_uis)
-    # JIT compilation cost ~0.2 s per batch statement for nothing (the work is in
+    # JIT compilation costs ~0.2 s per batch statement for nothing (the work is in
     # ts_rank_cd, not in expressions): off for this statement, the caller's value back.
     jit = conn.exec_driver_sql(
         "SELECT current_setting('jit'), set_config('jit', 'off', true)"
@@ -323,7 +257,7 @@ def retrieve(
     """The ``k`` best context abstracts for ``question``, plus its source if they miss it.
 
     Candidates are the active articles with an abstract that contain one of the
-    question's rarest lexemes (chosen by ``candidate_budget``, see the module docstring;
+    question's rarest lexemes (chosen by ``candidate_budget``, see ``docs/retrieval.md``;
     with ``None``, any of its lexemes) and, with ``subtree_uis``, carry one of those
     headings; and the source article itself whatever it matches. The result is the top
     ``k`` candidates by score, best first; when the source is not among them it is

@@ -1,21 +1,15 @@
 """A run budget in USD and/or tokens: stop making calls when it is spent, lose nothing.
 
-Why reserve-then-settle: with 32 calls in flight, checking "spent < limit" before each
-call would let all 32 start when there is room for one, and the overshoot would grow with
-concurrency. So each call first *reserves* an estimate (prompt tokens from its text plus
-the output it may produce, priced with the model's price) and is only made when the
-reservation fits next to what is already spent and reserved; when it returns, the
-reservation is *settled* with the actual tokens and cost.
-
-Once a reservation does not fit the budget is exhausted for good (sticky): every later
-call is deferred, not made, so a run "stops" at a clear point instead of trickling on
-with small calls. A deferred call's result is a :class:`DeferredResult` (``deferred=True``,
-no output, no failure kind: it did not fail, it was not attempted); the stage marks the
-item deferred and the next run, with a fresh budget, makes that call. Nothing about a
-deferred call is cached.
-
-All methods take a ``threading.Lock`` for a few arithmetic operations only, so the same
-budget can be shared by coroutines of one loop and by threads.
+Reserve, then settle: each call first reserves an estimate (prompt tokens from its text
+plus the output it may produce, at the model's price) and is made only when that fits
+next to what is already spent and reserved; when it returns, the reservation is settled
+with the actual tokens and cost. Checking "spent < limit" alone would let all 32 calls in
+flight start when there is room for one. Once a reservation does not fit, the budget is
+exhausted for good: every later call is deferred, not made, so a run stops at a clear
+point. A deferred call's result is a :class:`DeferredResult` (``deferred=True``, no
+output, no failure kind); the stage marks the item deferred, the next run makes the call,
+and nothing about it is cached. Methods take a ``threading.Lock`` for a few arithmetic
+operations only, so coroutines and threads can share one budget. More: ``docs/llm.md``.
 """
 
 from __future__ import annotations

@@ -1,31 +1,17 @@
 """The Postgres response cache (table ``llm_call``) as a wrapper around any backend.
 
 :class:`CachedBackend` implements :class:`~meshdistill.llm.backend.LLMBackend` itself, so
-stages do not know whether an answer came from the server or from the cache. Why each
-piece is there:
-
-- Re-running a task, an Airflow retry or a backfill must make no new calls for work
-  already done: every successful call is stored under ``request.cache_key(model)`` (model,
-  prompt version, messages, parameters, output schema) and a hit returns the stored output
-  parsed into the request's output model, ``attempts=0`` and ``cached=True``
-  (:class:`CachedResult`). Its tokens and latency are those of the call that produced it;
-  ``attempts == 0`` says this run paid nothing for it.
-- Failures are returned but never stored, so the next run retries them.
-- Identical requests in flight at the same time in one event loop share one call
-  (single-flight); across processes (mapped tasks) a race ends in
-  ``INSERT ... ON CONFLICT DO NOTHING``, so there is still exactly one row.
-- A :class:`~meshdistill.llm.budget.Budget` is consulted only on a miss (hits are free);
-  when it refuses, the call is not made and the result is deferred.
-- Cost is computed from the result's tokens with :class:`~meshdistill.llm.pricing.Pricing`
-  (the offline backend is always free) and stored with the row: the table is also the
-  token and cost ledger :func:`usage` sums.
-
-Database work is synchronous psycopg2 (on the engine's pooled connections) run in a small
-dedicated thread pool (within the engine's default pool of 5 + 10 connections), so it
-never blocks the event loop. Lookups
-and inserts are group-committed: whatever arrives while one batch is in the database goes
-in the next batch, so 32 calls in flight cost a few round trips, not 64. When
-:meth:`CachedBackend.complete` returns a fresh success, its row is committed.
+stages do not know whether an answer came from the server or from the cache. A rerun, an
+Airflow retry or a backfill makes no new call for work already done: every success is
+stored under ``request.cache_key(model)``, and a hit returns it parsed, as a
+:class:`CachedResult` with ``attempts=0``. Failures are returned but never stored, so the
+next run retries them. Identical calls in flight in one loop share one call; across
+processes ``INSERT ... ON CONFLICT DO NOTHING`` keeps one row. The budget is consulted on
+a miss only. Each row carries its cost (:class:`~meshdistill.llm.pricing.Pricing`), so the
+table is also the ledger :func:`usage` sums. Database work is synchronous psycopg2 in a
+small thread pool, never on the event loop, and group-committed, so 32 calls in flight
+cost a few round trips; when :meth:`CachedBackend.complete` returns a fresh success, its
+row is committed. Why each piece: ``docs/llm.md``.
 """
 
 from __future__ import annotations
@@ -82,8 +68,8 @@ class _GroupRunner(Generic[In, Out]):
     """Group commit: items queued while a batch is in the database go in the next batch.
 
     Why: one transaction (and one fsync) per stored call, or one round trip per lookup,
-    made the cache the bottleneck at 32 calls in flight (about 60% of a bare SDK loop's
-    request rate here). Batching what arrives meanwhile keeps each caller's guarantee
+    makes the cache the bottleneck at 32 calls in flight (about 60% of a bare SDK loop's
+    request rate on the bench). Batching what arrives meanwhile keeps each caller's guarantee
     (when its ``await`` returns, its row is committed / its lookup done) at a fraction
     of the database work. One batch runs at a time per event loop.
     """
@@ -276,12 +262,12 @@ class CachedBackend:
         """Insert rows in one transaction; True for each row this call inserted.
 
         ``ON CONFLICT DO NOTHING``: a task racing us on the same key has stored the same
-        answer already. Rows replacing an entry that no longer validates are updated.
+        answer already. Rows replacing an entry that fails to validate are updated.
 
         One multi-row ``INSERT`` per batch through psycopg2's ``execute_values`` on a
-        pooled connection (SQLAlchemy compiled a fresh multi-values statement for every
-        batch: most of a batch's 14-18 ms, in a thread holding the GIL the event loop
-        needs). ``synchronous_commit = off`` for this transaction only: the commit returns
+        pooled connection (SQLAlchemy's multi-values insert compiles a fresh statement for
+        every batch: most of a batch's 14-18 ms, in a thread holding the GIL the event
+        loop needs). ``synchronous_commit = off`` for this transaction only: the commit returns
         without waiting for the WAL flush. The row is still committed and visible to
         every other session when this returns (the caller's guarantee); what is relaxed
         is durability across a server crash in the next few hundred milliseconds, which

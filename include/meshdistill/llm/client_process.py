@@ -1,29 +1,17 @@
 """The ``openai`` backend with its HTTP client in a child process of its own.
 
-Why: a distillation run's event loop does more than HTTP. It renders prompts, grades
-contexts against the MeSH hierarchy, checks answers and waits for the GIL while worker
-threads read retrieval results. On the bench (a local server answering in 50 ms), that
-loop was busy 86% of the time. Every reply that had already arrived then waited behind
-this work before it released its concurrency slot. The semaphore showed 32 of 32 slots
-taken and hundreds of requests queued, yet the server saw only 13–19 requests in flight.
-
-In a process that does nothing but HTTP, a slot is released as soon as its reply is read.
-The parent then only has to keep the child's queue from running dry, and a slow step in
-the parent delays no request already sent. The child runs the ordinary
-:class:`~meshdistill.llm.openai_backend.OpenAIBackend`: the same structured outputs,
-repair, retries, timeouts and cap (so never more than ``max_concurrency`` in flight).
-Output is validated there too, which takes that CPU off the parent as well.
-
-Wire: a ``socket.socketpair``, frames of a 4-byte length and a pickle. Why pickle:
-both ends are this package at the same version on the same machine, and a request and
-its result are plain dataclasses and pydantic models. The child is started with
-``python -m meshdistill.llm.client_process FD`` (not ``multiprocessing``, which re-imports
-the parent's ``__main__``, an Airflow or pytest entry point). Its settings, the API key
-included, arrive as the first frame, never in argv or the environment. Its log records
-come back as frames and are handled by the parent's loggers. If the child dies, every
-call it held ends as a ``connection`` failure and the next call starts a new child;
-after :data:`MAX_STARTS_UNANSWERED` children in a row that answered nothing (one that
-cannot start at all), calls fail at once instead.
+Why: a distillation run's event loop also renders prompts, grades contexts and waits for
+the GIL behind worker threads, and a reply that has arrived waits behind that work before
+it releases its concurrency slot. In a process that does nothing but HTTP, a slot is
+released as soon as its reply is read; the parent only keeps the child's queue from
+running dry. The child runs the ordinary :class:`~meshdistill.llm.openai_backend.OpenAIBackend`
+(same structured outputs, repair, retries, timeouts and cap) and validates output there.
+Wire: a ``socket.socketpair``, frames of a 4-byte length and a pickle (both ends are this
+package, same version, same machine). The child starts as ``python -m
+meshdistill.llm.client_process FD``; its settings, the API key included, arrive in the
+first frame, never in argv or the environment, and its log records come back to the
+parent's loggers. A dead child fails the calls it held as ``connection`` failures and the
+next call starts another, up to :data:`MAX_STARTS_UNANSWERED`. Details: ``docs/llm.md``.
 """
 
 from __future__ import annotations
@@ -108,7 +96,7 @@ class ClientProcessBackend:
 
     def __init__(self, **openai_kwargs: Any) -> None:
         # Resolved here (model, URL and key from the environment; argument errors are a
-        # ConfigError now, not in the child), then passed to the child as they are.
+        # ConfigError in the caller, not in the child), then passed to the child as they are.
         local = OpenAIBackend(**openai_kwargs)
         self.model = local.model
         self.base_url = local.base_url

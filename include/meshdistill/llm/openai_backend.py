@@ -1,32 +1,17 @@
 """The ``openai`` backend: the official SDK against any OpenAI-compatible endpoint.
 
-Works with OpenAI, Azure OpenAI (give its ``/openai/v1`` base URL), vLLM, Ollama and
-llama.cpp's server. What it adds to a bare SDK call, and why:
-
-- Structured outputs: the stage's pydantic model goes out as a strict ``json_schema``
-  ``response_format``. Servers without structured outputs answer that with a 400; the
-  backend then switches to JSON mode (``json_object``, schema stated in the system
-  message) and remembers that for the rest of its life, so a batch pays the failed probe
-  a handful of times, not once per item.
-- Validation and one repair: output that is not JSON or not the schema is sent back
-  with the validation error once; if the second reply still fails, the result is a
-  failure with the reason (``invalid_output``), never an exception, so one bad reply
-  costs one item, not the task.
-- Retries under our control: the SDK's own retries are off (``max_retries=0``) and
-  tenacity retries 429, 408/409, 5xx, timeouts and connection errors with exponential
-  backoff and jitter, waiting at least ``Retry-After`` (or ``retry-after-ms``) when the
-  server sends one, with a bounded number of attempts. A ``Retry-After`` longer than
-  ``max_retry_after`` ends the call as ``rate_limited`` rather than sleep for minutes
-  inside a worker slot. The policy lives in :mod:`meshdistill.llm.retrying`, shared
-  with the embedder.
-- A lean client: the SDK's aiohttp transport (``transport="aiohttp"``, the default;
-  ``"httpx"`` is the SDK's own default) and ``client.post`` returning the reply's bytes,
-  which we read ourselves. On the bench this halves the client CPU per request (1.30 to
-  0.62 ms), which matters when a fast local server makes the client the bottleneck.
-- Bounded concurrency: an ``asyncio.Semaphore`` (default 32) around each HTTP attempt
-  caps requests in flight within a task; the Airflow pool ``llm`` caps tasks.
-
-The API key is never logged or put in a repr.
+Works with OpenAI, Azure OpenAI (its ``/openai/v1`` base URL), vLLM, Ollama and
+llama.cpp's server. What it adds to a bare SDK call: the stage's pydantic model as a
+strict ``json_schema`` ``response_format``, falling back for good to JSON mode when the
+server answers that with a 400; validation and one repair, after which bad output is an
+``invalid_output`` failure, never an exception, so it costs one item, not the task;
+retries under our control (the SDK's are off; :mod:`meshdistill.llm.retrying`), where a
+``Retry-After`` beyond ``max_retry_after`` ends the call as ``rate_limited`` instead of
+sleeping in a worker slot; a lean request path (aiohttp transport, the body serialised
+once, the reply read as bytes), because a fast server makes the client's CPU the limit;
+and an ``asyncio.Semaphore`` (default 32) capping requests in flight within a task (the
+Airflow pool ``llm`` caps tasks). The API key is never logged or put in a repr. Why each
+piece, with measurements: ``docs/llm.md``.
 """
 
 from __future__ import annotations
@@ -282,8 +267,8 @@ class OpenAIBackend:
                 # chat.completions.create: the same request, auth, base URL, timeout and
                 # error mapping (non-2xx raises APIStatusError), without the SDK's
                 # type-driven transformation of our already-plain JSON body and without
-                # building a ChatCompletion model of the reply: 0.35 ms of event-loop
-                # CPU per request, a third of the SDK's share, on the bench.
+                # building a ChatCompletion model of the reply, which saves 0.35 ms of
+                # event-loop CPU per request, a third of the SDK's share, on the bench.
                 return await client.post("/chat/completions", content=payload, cast_to=bytes)
 
         # A Retry-After beyond the cap ends the call as rate_limited (see _failure_of).

@@ -1,21 +1,16 @@
 """Find the MeSH descriptors a question mentions, by descriptor names and entry terms.
 
-This gives ``MeSH(question)`` for the hierarchy grade (pipeline step 5). Matching is
-case-insensitive, accent-insensitive and on whole words; punctuation between words is
-ignored, so 'A-23187', 'A 23187' and 'a-23187' are the same term. Of overlapping
-candidates the longest wins, scanning left to right: 'breast neoplasms' is one match for
-Breast Neoplasms, not also one for Neoplasms. A term's last word also matches in its
-simple singular/plural form ('breast neoplasm'), unless the word is an acronym ('AIDS'
-must not become 'aid') or another term spells that form exactly.
-
-Why a token trie rather than one compiled regex alternation: Python's ``re`` does not merge
-an alternation into a trie, it tries the alternatives one after another at every position,
-so with ~30k names plus their entry terms a match costs hundreds of thousands of steps
-per question, and compiling the pattern takes seconds. A trie keyed by whole tokens walks
-at most (longest term in tokens) steps from each word of the question, gives
-longest-match for free and treats words, not characters, as the unit (no match inside
-'neoplasmsX'). The trie is one flat dict ``(node, token) -> node``, far smaller than a dict
-per node at a few hundred thousand nodes.
+This gives ``MeSH(question)`` for the hierarchy grade (docs/architecture.md, Pipeline
+steps: Grade). Matching is case-insensitive, accent-insensitive and on whole words;
+punctuation between words is ignored, so 'A-23187', 'A 23187' and 'a-23187' are the same
+term. Of overlapping candidates the longest wins, scanning left to right: 'breast
+neoplasms' is one match for Breast Neoplasms, not also one for Neoplasms. A term's last
+word also matches in its simple singular/plural form ('breast neoplasm'), unless the word
+is an acronym ('AIDS' must not become 'aid') or another term spells that form exactly.
+The terms live in a trie keyed by whole tokens, one flat dict ``(node, token) -> node``:
+it walks at most the longest term's length from each word and gives longest-match for
+free, where a regex alternation of ~30k names would try every one at every position
+(``docs/grading.md``).
 """
 
 from __future__ import annotations

@@ -1,23 +1,17 @@
-"""MeSH-hierarchy similarity (pipeline step 5): pure functions over tree numbers, no database.
-
-The grade asks how close two descriptors sit in the MeSH hierarchy, then how close two
-*sets* of descriptors are. A descriptor can appear in several places of the hierarchy
-(Breast Neoplasms is both C04.588.180 and C17.800.090.500), so the descriptor measure takes
-the best pair of positions; the set measure is a best-match average so that one
-unrelated heading does not wipe out several good ones.
+"""MeSH-hierarchy similarity, pure functions over tree numbers (docs/grading.md).
 
 - ``sim(a, b) = max over t ∈ T(a), u ∈ T(b) of 2·lcp(t, u) / (depth(t) + depth(u))``: a
-  Wu–Palmer measure where ``depth`` counts dot-separated parts and ``lcp`` the shared
-  leading parts. Parts are compared whole, so 'C04' and 'C14' share nothing and different
-  categories always score 0.
-- ``BMA(A, B) = ½·(mean_a max_b sim(a, b) + mean_b max_a sim(a, b))`` with major topics
-  weighted ``major_weight`` (2 by default) in the means.
+  Wu–Palmer measure on tree numbers, ``depth`` counting dot-separated parts and ``lcp``
+  the shared leading parts (compared whole, so different categories score 0). The max is
+  taken over positions because a descriptor can sit in several places of the hierarchy.
+- ``BMA(A, B) = ½·(mean_a max_b sim(a, b) + mean_b max_a sim(a, b))``, major topics
+  weighted ``major_weight`` (2) in the means, so that one unrelated heading does not
+  wipe out several good ones.
 
 :func:`tree_similarity` and :func:`descriptor_similarity` state the measure plainly;
-the distill stage scores thousands of (question, contexts) pairs, so :class:`TreeIndex`
-encodes every tree number once and computes whole similarity matrices in numpy (same
-arithmetic, same values), and a :class:`SimilarityTable` serves the dozen BMAs of one
-grading step from one matrix.
+:class:`TreeIndex` and :class:`SimilarityTable` compute the same values, bit for bit, as
+whole numpy matrices, for the thousands of pairs a distill run scores (docs/architecture.md,
+Pipeline steps: Grade).
 """
 
 from __future__ import annotations
@@ -30,8 +24,8 @@ Parts = tuple[str, ...]
 
 DEFAULT_ALPHA = 0.5
 """Weight of BMA(source, contexts) in :func:`hierarchy_score`; the rest goes to
-BMA(question, source). Equal by default: the DESIGN asks for a blend without ranking the
-two, and both lie in [0, 1] so neither dominates by scale."""
+BMA(question, source). Equal by default: neither term is known to matter more, and both
+lie in [0, 1] so neither dominates by scale."""
 
 DEFAULT_MAJOR_WEIGHT = 2.0
 
@@ -83,16 +77,13 @@ class TreeIndex:
     every other descriptor but 1.0 against itself, since a heading shared verbatim is the
     strongest agreement there is whether or not this MeSH year still files it in a tree.
 
-    Why numpy rather than a memoised pair function: the distill stage compares each
-    question's few descriptors with the headings of ten retrieved contexts, and almost
-    every pair is new (≈230k distinct pairs per 300 articles), so a pair cache mostly
-    misses and the cost is one Python call per pair. Here every position (tree number) is
-    a row of node ids, one per level: the id of the prefix of that length, so two
-    positions agree at level ``k`` exactly when their first ``k+1`` parts agree, and
-    ``lcp`` is a count of equal cells. All pairs of a grading step are one broadcast
-    comparison; ``np.maximum.reduceat`` turns position pairs into descriptor pairs. The
-    arithmetic (``2.0·lcp / (depth + depth)`` in float64) is the one of
-    :func:`tree_similarity`, so the values are identical, not merely close.
+    Every position (tree number) is a row of node ids, one per level: the id of the
+    prefix of that length, so two positions agree at level ``k`` exactly when their first
+    ``k+1`` parts agree, and ``lcp`` is a count of equal cells. All pairs of a grading
+    step are one broadcast comparison; ``np.maximum.reduceat`` turns position pairs into
+    descriptor pairs. The arithmetic (``2.0·lcp / (depth + depth)`` in float64) is that of
+    :func:`tree_similarity`, so the values are identical, not merely close. Why numpy
+    rather than a memoised pair function (almost every pair is new): ``docs/grading.md``.
     """
 
     def __init__(self, trees: Mapping[str, Iterable[str]]) -> None:

@@ -1,29 +1,17 @@
 """Ingest one MeSH subtree's PubMed records for a date window through E-utilities.
 
-The flow per subtree and window:
-
-1. Validate the subtree against the loaded MeSH (an unknown prefix fails before any
-   request, naming the closest valid ones).
-2. ``esearch`` ``"<descriptor>"[MeSH Terms]`` on the window. PubMed explodes a MeSH term
-   to every narrower descriptor (under all tree locations of that descriptor), so one term
-   covers the subtree. For a bare category letter (``C``) the top-level descriptors of the
-   category are OR-ed.
-3. PubMed esearch reaches only the first 9,999 records of a result set, so a window
-   holding more is halved recursively until every part fits; a single day that still
-   holds more cannot be paged and raises :class:`WindowTooLargeError`.
-4. Each part is fetched in batches from the history server (WebEnv/query_key), streamed
-   batch by batch through the parser into the loader: one transaction and one
-   ``ingest_batch`` row per part (the loader's staging tables live for one transaction,
-   so one load per transaction), memory bounded by one batch.
-5. Reconciliation: the PMIDs returned are compared with esearch's id list; the ones
-   missing (efetch sometimes omits records, a truncated answer loses some) are refetched
-   once by id. The watermark in ``ingest_watermark`` advances only when every id arrived
-   and the window continues the previous one, so a scheduled run without an explicit
-   window (:func:`next_window`) picks up again after the last window that fully
-   reconciled, never skipping a gap.
-
-Loads are idempotent (the loader merges by PMID and content hash), so re-running a
-window, or ingesting overlapping subtrees, never duplicates rows.
+The subtree is validated against the loaded MeSH first (an unknown prefix fails before
+any request, naming the closest valid ones). ``esearch`` on ``"<descriptor>"[MeSH
+Terms]`` covers the subtree, since PubMed explodes a MeSH term to every narrower
+descriptor (a bare category letter ORs its top-level descriptors). esearch reaches only
+the first 9,999 records of a result set, so a larger window is halved until every part
+fits (:class:`WindowTooLargeError` for a single day that does not). Each part streams
+from the history server through the parser into the loader: one transaction and one
+``ingest_batch`` row per part, memory bounded by one batch. The PMIDs received are
+reconciled with esearch's ids, the missing ones refetched once; ``ingest_watermark``
+advances only when every id arrived and the window continues the previous one, so
+:func:`next_window` never skips a gap. Loads merge by PMID and content hash, so reruns
+never duplicate rows (docs/architecture.md, Pipeline steps: Ingest).
 """
 
 from __future__ import annotations
@@ -362,8 +350,8 @@ def _advance_watermark(
     """Move the watermark to ``end`` when the run reconciled and continues it.
 
     "Continues" means the window starts no later than the day after the current
-    watermark: a reconciled window after a gap (an earlier window that failed) must not
-    jump over the gap, and a backfill of an old window must not move it backwards.
+    watermark: a reconciled window after a gap (a preceding window that failed) must not
+    jump over the gap, and a backfill of a past window must not move it backwards.
     Returns the watermark afterwards and whether it moved.
     """
     if reconciled:

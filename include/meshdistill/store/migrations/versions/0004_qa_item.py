@@ -1,20 +1,14 @@
 """Distillation results: one ``qa_item`` row per candidate, and preference pairs.
 
-Why one table with stage columns rather than question/context_hit/grade/answer tables:
-the rule is that every candidate ends in exactly one terminal state, and one row with a
-``state`` column (and CHECK constraints tying each state to the columns it needs) makes
-that a property of the schema instead of a join to audit. A candidate is one question of
-one generator profile about one source article; a generation that produced nothing
-(failed, or deferred by the budget) is one row with ordinal 0 and no question, which a
-later successful run overwrites.
-
-The natural key (subtree, source_pmid, model, profile, ordinal) makes every write an
-upsert: re-running a task rewrites the same rows, never adds duplicates. ``stage`` is the
-last stage the candidate reached (where it was accepted, rejected, failed or deferred).
-
-A preference pair joins the two profiles' candidates at the same ordinal (same question
-type) for one source: higher item hierarchy score = chosen, kept when the margin clears
-the run's threshold.
+One table with a ``state`` column (CHECK constraints tie each state to the columns it
+needs), not question/context/grade/answer tables: that every candidate ends in exactly
+one terminal state is then a property of the schema, not a join to audit. A candidate is
+one question of one generator profile about one source; a generation that produced
+nothing is one row with ordinal 0 and no question, which a later successful run
+overwrites. The natural key (subtree, source_pmid, model, profile, ordinal) makes every
+write an upsert; ``stage`` is the last stage the candidate reached. A preference pair
+joins the two profiles' candidates at the same ordinal for one source: the higher item
+hierarchy score is chosen, kept when the margin clears the run's threshold.
 
 Revision ID: 0004
 Revises: 0003
