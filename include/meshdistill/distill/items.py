@@ -2,7 +2,7 @@
 
 Every write is an upsert on the natural key (subtree, source_pmid, model, profile,
 ordinal), one transaction per flush: re-running a task rewrites the same rows. When an
-article is rewritten with fewer candidates than before (a generation that now succeeds
+article is rewritten with fewer candidates than it has stored (a generation that succeeds
 with fewer questions, or fewer questions asked), its extra rows are deleted in the same
 transaction, so what is stored is always exactly the last run's candidates.
 """

@@ -185,7 +185,7 @@ def build_pairs(
             if stray:
                 raise RuntimeError(
                     f"retrieval returned PMID {stray[0]}, not in the calibration corpus: a "
-                    "table retrieve.py reads is not shadowed (calibrate.SHADOWED_TABLES)"
+                    "table retrieve.py reads is not shadowed (retrieve.TABLES)"
                 )
             score = {h.pmid: h.score for h in hits}
             pairs.append(Pair(i, r.pmid, True, "positive", score.get(r.pmid, 0.0)))

@@ -8,8 +8,8 @@ failure reason, so a caller can record a terminal ``failed`` state per item and 
 instead of losing a whole mapped task to one malformed reply.
 
 :func:`cache_key` is the identity of a call, (model, prompt version, messages,
-parameters) hashed over canonical JSON. The Postgres ``llm_call`` cache and cost
-accounting (a later step) key on it; a caching or budgeting wrapper can implement
+parameters) hashed over canonical JSON. The Postgres ``llm_call`` cache and the cost
+ledger key on it; a caching or budgeting wrapper can implement
 :class:`LLMBackend` itself and delegate to a real backend.
 """
 

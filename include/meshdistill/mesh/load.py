@@ -116,7 +116,7 @@ def load_release(
 
 
 def resolve_tree_uis(conn: Connection) -> int:
-    """Give UIs to tree numbers that have none, from descriptors now known by name.
+    """Give UIs to tree numbers that have none, from descriptors known by name.
 
     Descriptors arrive from later MeSH loads and from article headings (UI + name), so
     this runs after both.
