@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 from sqlalchemy import Connection, text
 
+from meshdistill.distill.settings import DEFAULT_BLEND_WEIGHT
 from meshdistill.mesh.matcher import MeshMatcher, load_tree_numbers
 from meshdistill.mesh.similarity import (
     DEFAULT_ALPHA,
@@ -32,9 +33,6 @@ from meshdistill.mesh.similarity import (
 
 _GRADERS: dict[tuple[str, int], MeshGrader] = {}
 _GRADERS_LOCK = threading.Lock()
-
-DEFAULT_BLEND_WEIGHT = 0.5
-"""Weight of the retrieval score in :func:`blend`; the rest goes to the hierarchy score."""
 
 GENERIC_NAMES = frozenset({
     "evidence", "research", "methods", "patients", "persons", "humans", "disease",

@@ -14,11 +14,14 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
-from meshdistill.distill.grade import DEFAULT_BLEND_WEIGHT
 from meshdistill.llm.config import Backend
 from meshdistill.llm.schemas import QuestionType
 from meshdistill.llm.stages import GENERATOR_PROFILES
 from meshdistill.mesh.tree import PREFIX_RE
+
+DEFAULT_BLEND_WEIGHT = 0.5
+"""Weight of the retrieval score in a context's blended score; the rest goes to the
+MeSH-hierarchy score (:func:`meshdistill.distill.grade.blend`, docs/grading.md)."""
 
 # Sections of the DAG's Params form (``json_schema_extra["section"]`` of each field).
 WHAT, HOW_MUCH, QUALITY, LLM, BUDGET, RUN = (
