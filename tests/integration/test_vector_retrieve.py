@@ -23,17 +23,16 @@ from operator import mul
 from pathlib import Path
 
 import pytest
-from meshdistill.distill.retrieve import ContextHit, refresh_index
-from meshdistill.distill.vector import (
+from meshdistill.distill.embedding_index import (
     INDEX,
     NO_PGVECTOR,
     TABLE,
     ensure_vector_schema,
     refresh_embeddings,
-    retrieve_vector,
-    retrieve_vector_many,
     table_dimension,
 )
+from meshdistill.distill.retrieve import ContextHit, refresh_index
+from meshdistill.distill.vector import retrieve_vector, retrieve_vector_many
 from meshdistill.errors import ConfigError
 from meshdistill.llm.embeddings import EmbeddingError, OpenAIEmbedder
 from meshdistill.pubmed.load import load_records
@@ -107,7 +106,7 @@ def corpus(tmp_path_factory: pytest.TempPathFactory, server: FakeOpenAI) -> Iter
                 "SELECT count(*) FROM article WHERE status = 'active' AND abstract <> ''"
             ).scalar_one()
         handler = _Records()
-        logger = logging.getLogger("meshdistill.distill.vector")
+        logger = logging.getLogger("meshdistill.distill.embedding_index")
         logger.addHandler(handler)
         logger.setLevel(logging.DEBUG)
         server.reset_stats()

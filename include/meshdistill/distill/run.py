@@ -141,7 +141,7 @@ class SubtreeDistiller:
         else:
             log.info("%s: %d source articles to distill", self.label, len(pmids))
         if self.settings.retrieval == "vector":
-            from meshdistill.distill.vector import refresh_embeddings
+            from meshdistill.distill.embedding_index import refresh_embeddings
             from meshdistill.llm.embeddings import OpenAIEmbedder
 
             if given is None:
