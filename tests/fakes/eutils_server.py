@@ -10,20 +10,6 @@ revision date and MeSH descriptor names. Responses follow NCBI's real formats (m
 on the saved answers in ``data/eutils/biopython``: ``esearch2.xml.gz`` for a hit list
 with history, ``esearch8.xml.gz`` for no hits). Data files are read plain or gzip, told
 apart by content (:mod:`meshdistill.fileio`).
-
-What it does not do: full PubMed query syntax. ``term`` must be ``"Name"[MeSH Terms]``
-phrases joined by OR; MeSH explosion comes from an explode map the test passes
-(``name -> descriptor names under it``; :func:`explode_from_mtrees` builds one from a
-real MeSH trees file). PubMed's paging rule is enforced with a configurable limit
-(``max_ids``, 9,999 like PubMed): asking for records past it gives NCBI's
-``Search Backend failed`` error, and a ``retmax`` reaching past it is cut back with
-NCBI's "Restrictions achieved" warning.
-
-Fault injection: :meth:`FakeEutils.fail_next` (429 with ``Retry-After``, or 5xx),
-``latency``, ``drop_pmids`` (never returned by efetch), ``drop_from_history`` (missing
-only from WebEnv fetches), :meth:`FakeEutils.truncate_next_efetch`, and ``rate_limit``
-(NCBI-style 429 when more requests than allowed arrive within one second). Every request
-is recorded (arrival time, method, endpoint, parameters, status).
 """
 
 from __future__ import annotations
@@ -249,7 +235,22 @@ class _History:
 
 @dataclass
 class FakeEutils:
-    """The server; use as a context manager or call :meth:`start` / :meth:`stop`."""
+    """The server; use as a context manager or call :meth:`start` / :meth:`stop`.
+
+    What it does not do: full PubMed query syntax. ``term`` must be ``"Name"[MeSH Terms]``
+    phrases joined by OR; MeSH explosion comes from an explode map the test passes
+    (``name -> descriptor names under it``; :func:`explode_from_mtrees` builds one from a
+    real MeSH trees file). PubMed's paging rule is enforced with a configurable limit
+    (``max_ids``, 9,999 like PubMed): asking for records past it gives NCBI's
+    ``Search Backend failed`` error, and a ``retmax`` reaching past it is cut back with
+    NCBI's "Restrictions achieved" warning.
+
+    Fault injection: :meth:`FakeEutils.fail_next` (429 with ``Retry-After``, or 5xx),
+    ``latency``, ``drop_pmids`` (never returned by efetch), ``drop_from_history`` (missing
+    only from WebEnv fetches), :meth:`FakeEutils.truncate_next_efetch`, and ``rate_limit``
+    (NCBI-style 429 when more requests than allowed arrive within one second). Every request
+    is recorded (arrival time, method, endpoint, parameters, status).
+    """
 
     articles: Iterable[FakeArticle]
     explode: Mapping[str, Iterable[str]] = field(default_factory=dict)

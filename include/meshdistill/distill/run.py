@@ -1,22 +1,15 @@
 """Distill one MeSH subtree: generate → retrieve → grade → judge → answer, per article.
 
-Why one coroutine per article rather than one stage at a time over a batch: a stage
-barrier leaves the LLM idle while the slowest calls of a batch finish, and the bench
-target is a request rate within 10% of a bare SDK loop. Here up to
-``articles_in_flight`` articles move through the stages independently, so the backend's
-concurrency cap (32 requests by default) stays full; the cap, not this module, bounds
-what is in flight. Retrieval and article reads are synchronous SQL run in worker threads,
-``retrievals_in_flight`` (2) full-text retrieval statements at a time. While the run prepares, the
-backend sets itself up (the LLM client process starts); while it distills, the cyclic
-garbage collector leaves the state built before alone (:func:`meshdistill.aio.gc_frozen`).
-
-Results are committed every ``flush_every`` finished articles (one transaction each), so
-a task that dies, or stops on its budget, keeps what it finished; a rerun finds its LLM
-answers in the ``llm_call`` cache and its rows by natural key.
-
-Counts: every candidate ends in exactly one terminal state; the summary's per-state
-counts are checked against the rows stored for the run's articles before returning, and
-a mismatch is an error, not a log line.
+Up to ``articles_in_flight`` articles move through the stages independently, one
+coroutine each, rather than one stage at a time over a batch: a stage barrier would leave
+the LLM idle while a batch's slowest calls finish, so here the backend's concurrency cap
+(32 requests by default), not this module, bounds what is in flight. Retrieval and reads
+are synchronous SQL in worker threads, ``retrievals_in_flight`` full-text statements at a
+time. Results are committed every ``flush_every`` finished articles, so a task that dies
+or stops on its budget keeps what it finished; a rerun finds its LLM answers in the
+``llm_call`` cache and its rows by natural key. Every candidate ends in exactly one
+terminal state, and the summary's counts are checked against the stored rows before it
+returns (a mismatch is an error). Why: docs/llm.md and docs/architecture.md.
 """
 
 from __future__ import annotations
