@@ -154,25 +154,20 @@ def distill_subtree(
 ) -> dict[str, Any]:
     """Distill one subtree (generate → retrieve → grade → judge → answer) and reconcile.
 
-    ``settings`` are :class:`~meshdistill.distill.settings.DistillSettings` fields (a bad
-    value is a :class:`ConfigError`, which no retry can fix); ``llm`` picks the backend
+    ``settings`` are :class:`~meshdistill.distill.settings.DistillSettings`, or its fields
+    (a bad value is a :class:`ConfigError`, which no retry can fix); ``llm`` picks the backend
     (offline unless configured otherwise). When the budget runs out, the rest of the
     subtree's candidates are stored as ``deferred`` and the next run continues them.
     With ``processes > 1`` that many worker processes share the articles, the LLM
     concurrency cap and the budget (each split evenly).
     """
-    from pydantic import ValidationError
-
     from meshdistill import aio
     from meshdistill.distill.run import distill_subtree_async
-    from meshdistill.distill.settings import DistillSettings
     from meshdistill.distill.workers import distill_subtree_processes
     from meshdistill.llm.config import cached_backend
 
-    try:
-        validated = DistillSettings.model_validate(dict(settings or {}))
-    except ValidationError as exc:
-        raise ConfigError(f"invalid distill settings: {exc}") from exc
+    validated = (settings if isinstance(settings, DistillSettings)
+                 else distill_settings(settings or {}))
     engine = get_engine(database_url)
 
     async def run() -> dict[str, Any]:
