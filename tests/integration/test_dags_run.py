@@ -78,7 +78,7 @@ def test_unknown_subtree_fails_validation_before_any_mapping(
 ) -> None:
     from airflow.dag_processing.dagbag import DagBag
 
-    from tests.conftest import load_test_mesh
+    from tests.support import load_test_mesh
 
     load_test_mesh(pipeline_connection)
     dag = DagBag(str(REPO / "dags")).dags["pubmed_ingest"]

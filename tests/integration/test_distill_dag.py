@@ -33,7 +33,7 @@ def db_connection(make_database: Callable[[], str], airflow_metadata: None) -> I
     (files mode); the ``meshdistill_db`` connection points at it for the module."""
     from airflow.dag_processing.dagbag import DagBag
 
-    from tests.conftest import load_test_mesh
+    from tests.support import load_test_mesh
 
     url = make_database()
     load_test_mesh(url)

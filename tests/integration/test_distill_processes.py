@@ -30,23 +30,16 @@ FLAT = ("accepted", "rejected", "failed", "deferred")
 VOLATILE = {"id", "run_id", "created_at", "updated_at"}
 
 
-@pytest.fixture
-def url(corpus_url: str) -> str:
-    with get_engine(corpus_url).begin() as conn:
-        conn.execute(text("TRUNCATE qa_item, preference_pair, llm_call"))
-    return corpus_url
-
-
-def rows(url: str) -> list[dict[str, Any]]:
+def rows(distill_url: str) -> list[dict[str, Any]]:
     """Every qa_item column but ids, timestamps and the run id, in natural-key order."""
-    with get_engine(url).connect() as conn:
+    with get_engine(distill_url).connect() as conn:
         result = conn.execute(text(
             "SELECT * FROM qa_item ORDER BY source_pmid, profile, ordinal"))
         return [{k: v for k, v in r._mapping.items() if k not in VOLATILE} for r in result]
 
 
-def pairs(url: str) -> list[tuple[Any, ...]]:
-    with get_engine(url).connect() as conn:
+def pairs(distill_url: str) -> list[tuple[Any, ...]]:
+    with get_engine(distill_url).connect() as conn:
         return [tuple(r) for r in conn.execute(text(
             """
             SELECT p.source_pmid, p.ordinal, c.profile, r.profile, p.chosen_score,
@@ -57,14 +50,14 @@ def pairs(url: str) -> list[tuple[Any, ...]]:
             """))]
 
 
-def scalar(url: str, sql: str) -> Any:
-    with get_engine(url).connect() as conn:
+def scalar(distill_url: str, sql: str) -> Any:
+    with get_engine(distill_url).connect() as conn:
         return conn.execute(text(sql)).scalar_one()
 
 
-def check_counts(url: str, summary: dict[str, Any]) -> None:
+def check_counts(distill_url: str, summary: dict[str, Any]) -> None:
     assert summary["reconciled"] is True
-    with get_engine(url).connect() as conn:
+    with get_engine(distill_url).connect() as conn:
         states = Counter(conn.execute(text(
             "SELECT state FROM qa_item WHERE run_id = :r"), {"r": summary["run_id"]}).scalars())
     assert {s: states.get(s, 0) for s in FLAT} == {s: summary[s] for s in FLAT}
@@ -78,38 +71,38 @@ def test_split_evenly() -> None:
     assert split_evenly(8, 8) == [1] * 8
 
 
-def test_two_processes_store_what_one_process_stores(url: str) -> None:
+def test_two_processes_store_what_one_process_stores(distill_url: str) -> None:
     offline = LLMConfig(backend="offline")
     one = distill_subtree(SUBTREE, run_id="p-1", settings=SETTINGS, llm=offline,
-                          database_url=url)
-    check_counts(url, one)
+                          database_url=distill_url)
+    check_counts(distill_url, one)
     assert one["articles"] == SETTINGS["max_articles"]
-    rows_one, pairs_one = rows(url), pairs(url)
+    rows_one, pairs_one = rows(distill_url), pairs(distill_url)
     assert rows_one and pairs_one
 
-    with get_engine(url).begin() as conn:
+    with get_engine(distill_url).begin() as conn:
         conn.execute(text("TRUNCATE qa_item, preference_pair, llm_call"))
     two = distill_subtree(SUBTREE, run_id="p-2", settings={**SETTINGS, "processes": 2},
-                          llm=offline, database_url=url)
-    check_counts(url, two)
+                          llm=offline, database_url=distill_url)
+    check_counts(distill_url, two)
     assert two["processes"] == 2
-    assert rows(url) == rows_one
-    assert pairs(url) == pairs_one
+    assert rows(distill_url) == rows_one
+    assert pairs(distill_url) == pairs_one
     keys = ("articles", "candidates", *FLAT, "preference_pairs", "stages", "reasons")
     assert {k: two[k] for k in keys} == {k: one[k] for k in keys}
     assert two["llm"]["misses"] == two["llm"]["stored"] == one["llm"]["stored"]
 
     # A rerun of the same run redoes the same articles from the cache: no new calls.
-    calls = scalar(url, "SELECT count(*) FROM llm_call")
+    calls = scalar(distill_url, "SELECT count(*) FROM llm_call")
     again = distill_subtree(SUBTREE, run_id="p-2", settings={**SETTINGS, "processes": 2},
-                            llm=offline, database_url=url)
-    check_counts(url, again)
+                            llm=offline, database_url=distill_url)
+    check_counts(distill_url, again)
     assert again["llm"]["misses"] == 0 and again["llm"]["hits"] == two["llm"]["stored"]
-    assert scalar(url, "SELECT count(*) FROM llm_call") == calls
-    assert rows(url) == rows_one and pairs(url) == pairs_one
+    assert scalar(distill_url, "SELECT count(*) FROM llm_call") == calls
+    assert rows(distill_url) == rows_one and pairs(distill_url) == pairs_one
 
 
-def test_workers_share_the_concurrency_cap(url: str,
+def test_workers_share_the_concurrency_cap(distill_url: str,
                                           caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO)
     with FakeOpenAI(realistic_responder, latency=0.02) as server:
@@ -117,8 +110,8 @@ def test_workers_share_the_concurrency_cap(url: str,
                            api_key="sk-test", max_concurrency=8, timeout=5.0)
         summary = distill_subtree(SUBTREE, run_id="cap-1",
                                   settings={**SETTINGS, "max_articles": 8, "processes": 2},
-                                  llm=config, database_url=url)
-        check_counts(url, summary)
+                                  llm=config, database_url=distill_url)
+        check_counts(distill_url, summary)
         assert summary["processes"] == 2 and summary["failed"] == 0
         assert len(server.requests) == summary["llm"]["stored"] > 0
         assert server.max_in_flight <= 8

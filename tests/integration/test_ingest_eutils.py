@@ -23,12 +23,12 @@ from meshdistill.store.db import get_engine
 from sqlalchemy import text
 
 from tests.fakes.eutils_server import (
-    MTREES_2023,
     FakeArticle,
     FakeEutils,
     baseline_corpus,
     explode_from_mtrees,
 )
+from tests.support import MTREES_2023
 
 pytestmark = pytest.mark.integration
 

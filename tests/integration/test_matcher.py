@@ -1,7 +1,7 @@
 """MeSH(question): descriptor names and entry terms found in question text.
 
 Most tests use the session database with the 2023 trees, 2017 UIs and the desc-samples
-entry terms; a few use a plain dict to pin the matching rules without a database.
+entry terms; a few use a plain dict to pin the matching rules.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ from meshdistill.mesh.matcher import MeshMatcher, load_tree_numbers
 from meshdistill.mesh.similarity import TreeIndex, hierarchy_score
 from meshdistill.store import connect
 from sqlalchemy import Connection, text
+
+pytestmark = pytest.mark.integration
 
 QUESTIONS = [
     "Is tamoxifen effective for breast neoplasms in postmenopausal women?",
@@ -49,7 +51,6 @@ def uis(mesh_loaded_url: str) -> dict[str, str]:
         }
 
 
-@pytest.mark.integration
 def test_longest_match_wins(matcher: MeshMatcher, uis: dict[str, str]) -> None:
     q = "Is tamoxifen effective for breast neoplasms in postmenopausal women?"
     found = matcher.find(q)
@@ -64,7 +65,6 @@ def test_longest_match_wins(matcher: MeshMatcher, uis: dict[str, str]) -> None:
     assert all(a.end <= b.start for a, b in itertools.pairwise(found))
 
 
-@pytest.mark.integration
 def test_shorter_terms_match_alone_case_and_plural(
     matcher: MeshMatcher, uis: dict[str, str]
 ) -> None:
@@ -76,7 +76,6 @@ def test_shorter_terms_match_alone_case_and_plural(
     assert uis["Neoplasms"] not in matcher.uis("Is it antineoplasmsx?")
 
 
-@pytest.mark.integration
 def test_entry_terms_map_to_their_descriptor(matcher: MeshMatcher, uis: dict[str, str]) -> None:
     calcimycin = uis["Calcimycin"]
     assert calcimycin == "D000001"
@@ -93,13 +92,11 @@ def test_entry_terms_map_to_their_descriptor(matcher: MeshMatcher, uis: dict[str
     assert with_cancer == ["D000082", uis["Neoplasms"]]  # Acetaminophen, Neoplasms
 
 
-@pytest.mark.integration
 def test_unrelated_sentence_has_no_match(matcher: MeshMatcher) -> None:
     assert matcher.find("Please send the invoice before Friday afternoon.") == []
     assert matcher.find("") == []
 
 
-@pytest.mark.integration
 def test_subset_and_tree_numbers_feed_the_score(mesh_loaded_url: str, uis: dict[str, str]) -> None:
     subset = [uis["Breast Neoplasms"], uis["Tamoxifen"]]
     with connect(mesh_loaded_url) as conn:
@@ -137,7 +134,6 @@ def test_dict_built_matcher_rules() -> None:
     assert m.term_count >= 6
 
 
-@pytest.mark.integration
 def test_every_sample_question_names_a_descriptor(matcher: MeshMatcher) -> None:
     assert matcher.term_count > 50_000  # spellings of the names and entry terms loaded
     assert all(matcher.find(q) for q in QUESTIONS), [q for q in QUESTIONS if not matcher.find(q)]

@@ -18,6 +18,8 @@ from meshdistill.store import connect
 
 from tests.support import MESH_DIR, MESH_TREE_2017, MTREES_2023
 
+pytestmark = pytest.mark.integration
+
 
 class _Server:
     """Serves the repository's data/mesh (gzip files) over HTTP on 127.0.0.1 and counts

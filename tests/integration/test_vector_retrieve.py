@@ -541,7 +541,7 @@ def test_distill_run_with_vector_retrieval(
     from meshdistill.distill.settings import DistillSettings
     from meshdistill.llm.config import LLMConfig, cached_backend
 
-    from tests.conftest import load_test_mesh
+    from tests.support import load_test_mesh
 
     load_test_mesh(corpus.url)
     monkeypatch.setenv("MESHDISTILL_EMBEDDING_MODEL", MODEL)

@@ -155,6 +155,11 @@ def test_default_path_follows_data_dir(monkeypatch: pytest.MonkeyPatch, tmp_path
     assert default_pqal_path() == tmp_path / "pubmedqa" / "ori_pqal.json.gz"
     with pytest.raises(ConfigError, match="MESHDISTILL_DATA_DIR"):
         load_pqal()
+    # A data directory holding the plain file is read as well.
+    (tmp_path / "pubmedqa").mkdir()
+    (tmp_path / "pubmedqa" / "ori_pqal.json").write_text(read_text(PQAL), encoding="utf-8")
+    assert default_pqal_path() == tmp_path / "pubmedqa" / "ori_pqal.json"
+    assert len(load_pqal(limit=3)) == 3
 
 
 def test_split_is_deterministic_and_balanced() -> None:

@@ -26,15 +26,15 @@ from meshdistill.pubmed.ratelimit import LocalRateLimiter
 from meshdistill.pubmed.records import Article
 
 from tests.fakes.eutils_server import (
-    DATA_DIR,
     FakeArticle,
     FakeEutils,
     baseline_corpus,
     explode_from_mtrees,
     metapub_corpus,
 )
+from tests.support import EUTILS_DIR
 
-BIOPYTHON = DATA_DIR / "eutils" / "biopython"
+BIOPYTHON = EUTILS_DIR / "biopython"
 API_KEY = "k3y-do-not-leak-0123456789"
 MAY_FROM, MAY_TO = date(1977, 5, 2), date(1977, 5, 31)
 

@@ -19,9 +19,9 @@ def test_settings_and_request_take_their_own_keys_and_name_a_bad_field() -> None
     assert settings.processes == DistillSettings().processes
     assert (request.subtrees, request.backend, request.budget_tokens) == (
         ("C04", "C14.280"), "offline", 900)
-    with pytest.raises(ConfigError, match=r"questions_per_article: Input should be less"):
+    with pytest.raises(ConfigError, match=r"questions_per_article = 21: Input should be less"):
         pipeline.distill_settings({"questions_per_article": 21})
-    with pytest.raises(ConfigError, match=r"subtrees\.0: String should match pattern"):
+    with pytest.raises(ConfigError, match=r"subtrees\.0 = 'neoplasms': String should match"):
         pipeline.distill_request({"subtrees": ["neoplasms"]})
 
 
@@ -65,3 +65,5 @@ def test_summary_table_lines_up_and_marks_unknown_counts() -> None:
     assert lines[2].split()[-1] == "-"
     assert lines[3].split() == ["total", "4", "16", "10", "4", "2", "0", "6", "24", "4"]
     assert len(pipeline.summary_table({"C04": rows["C04"]})) == 2  # no total for one
+    stored = pipeline.summary_table(rows, pipeline.STORED_COUNTS)
+    assert stored[0].split()[-1] == "pairs" and stored[1].split()[-1] == "3"

@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from meshdistill.llm.backend import LLMResult
 from meshdistill.llm.budget import DEFERRED_REASON, is_deferred
@@ -150,8 +150,14 @@ def choose_contexts(scored: Sequence[ContextChoice], k: int) -> list[ContextChoi
     return chosen
 
 
-PreferencePair = tuple[int, str, str, float, float]
-"""(ordinal, chosen profile, rejected profile, chosen score, rejected score)."""
+class PreferencePair(NamedTuple):
+    """Two profiles' candidates at one ordinal: the chosen one scores higher."""
+
+    ordinal: int
+    chosen: str  # profile
+    rejected: str
+    chosen_score: float
+    rejected_score: float
 
 
 def preference_pairs(candidates: Sequence[Candidate], profiles: Sequence[str],
@@ -172,13 +178,13 @@ def preference_pairs(candidates: Sequence[Candidate], profiles: Sequence[str],
         b = graded.get((second, ordinal))
         if profile != first or b is None:
             continue
-        chosen, rejected = (a, b) if _graded(a) >= _graded(b) else (b, a)
-        high, low = _graded(chosen), _graded(rejected)
+        chosen, rejected = (a, b) if _hierarchy(a) >= _hierarchy(b) else (b, a)
+        high, low = _hierarchy(chosen), _hierarchy(rejected)
         if chosen.state == "accepted" and high - low >= margin:
-            pairs.append((ordinal, chosen.profile, rejected.profile, high, low))
+            pairs.append(PreferencePair(ordinal, chosen.profile, rejected.profile, high, low))
     return pairs
 
 
-def _graded(c: Candidate) -> float:
+def _hierarchy(c: Candidate) -> float:
     assert c.hierarchy_score is not None
     return c.hierarchy_score

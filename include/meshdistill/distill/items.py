@@ -101,7 +101,7 @@ def write_outcomes(conn: Connection, ident: RunIdentity,
     if unfinished:
         raise RuntimeError(f"{len(unfinished)} candidates reached the store without a state")
     ids: dict[tuple[int, str, int], int] = {}
-    # psycopg2's execute_values on this transaction's connection: SQLAlchemy compiled a
+    # psycopg2's execute_values on this transaction's connection: SQLAlchemy compiles a
     # fresh 500-row x 30-column multi-VALUES statement per chunk, 0.3-0.5 ms of CPU per
     # row in a worker thread holding the GIL the event loop needs. Same statement
     # semantics (upsert on the natural key, every other column replaced, updated_at

@@ -31,7 +31,8 @@ SubtreePrefix = Annotated[str, StringConstraints(pattern=PREFIX_RE.pattern)]
 """A MeSH tree-number prefix: ``C04`` (Neoplasms), ``C14.280`` (Heart Diseases), ``C``."""
 
 
-def _in(section: str, **extra: Any) -> dict[str, Any]:
+def _form(section: str, **extra: Any) -> dict[str, Any]:
+    """``json_schema_extra`` of a field shown in the DAG form: its section, and more."""
     return {"section": section, **extra}
 
 JUDGE_CRITERIA = ("groundedness", "relevance", "clarity", "informativeness", "safety")
@@ -70,47 +71,47 @@ class DistillSettings(BaseModel):
         default=100, ge=1, title="Articles per subtree",
         description="source articles per subtree per run: those this run already took, "
         "then those with failed or deferred candidates, then new ones, newest first "
-        "(empty = all pending)", json_schema_extra=_in(HOW_MUCH))
+        "(empty = all pending)", json_schema_extra=_form(HOW_MUCH))
     questions_per_article: int = Field(
         default=4, ge=1, le=20, title="Questions per article",
         description="questions each generator profile writes per article",
-        json_schema_extra=_in(HOW_MUCH))
+        json_schema_extra=_form(HOW_MUCH))
     question_types: tuple[QuestionType, ...] = Field(
         default=tuple(QuestionType), min_length=1, title="Question types",
         description="BioASQ/PubMedQA types: yesno (with a yes/no/maybe label), factoid, "
-        "list, summary", json_schema_extra=_in(WHAT, uniqueItems=True))
+        "list, summary", json_schema_extra=_form(WHAT, uniqueItems=True))
     profiles: tuple[str, ...] = GENERATOR_PROFILES
     retrieval: Literal["fts", "vector"] = Field(
         default="fts", title="Retrieval", description="fts: PostgreSQL full-text search; "
         "vector: pgvector with an embeddings endpoint (MESHDISTILL_EMBEDDING_MODEL / "
-        "_BASE_URL / _API_KEY)", json_schema_extra=_in(WHAT))
+        "_BASE_URL / _API_KEY)", json_schema_extra=_form(WHAT))
     k_retrieve: int = Field(default=10, ge=1, le=100, title="Candidates retrieved",
                             description="candidate contexts retrieved per question")
     k_contexts: int = Field(
         default=3, ge=1, le=20, title="Contexts kept",
         description="contexts kept per question, the source article always among them",
-        json_schema_extra=_in(WHAT))
+        json_schema_extra=_form(WHAT))
     contexts_in_subtree: bool = Field(
         default=False, title="Contexts from the subtree only",
         description="take contexts only from articles indexed under the subtree",
-        json_schema_extra=_in(WHAT))
+        json_schema_extra=_form(WHAT))
     blend_weight: float = Field(default=DEFAULT_BLEND_WEIGHT, ge=0.0, le=1.0,
                                 description="weight of retrieval in the context ranking")
     min_hierarchy: float = Field(
         default=0.2, ge=0.0, le=1.0, title="Minimum MeSH-hierarchy score",
         description="reject items whose MeSH-hierarchy score (0-1) is lower",
-        json_schema_extra=_in(QUALITY))
+        json_schema_extra=_form(QUALITY))
     thresholds: JudgeThresholds = Field(
         default_factory=JudgeThresholds, title="Judge thresholds",
         description="minimum 1-5 judge score per criterion for an item to be accepted",
-        json_schema_extra=_in(QUALITY))
+        json_schema_extra=_form(QUALITY))
     preference_margin: float = Field(
         default=0.05, ge=0.0, le=1.0, title="Preference margin",
         description="a preference pair needs its chosen question to score at least this "
-        "much higher on the hierarchy", json_schema_extra=_in(QUALITY))
+        "much higher on the hierarchy", json_schema_extra=_form(QUALITY))
     redo: bool = Field(default=False, title="Redo settled articles",
                        description="also re-evaluate articles already settled (LLM answers "
-                       "come from the cache)", json_schema_extra=_in(HOW_MUCH))
+                       "come from the cache)", json_schema_extra=_form(HOW_MUCH))
     articles_in_flight: int = Field(default=64, ge=1, le=1024,
                                     description="articles processed concurrently")
     retrievals_in_flight: int = Field(
@@ -121,7 +122,7 @@ class DistillSettings(BaseModel):
     processes: int = Field(
         default=1, ge=1, le=16, title="Worker processes",
         description="worker processes per subtree task; the LLM concurrency cap and the "
-        "budget are split evenly between them", json_schema_extra=_in(RUN))
+        "budget are split evenly between them", json_schema_extra=_form(RUN))
 
     @field_validator("question_types")
     @classmethod
@@ -155,20 +156,20 @@ class DistillRequest(BaseModel):
         default=("C04",), min_length=1, title="MeSH subtrees",
         description="MeSH tree-number prefixes, one task each, e.g. C04 (Neoplasms), "
         "C14.280 (Heart Diseases); a run triggered by pubmed_ingest takes the subtrees it "
-        "ingested", json_schema_extra=_in(WHAT, examples=[["C04"], ["C04", "C14.280"]]))
+        "ingested", json_schema_extra=_form(WHAT, examples=[["C04"], ["C04", "C14.280"]]))
     backend: Backend | None = Field(
         default=None, title="LLM backend", description="offline (deterministic, no "
         "network) or openai (any OpenAI-compatible server); empty = the meshdistill_llm "
         "connection, else MESHDISTILL_LLM_BACKEND, else offline",
-        json_schema_extra=_in(LLM))
+        json_schema_extra=_form(LLM))
     model: str | None = Field(
         default=None, title="Model", description="empty = the connection's or the "
-        "backend's default", json_schema_extra=_in(LLM))
+        "backend's default", json_schema_extra=_form(LLM))
     budget_usd: float | None = Field(
         default=None, ge=0, title="Budget (USD)", description="cap for the whole run, "
         "split evenly over the subtrees; past it, candidates are deferred to the next run "
-        "(empty = no cap)", json_schema_extra=_in(BUDGET))
+        "(empty = no cap)", json_schema_extra=_form(BUDGET))
     budget_tokens: int | None = Field(
         default=None, ge=1, title="Budget (tokens)", description="token cap for the whole "
         "run, split evenly over the subtrees (empty = no cap)",
-        json_schema_extra=_in(BUDGET))
+        json_schema_extra=_form(BUDGET))

@@ -1,7 +1,7 @@
 """Distilling one subtree over several worker processes (``processes > 1``).
 
-One event loop is GIL-bound at about 2.6–2.8 ms of CPU per LLM request (see
-bench/README.md), so with ``processes > 1`` the parent selects the sources once, deals
+One event loop is bound by the GIL (a few ms of CPU per LLM request: building prompts,
+grading, parsing replies), so with ``processes > 1`` the parent selects the sources once, deals
 them round-robin to that many spawned worker processes and reconciles the lot; each
 worker runs :meth:`SubtreeDistiller.run_pmids` with its own engine and backend. The LLM
 concurrency cap and the budget are split evenly between the workers, so neither total is
@@ -23,7 +23,7 @@ from sqlalchemy import Engine
 from meshdistill import aio
 from meshdistill.distill.run import SubtreeDistiller
 from meshdistill.distill.settings import DistillSettings
-from meshdistill.llm.openai_backend import DEFAULT_CONCURRENCY
+from meshdistill.llm.config import DEFAULT_CONCURRENCY
 
 log = logging.getLogger(__name__)
 

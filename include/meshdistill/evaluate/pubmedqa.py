@@ -11,15 +11,15 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from meshdistill.config import data_dir
+from meshdistill.config import data_file
 from meshdistill.errors import ConfigError
 from meshdistill.fileio import DataFileError, read_text
 
 
 def default_pqal_path() -> Path:
-    """``pubmedqa/ori_pqal.json.gz`` under the data directory (``MESHDISTILL_DATA_DIR``,
-    else the repository's ``data/``)."""
-    return data_dir() / "pubmedqa" / "ori_pqal.json.gz"
+    """``pubmedqa/ori_pqal.json``, plain or ``.gz``, under the data directory
+    (``MESHDISTILL_DATA_DIR``, else the repository's ``data/``)."""
+    return data_file("pubmedqa/ori_pqal.json")
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,8 @@ if TYPE_CHECKING:  # the backends load when one is made: options and forms need 
 
 Backend = Literal["offline", "openai"]
 BACKENDS: tuple[str, ...] = get_args(Backend)
+DEFAULT_CONCURRENCY = 32
+"""Requests in flight per distill task (per ``openai`` backend) unless configured."""
 
 
 @dataclass(frozen=True)
@@ -58,8 +60,8 @@ class LLMConfig:
     @property
     def in_child_process(self) -> bool:
         """Whether the ``openai`` client runs in a child process of its own (the default:
-        on the bench it turned 9% more requests per second than the same client on the
-        run's event loop, in every one of four interleaved pairs)."""
+        replies are read while the run's event loop grades; docs/llm.md gives the
+        figures)."""
         if self.client_process is not None:
             return self.client_process
         value = os.environ.get("MESHDISTILL_LLM_CLIENT_PROCESS", "").strip().lower()

@@ -32,12 +32,12 @@ from pydantic import BaseModel, ValidationError
 
 from meshdistill.errors import ConfigError
 from meshdistill.llm.backend import FailureKind, LLMRequest, LLMResult, T
+from meshdistill.llm.config import DEFAULT_CONCURRENCY
 from meshdistill.llm.retrying import RetryPolicy
 from meshdistill.llm.retrying import retry_after_seconds as retry_after_seconds
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CONCURRENCY = 32
 TRANSPORTS = ("aiohttp", "httpx")  # the SDK's aiohttp transport, or its default httpx
 _SCHEMA_HINTS = ("response_format", "json_schema", "structured", "schema")
 
@@ -137,7 +137,7 @@ def _json_mode_instruction(schema: dict[str, Any]) -> str:
 def _output_schema(model: type[BaseModel]) -> dict[str, Any]:
     """The output model's JSON schema, built once per model class.
 
-    ``model_json_schema()`` took 0.45-0.8 ms per call, the largest CPU cost of a request
+    ``model_json_schema()`` costs 0.45-0.8 ms per call, the largest CPU cost of a request
     on the event loop. The dict is shared by every request body: read-only from here on
     (it is only ever serialised).
     """

@@ -169,8 +169,8 @@ def parse_article(elem: etree._Element) -> Article | Skip:
     """One ``PubmedArticle`` (or ``PubmedBookArticle``) element to a record.
 
     Written as one pass over each element's children with a dispatch on the tag:
-    lxml's ``find()`` with a path runs ElementPath in Python (~4 µs a call), which made
-    path lookups most of the parse time.
+    lxml's ``find()`` with a path runs ElementPath in Python (~4 µs a call), which would
+    make path lookups most of the parse time.
     """
     if elem.tag == "PubmedBookArticle":
         return _parse_book(elem)

@@ -10,6 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
+
+_JSONL = orjson.OPT_APPEND_NEWLINE
+
 
 @dataclass(slots=True)
 class Section:
@@ -71,6 +75,14 @@ class Article:
             "status": self.status,
         }
 
+    def to_jsonl(self) -> bytes:
+        """:meth:`to_json` as one UTF-8 JSON line (newline included), for ``pubmed parse``.
+
+        orjson on the dict: ~4x faster than ``json.dumps``, and ~2x faster than handing
+        orjson the slotted dataclasses themselves (its dataclass path reads fields one by one).
+        """
+        return orjson.dumps(self.to_json(), option=_JSONL)
+
 
 @dataclass(slots=True)
 class Deletion:
@@ -79,6 +91,10 @@ class Deletion:
 
     def to_json(self) -> dict[str, Any]:
         return {"pmid": self.pmid, "status": self.status}
+
+    def to_jsonl(self) -> bytes:
+        """:meth:`to_json` as one UTF-8 JSON line (newline included)."""
+        return orjson.dumps({"pmid": self.pmid, "status": self.status}, option=_JSONL)
 
 
 @dataclass(slots=True)

@@ -8,7 +8,7 @@ abstracts, and a stored generated column on ``article`` halved the loader's rate
 load of pubmed20n0014: 2.80 s without it, 5.28 s with it; an unchanged reload 1.43 s →
 3.12 s, since PostgreSQL computes generated columns before ``ON CONFLICT`` sees the row
 is unchanged). Ranking reads the stored vector of every match, so it must be stored
-somewhere: a generic question took 0.86 s with an expression index, 31 ms stored.
+somewhere: a generic question takes 0.86 s with an expression index, 31 ms stored.
 
 Revision ID: 0003
 Revises: 0002

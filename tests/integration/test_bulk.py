@@ -25,6 +25,8 @@ from meshdistill.store.bulk import (
 from meshdistill.store.db import get_engine
 from sqlalchemy import Connection, text
 
+pytestmark = pytest.mark.integration
+
 TRICKY = [
     "plain",
     "",
