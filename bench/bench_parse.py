@@ -41,14 +41,15 @@ _BASELINE_CODE = (
 
 
 def ours_process(path: Path, out: Path) -> tuple[float, int]:
-    """The CLI as a user runs it; records are the JSON lines it writes."""
+    """The CLI as a user runs it; records are the articles among the JSON lines it writes
+    (pubmed_parser yields articles only; an update file's deletions are lines too)."""
     cmd = [sys.executable, "-m", "meshdistill.cli", "pubmed", "parse", str(path),
            "--out", str(out)]
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     seconds = time.perf_counter() - t0
     with open(out, "rb") as fh:
-        return seconds, sum(1 for _ in fh)
+        return seconds, sum(1 for line in fh if not line.endswith(b'"status":"deleted"}\n'))
 
 
 def baseline_process(path: Path) -> tuple[float, int]:

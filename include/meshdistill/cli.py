@@ -16,12 +16,11 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
-from meshdistill.config import Settings
+from meshdistill.config import DATETYPES, Settings
 from meshdistill.distill.settings import DistillSettings
 from meshdistill.errors import MeshDistillError
 from meshdistill.llm.config import BACKENDS, DEFAULT_CONCURRENCY
 from meshdistill.llm.schemas import QuestionType
-from meshdistill.pubmed.eutils import DATETYPES
 
 log = logging.getLogger("meshdistill")
 DEFAULTS = DistillSettings()

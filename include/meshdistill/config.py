@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 DEFAULT_EUTILS_URL = "https://eutils.ncbi.nlm.nih.gov/entrez/eutils/"
+DATETYPES = ("edat", "mdat")
+"""E-utilities date fields a window can be on: Entrez date (new records), modification."""
 REPO = Path(__file__).resolve().parents[2]
 
 # Airflow pools the DAGs use (created by `make demo`, the tests and docker-compose's

@@ -243,11 +243,18 @@ def test_no_second_exceeds_the_limit_on_a_busy_machine(database_url: str) -> Non
             pool = [threading.Thread(target=work) for _ in range(2)]
             for t in pool:
                 t.start()
-            for t in pool:
-                t.join(timeout=120)
-            for p in procs:
-                p.join(timeout=120)
-                assert p.exitcode == 0
+            try:
+                for t in pool:
+                    t.join(timeout=120)
+                    assert not t.is_alive(), "a client thread did not finish"
+                for p in procs:
+                    p.join(timeout=120)
+                    assert p.exitcode == 0
+            finally:
+                for p in procs:
+                    if p.is_alive():
+                        p.terminate()
+                        p.join()
             requests = list(fake.requests)
     finally:
         for burner in burners:

@@ -33,7 +33,7 @@ from tenacity import (
     stop_after_attempt,
 )
 
-from meshdistill.config import Settings
+from meshdistill.config import DATETYPES, Settings
 from meshdistill.errors import EutilsError
 from meshdistill.httputil import parse_retry_after
 from meshdistill.pubmed.ratelimit import (
@@ -47,7 +47,6 @@ from meshdistill.pubmed.ratelimit import (
 log = logging.getLogger(__name__)
 
 #: The date types a window can be on: entry date (new records) or modification date.
-DATETYPES = ("edat", "mdat")
 #: PubMed esearch reaches only the first 9,999 records of a result set.
 PUBMED_MAX_IDS = 9_999
 #: Above this many ids efetch is sent as a form POST (NCBI's advice for > ~200 ids).

@@ -29,8 +29,15 @@ from typing import BinaryIO
 from lxml import etree
 
 from meshdistill.errors import MeshDistillError
-from meshdistill.pubmed.parser import _TAGS, _open, iter_records, parse_article
-from meshdistill.pubmed.records import Deletion, Record, Skip
+from meshdistill.pubmed.parser import (
+    PARSER_OPTIONS,
+    RECORD_TAGS,
+    deletions,
+    iter_records,
+    open_source,
+    parse_article,
+)
+from meshdistill.pubmed.records import Record, Skip
 
 log = logging.getLogger(__name__)
 
@@ -41,15 +48,6 @@ _HEAD = 1 << 20  # the root start tag must come within this many bytes
 _ROOT = b"<PubmedArticleSet"
 _ROOT_END = b"</PubmedArticleSet>"
 _RECORD_ENDS = (b"</PubmedArticle>", b"</PubmedBookArticle>")
-# iter_records' parser options: no DTD, no network, no entity expansion.
-_PARSER_OPTIONS = {
-    "load_dtd": False,
-    "no_network": True,
-    "resolve_entities": False,
-    "huge_tree": True,
-    "remove_comments": True,
-    "collect_ids": False,
-}
 
 
 @dataclass(slots=True)
@@ -199,7 +197,7 @@ def _parsed_chunks(path: str, threads: int) -> Iterator[_Chunk]:
 def _documents(path: str) -> Iterator[bytes]:
     """The file as standalone documents, each the root element around whole records."""
     try:
-        fh = _open(Path(path))
+        fh = open_source(Path(path))
     except Exception as exc:
         raise _Unsupported from exc
     try:
@@ -252,7 +250,7 @@ def _root_start(head: bytes) -> tuple[bytes, int]:
         raise _Unsupported
     root_start = head[at : end + 1]
     try:  # the prolog as iter_records reads it: a broken one is its error to report
-        for _ in etree.iterparse(_Bytes(prolog + root_start + _ROOT_END), **_PARSER_OPTIONS):
+        for _ in etree.iterparse(_Bytes(prolog + root_start + _ROOT_END), **PARSER_OPTIONS):
             pass
     except etree.XMLSyntaxError as exc:
         raise _Unsupported from exc
@@ -277,7 +275,7 @@ def _parse_chunk(doc: bytes, turn: threading.Lock) -> _Chunk:
     extracts while the other builds its next tree, instead of both slicing the GIL.
     """
     try:
-        root = etree.fromstring(doc, etree.XMLParser(**_PARSER_OPTIONS))
+        root = etree.fromstring(doc, etree.XMLParser(**PARSER_OPTIONS))
         with turn:
             chunk, tops = _extract(root)
             del root  # the tree is freed under ``turn`` too
@@ -299,7 +297,7 @@ def _extract(root: etree._Element) -> tuple[_Chunk, int]:
         if tag == "PubmedArticle" or tag == "PubmedBookArticle":
             found: Iterable[Record] = (parse_article(elem),)
         elif tag == "DeleteCitation":
-            found = _deletions(elem)
+            found = deletions(elem)
         else:
             continue
         tops += 1
@@ -312,17 +310,10 @@ def _extract(root: etree._Element) -> tuple[_Chunk, int]:
     return _Chunk(b"".join(lines), len(lines), records, skips), tops
 
 
-def _deletions(elem: etree._Element) -> Iterator[Deletion]:
-    """A ``DeleteCitation``'s records, as ``iter_records`` yields them."""
-    for pmid_el in elem.iterfind("PMID"):
-        if pmid_el.text and pmid_el.text.strip().isdigit():
-            yield Deletion(pmid_el.text.strip())
-
-
 def _record_tags(doc: bytes) -> int:
     """At least the record start tags in ``doc`` (``<PubmedArticleSet`` aside).
 
     ``iter_records`` yields records at any depth, :func:`_extract` the root's children
     only: when this equals the record elements among them, there are no others.
     """
-    return sum(doc.count(b"<" + tag.encode()) for tag in _TAGS) - doc.count(_ROOT)
+    return sum(doc.count(b"<" + tag.encode()) for tag in RECORD_TAGS) - doc.count(_ROOT)

@@ -22,7 +22,16 @@ from meshdistill.fileio import GZIP_ERRORS, is_gzip
 from meshdistill.pubmed.gunzip import ThreadedGunzip
 from meshdistill.pubmed.records import Article, Deletion, MeshHeading, Record, Section, Skip
 
-_TAGS = ("PubmedArticle", "PubmedBookArticle", "DeleteCitation")
+RECORD_TAGS = ("PubmedArticle", "PubmedBookArticle", "DeleteCitation")
+PARSER_OPTIONS = {
+    "load_dtd": False,
+    "no_network": True,
+    "resolve_entities": False,
+    "huge_tree": True,
+    "remove_comments": True,
+    "collect_ids": False,
+}
+"""lxml options of every parse: no DTD, no network, no entity expansion."""
 _RETRACTED_TYPES = frozenset({"Retracted Publication"})
 
 
@@ -289,7 +298,14 @@ def _parse_book(elem: etree._Element) -> Article | Skip:
     )
 
 
-def _open(source: Path | IO[bytes]) -> IO[bytes] | ThreadedGunzip:
+def deletions(elem: etree._Element) -> Iterator[Deletion]:
+    """The PMIDs a ``DeleteCitation`` element withdraws (non-numeric ones ignored)."""
+    for pmid_el in elem.iterfind("PMID"):
+        if pmid_el.text and pmid_el.text.strip().isdigit():
+            yield Deletion(pmid_el.text.strip())
+
+
+def open_source(source: Path | IO[bytes]) -> IO[bytes] | ThreadedGunzip:
     """A file's bytes, through the threaded gunzip when its content is gzip (magic bytes,
     not the name: ``.xml.gz`` files that hold plain XML and gzip under ``.xml`` both
     occur); a stream is read as given."""
@@ -315,27 +331,21 @@ def iter_records(source: str | Path | IO[bytes], name: str | None = None) -> Ite
         label = str(getattr(src, "name", "<stream>"))
     parsed = 0
     try:
-        fh = _open(src)
+        fh = open_source(src)
     except OSError as exc:
         raise PubmedParseError(label, f"cannot open ({exc.strerror or exc})", 0) from exc
     try:
         context = etree.iterparse(
             fh,
             events=("end",),
-            tag=_TAGS,
-            load_dtd=False,
-            no_network=True,
-            resolve_entities=False,
-            huge_tree=True,
-            remove_comments=True,
-            collect_ids=False,
+            tag=RECORD_TAGS,
+            **PARSER_OPTIONS,
         )
         for _, elem in context:
             if elem.tag == "DeleteCitation":
-                for pmid_el in elem.iterfind("PMID"):
-                    if pmid_el.text and pmid_el.text.strip().isdigit():
-                        yield Deletion(pmid_el.text.strip())
-                        parsed += 1
+                for deletion in deletions(elem):
+                    yield deletion
+                    parsed += 1
             else:
                 yield parse_article(elem)
                 parsed += 1

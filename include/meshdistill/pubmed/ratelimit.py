@@ -1,28 +1,17 @@
 """One NCBI request rate shared by every process, kept in Postgres.
 
-NCBI allows 3 E-utilities requests per second per IP (or per API key) without a key and
-10 with one; going over earns HTTP 429 and, if it persists, a block. The pipeline calls
-NCBI from many places at once: one mapped ``pubmed_ingest`` task per subtree, backfill
-runs beside the daily run, the CLI. So the limit has to hold across all of them:
-
-* A per-process limiter (what ``Bio.Entrez`` has) would let N processes send N times
-  the allowed rate.
-* An Airflow pool caps how many tasks run at once, not how many requests they send per
-  second: two slots can still send 20 requests/s between them.
-* Under CeleryExecutor or KubernetesExecutor the workers are on different machines, so
-  a lock file or a local semaphore does not reach them either.
-
-Postgres is the one thing every worker already talks to (it is the pipeline's single
-source of truth), so the schedule lives there: a row per limited service in
-``rate_limit_slot`` holds the next free send time. Each request reserves a slot with one
-atomic upsert in its own short autocommit transaction (the row lock is held for
-microseconds, never while sleeping) and then sleeps until that slot. Slot times and "now"
-both come from the database server's clock, so clock skew between workers does not
-matter. Consecutive slots are exactly ``SPACING / rate`` apart, whoever reserved them.
-
-NCBI counts arrivals, which trail their slots by a sleep overshoot and a send time that vary
-under load; with slots ``(1 + MARGIN)/rate`` apart and callers waking over ``MARGIN/2`` late
-re-reserving, ``rate`` consecutive arrivals still span 1 s for up to ``MARGIN`` of jitter.
+NCBI allows 3 E-utilities requests per second without an API key and 10 with one; more
+earns HTTP 429 and, if it persists, a block. Mapped tasks, backfills and the CLI call it
+at once, possibly from several machines, and neither a per-process limiter nor an Airflow
+pool (it caps tasks, not requests per second) holds the rate across them. Postgres, which
+every worker already talks to, does: a row per service in ``rate_limit_slot`` holds the
+next free send time; each request reserves a slot with one atomic upsert in its own short
+transaction, on the database server's clock, then sleeps until it. NCBI counts arrivals,
+which trail their slots by a sleep overshoot and a send time that vary under load: slots
+are ``(1 + MARGIN)/rate`` apart, and a caller woken more than ``MARGIN/2`` late takes a
+new slot instead of sending, so ``rate`` consecutive arrivals span a second despite up to
+``MARGIN/2`` of send jitter. After ``_MAX_TRIES`` late wakes in a row (an overloaded
+machine) it sends anyway and logs a warning; a 429 then is retried like any other.
 """
 
 from __future__ import annotations

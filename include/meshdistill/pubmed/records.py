@@ -94,7 +94,7 @@ class Deletion:
 
     def to_jsonl(self) -> bytes:
         """:meth:`to_json` as one UTF-8 JSON line (newline included)."""
-        return orjson.dumps({"pmid": self.pmid, "status": self.status}, option=_JSONL)
+        return orjson.dumps(self.to_json(), option=_JSONL)
 
 
 @dataclass(slots=True)
