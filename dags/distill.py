@@ -102,12 +102,7 @@ def distill() -> None:
     @task(outlets=[QA])
     def summary(results: list[dict[str, Any]]) -> dict[str, Any]:
         context = get_current_context()
-        out = pipeline.summarize_runs(results)
-        for line in pipeline.summary_table(out["subtrees"]):
-            log.info("%s", line)
-        if out["totals"]["deferred"]:
-            log.warning("%d candidates deferred (budget reached): the next run continues "
-                        "them first", out["totals"]["deferred"])
+        out = pipeline.log_summary(pipeline.summarize_runs(results))
         context["outlet_events"][QA].extra = {
             "run_id": context["run_id"], "subtrees": list(out["subtrees"]),
             **{s: out["totals"][s] for s in ("accepted", "rejected", "failed", "deferred")}}

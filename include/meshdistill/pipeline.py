@@ -295,6 +295,17 @@ def summary_table(rows: Mapping[str, Mapping[str, Any]],
     return out
 
 
+def log_summary(summary: dict[str, Any]) -> dict[str, Any]:
+    """Log :func:`summarize_runs`'s table, and a warning when candidates were deferred;
+    returns ``summary``."""
+    for line in summary_table(summary["subtrees"]):
+        log.info("%s", line)
+    if summary["totals"]["deferred"]:
+        log.warning("%d candidates deferred (budget reached): the next run continues them "
+                    "first", summary["totals"]["deferred"])
+    return summary
+
+
 # --- what the database holds ---------------------------------------------------------------
 
 
