@@ -9,6 +9,8 @@ expects.
 
 from __future__ import annotations
 
+import copy
+from functools import cache
 from typing import Any
 
 from airflow.sdk import Param
@@ -41,9 +43,21 @@ def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+@cache
+def _model_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """``model``'s JSON schema, built once per model (read, never changed, by callers)."""
+    return model.model_json_schema()
+
+
+@cache
+def _defaults(model: type[BaseModel]) -> dict[str, Any]:
+    """``model``'s default values as JSON, built once per model."""
+    return model().model_dump(mode="json")
+
+
 def field_schema(model: type[BaseModel], name: str) -> dict[str, Any]:
     """The JSON schema of one field of ``model``, self-contained (no ``$ref``)."""
-    schema = model.model_json_schema()
+    schema = _model_schema(model)
     if name not in schema["properties"]:
         raise KeyError(f"{model.__name__} has no field {name!r}")
     field = _resolve(schema["properties"][name], schema.get("$defs", {}))
@@ -55,8 +69,7 @@ def field_param(model: type[BaseModel], name: str, **overrides: Any) -> Param:
     replace schema keys (e.g. a description that names the DAG's own behaviour)."""
     schema = field_schema(model, name) | overrides
     schema.pop("default", None)
-    default = model().model_dump(mode="json")[name]
-    return Param(default, **schema)
+    return Param(copy.deepcopy(_defaults(model)[name]), **schema)
 
 
 def model_params(model: type[BaseModel], names: tuple[str, ...] | None = None,

@@ -15,6 +15,7 @@ the lines of its complete records kept.
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import threading
@@ -250,22 +251,11 @@ def _root_start(head: bytes) -> tuple[bytes, int]:
         raise _Unsupported
     root_start = head[at : end + 1]
     try:  # the prolog as iter_records reads it: a broken one is its error to report
-        for _ in etree.iterparse(_Bytes(prolog + root_start + _ROOT_END), **PARSER_OPTIONS):
+        for _ in etree.iterparse(io.BytesIO(prolog + root_start + _ROOT_END), **PARSER_OPTIONS):
             pass
     except etree.XMLSyntaxError as exc:
         raise _Unsupported from exc
     return root_start, end + 1
-
-
-class _Bytes:
-    """A minimal file object over bytes (iterparse reads from files)."""
-
-    def __init__(self, data: bytes) -> None:
-        self._data: bytes | None = data
-
-    def read(self, size: int = -1) -> bytes:
-        data, self._data = self._data or b"", None
-        return data
 
 
 def _parse_chunk(doc: bytes, turn: threading.Lock) -> _Chunk:
