@@ -45,6 +45,7 @@ bench: install
 	$(BIN)/python bench/bench_memory.py
 	$(BIN)/python bench/bench_retrieve.py
 	$(BIN)/python bench/bench_distill.py
+	$(BIN)/python bench/bench_export.py
 
 # Regenerate the full lock from a clean install of requirements*.txt.
 lock:

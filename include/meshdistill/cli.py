@@ -228,6 +228,47 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- export ---------------------------------------------------------------------------
+
+
+def _ratios(value: str) -> list[float]:
+    try:
+        return [float(x) for x in value.split(",")]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"three comma-separated numbers, got {value!r}") from exc
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from meshdistill import pipeline
+
+    given = {"out": args.out, "subtrees": args.subtree,
+             "formats": args.formats.split(",") if args.formats else None,
+             "question_types": args.types, "file_format": args.file_format,
+             "benchmarks": args.benchmark, "near_dup_threshold": args.near_dup_threshold,
+             "split_ratios": args.split_ratios, "shard_rows": args.shard_rows,
+             "min_hierarchy": args.min_hierarchy, "max_per_subtree": args.max_per_subtree,
+             "max_per_type": args.max_per_type, "max_label_share": args.max_label_share,
+             "closed_book": args.closed_book or None, "strict_splits": args.strict_splits or None,
+             "default_benchmarks": False if args.no_default_benchmarks else None}
+    settings = pipeline.export_settings({k: v for k, v in given.items() if v is not None})
+
+    def progress(phase: str, rows: int) -> None:
+        if rows % 50_000 < 2_000:
+            log.info("export: %s %s rows written", f"{rows:,}", phase)
+
+    out = pipeline.export_shards(settings, progress=progress)
+    if args.json:
+        _print_json(out)
+        return 0
+    print(f"export {out['export_id']}: {out['path']} ({out['seconds']}s)")
+    for fmt, splits in out["counts"].items():
+        print(f"  {fmt:<18}" + "  ".join(f"{k} {v:,}" for k, v in splits.items()))
+    removed = {k: v for k, v in out["removed"].items() if v}
+    print("  removed: " + (", ".join(f"{k} {v:,}" for k, v in removed.items()) or "none"))
+    print(f"  manifest: {out['manifest']}")
+    return 0
+
+
 # --- status ---------------------------------------------------------------------------
 
 
@@ -254,6 +295,11 @@ def cmd_status(args: argparse.Namespace) -> int:
         llm = data["llm"]
         print(f"LLM: {llm['calls']} calls cached, {llm['tokens']} tokens, "
               f"${llm['cost_usd']:.4f}")
+        ex = data["exports"]
+        latest = ex["latest"]
+        print(f"exports: {ex['count']}" + (f", latest {latest['id']} ({latest['items']} "
+                                            f"items, {latest['pairs']} pairs) at "
+                                            f"{latest['location']}" if latest else ""))
         for prefix, st in data.get("subtrees", {}).items():
             print(
                 f"  {prefix:<8} {st['name'] or '':<40} {st['active_articles']:>7} articles, "
@@ -354,6 +400,34 @@ def build_parser() -> argparse.ArgumentParser:
     ca.add_argument("--no-judge", action="store_true", help="skip the judge")
     ca.add_argument("--json", action="store_true")
     ca.set_defaults(func=cmd_calibrate)
+
+    ex = sub.add_parser("export", help="write training shards (docs/export.md)")
+    ex.add_argument("--out", help="directory or URL (file://, s3://, memory://) under which "
+                    "the export gets its folder (default: $MESHDISTILL_HOME/exports)")
+    ex.add_argument("--subtree", action="append", help="tree-number prefix (repeat; default all)")
+    ex.add_argument("--formats", help="comma-separated: sft,prompt_completion,dpo,alpaca,"
+                    "sharegpt,qca (default: all)")
+    ex.add_argument("--types", nargs="+", choices=[t.value for t in QuestionType],
+                    help="question types (default: all)")
+    ex.add_argument("--file-format", choices=["parquet", "jsonl", "jsonl.gz", "both"])
+    ex.add_argument("--benchmark", action="append", help="benchmark file to decontaminate "
+                    "against: PubMedQA or BioASQ JSON, or JSON lines (repeat)")
+    ex.add_argument("--no-default-benchmarks", action="store_true",
+                    help="do not decontaminate against PubMedQA-L")
+    ex.add_argument("--closed-book", action="store_true", help="no contexts in the prompts")
+    ex.add_argument("--strict-splits", action="store_true",
+                    help="drop items whose contexts are sources of another split")
+    ex.add_argument("--near-dup-threshold", type=float, help="Jaccard threshold (default 0.8)")
+    ex.add_argument("--split-ratios", type=_ratios, help="train,validation,test "
+                    "(default 0.9,0.05,0.05)")
+    ex.add_argument("--shard-rows", type=int, help="rows per shard (default 100000)")
+    ex.add_argument("--min-hierarchy", type=float, help="minimum MeSH-hierarchy score")
+    ex.add_argument("--max-per-subtree", type=int, help="cap of items per subtree")
+    ex.add_argument("--max-per-type", type=int, help="cap of items per question type")
+    ex.add_argument("--max-label-share", type=float,
+                    help="largest share of one yes/no/maybe label among yesno items")
+    ex.add_argument("--json", action="store_true")
+    ex.set_defaults(func=cmd_export)
 
     st = sub.add_parser("status", help="what the pipeline database holds")
     st.add_argument("--subtree", action="append", help="also count active articles under it")

@@ -115,6 +115,10 @@ def main() -> int:
         env, log_dir,
     )
     distilled = pipeline.distilled_since(started)
+    timings["export_shards"] = _run(
+        "export_shards", [*airflow, "dags", "test", "export_shards", "--conf", "{}"],
+        env, log_dir,
+    )
     data = pipeline.status_report(DEMO_SUBTREES)
     a, m = data["articles"], data["mesh"]
     print()
@@ -143,6 +147,14 @@ def main() -> int:
         print(f"  example    [{example['subtree']}, PMID {example['pmid']}, {example['qtype']}] "
               f"{_clip(example['question'], 100)}")
         print(f"             answer: {_clip(example['answer'], 100)}")
+    latest = data["exports"]["latest"]
+    if latest:
+        print(f"  export     {latest['id']}: {latest['items']} items, {latest['pairs']} "
+              "preference pairs (rows per format and split):")
+        for fmt, splits in latest["formats"].items():
+            print(f"    {fmt:<18} " + "  ".join(f"{k} {v}" for k, v in splits.items()))
+        print(f"  shards     {latest['location']}")
+        print(f"  card       {latest['location']}/README.md")
     print("  timings    " + ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()))
     print(f"  logs       {log_dir}")
     return 0

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import date, datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -22,6 +22,7 @@ from meshdistill.config import Settings
 from meshdistill.distill.candidates import TERMINAL
 from meshdistill.distill.settings import DistillRequest, DistillSettings
 from meshdistill.errors import ConfigError, MeshDistillError, UnknownSubtreeError
+from meshdistill.export.settings import ExportSettings
 from meshdistill.llm.config import LLMConfig
 from meshdistill.mesh.subtree import get_subtree, subtree_stats
 from meshdistill.store.db import connect, get_engine
@@ -193,7 +194,8 @@ def distill_subtree(
 _Model = TypeVar("_Model", bound=BaseModel)
 
 
-def _validated(model: type[_Model], values: Mapping[str, Any]) -> _Model:
+def _validated(model: type[_Model], values: Mapping[str, Any],
+               what: str = "distill settings") -> _Model:
     fields = {k: v for k, v in values.items() if k in model.model_fields}
     try:
         return model.model_validate(fields)
@@ -204,7 +206,7 @@ def _validated(model: type[_Model], values: Mapping[str, Any]) -> _Model:
             where = ".".join(map(str, e["loc"])) or field
             # The first problem of each field (a bad item, not also the emptied list).
             problems.setdefault(field, f"{where} = {e['input']!r}: {e['msg']}")
-        raise ConfigError(f"invalid distill settings: {'; '.join(problems.values())}") from exc
+        raise ConfigError(f"invalid {what}: {'; '.join(problems.values())}") from exc
 
 
 def distill_settings(values: Mapping[str, Any]) -> DistillSettings:
@@ -304,6 +306,50 @@ def log_summary(summary: dict[str, Any]) -> dict[str, Any]:
         log.warning("%d candidates deferred (budget reached): the next run continues them "
                     "first", summary["totals"]["deferred"])
     return summary
+
+
+# --- export ---------------------------------------------------------------------------------
+
+
+def export_settings(values: Mapping[str, Any]) -> ExportSettings:
+    """The :class:`ExportSettings` among ``values`` (a Params form, CLI options), validated;
+    a bad value is a :class:`ConfigError` naming the field."""
+    return _validated(ExportSettings, values, "export settings")
+
+
+def default_export_location() -> str:
+    """Where exports go unless told: ``MESHDISTILL_HOME/exports``."""
+    return str(Settings.from_env().home / "exports")
+
+
+def export_shards(settings: ExportSettings, *, fs: Any = None, root: str | None = None,
+                  database_url: str | None = None,
+                  progress: Callable[[str, int], None] | None = None) -> dict[str, Any]:
+    """Write one export (docs/export.md) and record it; returns ``meshdistill export
+    --json``'s summary. ``fs`` and ``root`` (an fsspec file system and a path on it, as an
+    Airflow ``ObjectStoragePath`` gives them) default to ``settings.out`` resolved with
+    fsspec, else :func:`default_export_location`."""
+    import fsspec
+
+    from meshdistill.export.benchmarks import default_benchmarks, read_benchmark
+    from meshdistill.export.run import run_export
+
+    if settings.subtrees:
+        validate_subtrees(settings.subtrees, database_url)
+    location = settings.out or default_export_location()
+    if fs is None:
+        fs, root = fsspec.core.url_to_fs(location)
+    assert root is not None
+    benchmarks = [read_benchmark(p) for p in settings.benchmarks]
+    if settings.default_benchmarks:
+        benchmarks = default_benchmarks() + benchmarks
+    started = time.perf_counter()
+    result = run_export(get_engine(database_url), settings, fs=fs, root=root,
+                        location=location, benchmarks=benchmarks, progress=progress)
+    out = result.summary()
+    out["seconds"] = round(time.perf_counter() - started, 2)
+    log.info("export %s: %s", result.export_id, out["counts"])
+    return out
 
 
 # --- what the database holds ---------------------------------------------------------------

@@ -40,6 +40,7 @@ def status(conn: Connection) -> dict[str, Any]:
     mesh["release_year"] = release[0] if release else None
     llm = usage(conn)
     return {
+        "exports": exports(conn),
         **qa_counts(conn),
         "llm": {"calls": llm["calls"], "tokens": llm["tokens"], "cost_usd": llm["cost_usd"]},
         "articles": {
@@ -93,3 +94,17 @@ def distilled_since(conn: Connection, since: datetime) -> dict[str, Any]:
         out["example"] = dict(zip(("subtree", "pmid", "qtype", "question", "answer"),
                                   example, strict=True))
     return out
+
+
+def exports(conn: Connection) -> dict[str, Any]:
+    """How many exports are recorded, and the latest: id, time, location, rows per format
+    and split."""
+    count = conn.exec_driver_sql("SELECT count(*) FROM export").scalar_one()
+    row = conn.exec_driver_sql(
+        "SELECT id, created_at, location, counts FROM export "
+        "ORDER BY created_at DESC, id DESC LIMIT 1").first()
+    latest = None if row is None else {
+        "id": row[0], "created_at": row[1].isoformat(), "location": row[2],
+        "formats": row[3].get("formats", {}), "items": row[3].get("items", 0),
+        "pairs": row[3].get("pairs", 0)}
+    return {"count": int(count), "latest": latest}

@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 
 ARTICLES = Asset("meshdistill://articles")
 QA = Asset("meshdistill://qa")
+EXPORTS = Asset("meshdistill://exports")
 
 
 DEFAULT_ARGS: dict[str, Any] = {

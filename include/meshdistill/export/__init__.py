@@ -1,0 +1,1 @@
+"""Export: accepted items and preference pairs as training shards (docs/export.md)."""

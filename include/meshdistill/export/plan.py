@@ -1,0 +1,273 @@
+"""Deciding what an export keeps: decontamination, duplicates, splits, leakage and caps.
+
+The narrow pass of :mod:`~meshdistill.export.source` feeds a :class:`Population` (items,
+or preference pairs) batch by batch; :meth:`Population.decide` then applies, in order:
+benchmark decontamination, exact duplicates, near-duplicates, the split of each source
+PMID, cross-split contexts (counted; dropped with ``strict_splits``), the caps per
+subtree and per question type, and the cap on the majority yes/no/maybe label. Where a
+rule keeps one of several rows it keeps the best-ranked: items by hierarchy score, then
+judge score sum, then id; pairs by margin, then chosen score, then id. Everything is
+held in numpy arrays of about 100 bytes a row (signatures go to a temporary file), so a
+million items plan in a few hundred megabytes.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from meshdistill.export.dedup import NearDuplicates, exact_duplicates
+from meshdistill.export.settings import SPLITS, ExportSettings
+from meshdistill.export.splits import split_index
+from meshdistill.export.text import normalize_text, text_hash
+
+Check = Callable[[str, Sequence[int]], "tuple[str, str] | None"]
+"""``ContaminationIndex.check``: (benchmark, reason) for a contaminated row, else None."""
+
+REASONS = ("contamination_pmid", "contamination_ngram", "exact_duplicate", "near_duplicate",
+           "cross_split_context", "cap_subtree", "cap_type", "cap_label")
+
+
+def _codes(values: list[str], table: dict[str, int]) -> list[int]:
+    return [table.setdefault(v, len(table)) for v in values]
+
+
+@dataclass
+class Population:
+    """The rows of one kind (``items`` or ``pairs``) seen by the narrow pass."""
+
+    kind: str
+    settings: ExportSettings
+    check: Check | None
+    workdir: str | Path | None = None
+    ids: list[npt.NDArray[np.int64]] = field(default_factory=list)
+    pmids: list[npt.NDArray[np.int64]] = field(default_factory=list)
+    primary: list[npt.NDArray[np.float64]] = field(default_factory=list)
+    secondary: list[npt.NDArray[np.float64]] = field(default_factory=list)
+    exact: list[npt.NDArray[np.uint64]] = field(default_factory=list)
+    subtree: list[int] = field(default_factory=list)
+    qtype: list[int] = field(default_factory=list)
+    label: list[int] = field(default_factory=list)
+    contaminated: list[int] = field(default_factory=list)  # 0 clean, 1 pmid, 2 n-gram
+    context_pmids: list[npt.NDArray[np.int64]] = field(default_factory=list)
+    context_counts: list[int] = field(default_factory=list)
+    subtrees: dict[str, int] = field(default_factory=dict)
+    qtypes: dict[str, int] = field(default_factory=dict)
+    labels: dict[str, int] = field(default_factory=lambda: {"": 0})
+    by_benchmark: Counter[tuple[str, str]] = field(default_factory=Counter)
+
+    def __post_init__(self) -> None:
+        threshold = self.settings.near_dup_threshold
+        self._near = (NearDuplicates(threshold, workdir=self.workdir) if threshold < 1.0
+                      else None)
+
+    def add(self, ids: list[int], pmids: list[int], subtrees: list[str], qtypes: list[str],
+            labels: list[str | None], questions: list[str], primary: list[float],
+            secondary: list[float], exact_texts: list[str],
+            contexts: list[list[int]] | None = None,
+            also_checked: list[str] | None = None) -> None:
+        """One batch of the narrow pass; ``questions`` are what near-duplicates compare,
+        ``exact_texts`` what exact duplicates compare, ``also_checked`` further text
+        checked for contamination (a pair's rejected question)."""
+        self.ids.append(np.asarray(ids, dtype=np.int64))
+        self.pmids.append(np.asarray(pmids, dtype=np.int64))
+        self.primary.append(np.asarray(primary, dtype=np.float64))
+        self.secondary.append(np.asarray(secondary, dtype=np.float64))
+        self.exact.append(np.fromiter((text_hash(normalize_text(t)) for t in exact_texts),
+                                      dtype=np.uint64, count=len(exact_texts)))
+        self.subtree += _codes(subtrees, self.subtrees)
+        self.qtype += _codes(qtypes, self.qtypes)
+        self.label += _codes([v or "" for v in labels], self.labels)
+        ctx = contexts or [[] for _ in ids]
+        flat = [p for c in ctx for p in c]
+        self.context_pmids.append(np.asarray(flat, dtype=np.int64))
+        self.context_counts += [len(c) for c in ctx]
+        for i, question in enumerate(questions):
+            found = None
+            if self.check is not None:
+                texts = (question, also_checked[i]) if also_checked else (question,)
+                for t in texts:
+                    found = self.check(t, (pmids[i], *ctx[i]))
+                    if found:
+                        break
+            if found:
+                self.by_benchmark[found] += 1
+            self.contaminated.append(0 if not found else 1 if found[1] == "pmid" else 2)
+        if self._near is not None:
+            self._near.add(questions)
+
+    def decide(self) -> Decision:
+        """Apply the rules (module doc) and return what is kept, in which split."""
+        try:
+            return self._decide()
+        finally:
+            if self._near is not None:
+                self._near.close()
+
+    def _decide(self) -> Decision:
+        s = self.settings
+        ids = _cat(self.ids, np.int64)
+        n = len(ids)
+        pmids = _cat(self.pmids, np.int64)
+        primary, secondary = _cat(self.primary, np.float64), _cat(self.secondary, np.float64)
+        order = np.lexsort((ids, -secondary, -primary))
+        rank = np.empty(n, dtype=np.int64)
+        rank[order] = np.arange(n)
+        removed: dict[str, int] = dict.fromkeys(REASONS, 0)
+        contaminated = np.asarray(self.contaminated, dtype=np.int8)
+        removed["contamination_pmid"] = int((contaminated == 1).sum())
+        removed["contamination_ngram"] = int((contaminated == 2).sum())
+        active = contaminated == 0
+        exact = exact_duplicates(_cat(self.exact, np.uint64), rank, active)
+        removed["exact_duplicate"] = int(exact.sum())
+        active &= ~exact
+        near, verified_pairs = (self._near.duplicates(rank, active) if self._near is not None
+                                else (np.zeros(n, dtype=np.bool_), 0))
+        removed["near_duplicate"] = int(near.sum())
+        active &= ~near
+        split = split_index(pmids, s.seed, s.split_ratios)
+        leaking = self._cross_split(pmids, split, active)
+        if s.strict_splits:
+            removed["cross_split_context"] = int((leaking & active).sum())
+            active &= ~leaking
+        subtree = np.asarray(self.subtree, dtype=np.int32)
+        qtype = np.asarray(self.qtype, dtype=np.int32)
+        for reason, groups, cap in (("cap_subtree", subtree, s.max_per_subtree),
+                                    ("cap_type", qtype, s.max_per_type)):
+            if cap is not None:
+                over = _over_cap(groups, rank, active, cap)
+                removed[reason] = int(over.sum())
+                active &= ~over
+        label = np.asarray(self.label, dtype=np.int32)
+        if s.max_label_share is not None and self.kind == "items":
+            over = _label_cap(label, rank, active & (label > 0), s.max_label_share)
+            removed["cap_label"] = int(over.sum())
+            active &= ~over
+        kept = np.flatnonzero(active)
+        keep_order = kept[np.argsort(ids[kept])]
+        return Decision(
+            kind=self.kind, ids=ids[keep_order], split=split[keep_order], seen=n,
+            removed=removed, near_pairs=verified_pairs,
+            cross_split=int((leaking & (contaminated == 0)).sum()),
+            by_benchmark={f"{b}:{r}": c for (b, r), c in sorted(self.by_benchmark.items())},
+            subtree_names=_names(self.subtrees), subtree=subtree[keep_order],
+            qtype_names=_names(self.qtypes), qtype=qtype[keep_order],
+            label_names=_names(self.labels), label=label[keep_order])
+
+    def _cross_split(self, pmids: npt.NDArray[np.int64], split: npt.NDArray[np.int8],
+                     active: npt.NDArray[np.bool_]) -> npt.NDArray[np.bool_]:
+        """Rows with a context that is the source of an active row in another split."""
+        counts = np.asarray(self.context_counts, dtype=np.int64)
+        flat = _cat(self.context_pmids, np.int64)
+        out = np.zeros(len(pmids), dtype=np.bool_)
+        if not len(flat):
+            return out
+        owner = np.repeat(np.arange(len(pmids)), counts)
+        sources = np.unique(pmids[active])
+        s = self.settings
+        foreign = (np.isin(flat, sources) & (flat != pmids[owner])
+                   & (split_index(flat, s.seed, s.split_ratios) != split[owner]))
+        out[np.unique(owner[foreign])] = True
+        return out
+
+
+def _cat(parts: list[Any], dtype: Any) -> Any:
+    return np.concatenate(parts).astype(dtype, copy=False) if parts else np.zeros(0, dtype)
+
+
+def _names(table: dict[str, int]) -> list[str]:
+    return [name for name, _ in sorted(table.items(), key=lambda kv: kv[1])]
+
+
+def _over_cap(groups: npt.NDArray[np.int32], rank: npt.NDArray[np.int64],
+              active: npt.NDArray[np.bool_], cap: int) -> npt.NDArray[np.bool_]:
+    """Active rows past the ``cap`` best-ranked of their group."""
+    idx = np.flatnonzero(active)
+    order = idx[np.lexsort((rank[idx], groups[idx]))]
+    g = groups[order]
+    start = np.concatenate(([True], g[1:] != g[:-1])) if len(g) else np.zeros(0, bool)
+    first = np.maximum.accumulate(np.where(start, np.arange(len(g)), 0))
+    out = np.zeros(len(groups), dtype=np.bool_)
+    out[order[(np.arange(len(g)) - first) >= cap]] = True
+    return out
+
+
+def _label_cap(label: npt.NDArray[np.int32], rank: npt.NDArray[np.int64],
+               active: npt.NDArray[np.bool_], share: float) -> npt.NDArray[np.bool_]:
+    """Drop the worst-ranked rows of the largest label until no label's share among the
+    active labelled rows exceeds ``share``."""
+    out = np.zeros(len(label), dtype=np.bool_)
+    counts = Counter(label[active].tolist())
+    while counts:
+        total = sum(counts.values())
+        top, m = counts.most_common(1)[0]
+        if m <= share * total or total == m:
+            break
+        others = total - m
+        allowed = max(int(share * others / (1 - share)), 0)
+        rows = np.flatnonzero(active & ~out & (label == top))
+        worst = rows[np.argsort(rank[rows])][allowed:]
+        out[worst] = True
+        counts[top] = allowed
+        if allowed == 0:
+            del counts[top]
+    return out
+
+
+@dataclass
+class Decision:
+    """What one population keeps: ids ascending with their split, and why rows went."""
+
+    kind: str
+    ids: npt.NDArray[np.int64]
+    split: npt.NDArray[np.int8]
+    seen: int
+    removed: dict[str, int]
+    near_pairs: int
+    cross_split: int
+    by_benchmark: dict[str, int]
+    subtree_names: list[str]
+    subtree: npt.NDArray[np.int32]
+    qtype_names: list[str]
+    qtype: npt.NDArray[np.int32]
+    label_names: list[str]
+    label: npt.NDArray[np.int32]
+
+    def split_of(self, ids: npt.NDArray[np.int64]) -> npt.NDArray[np.int8]:
+        """The split index of each id, -1 for ids not kept."""
+        pos = np.searchsorted(self.ids, ids)
+        pos = np.minimum(pos, max(len(self.ids) - 1, 0))
+        if not len(self.ids):
+            return np.full(len(ids), -1, dtype=np.int8)
+        found = self.ids[pos] == ids
+        return np.where(found, self.split[pos], -1).astype(np.int8)
+
+    def rows_per_split(self) -> dict[str, int]:
+        return {name: int((self.split == i).sum()) for i, name in enumerate(SPLITS)}
+
+    def counts(self) -> dict[str, Any]:
+        """Counts per split, subtree, type and label (labels of ``yesno`` items only)."""
+        def tally(codes: npt.NDArray[np.int32], names: list[str]) -> dict[str, int]:
+            found = Counter(codes.tolist())
+            return {names[c]: found[c] for c in sorted(found, key=lambda c: names[c])
+                    if names[c]}
+        by_subtree_split = {
+            self.subtree_names[c]: {SPLITS[i]: int(((self.subtree == c) & (self.split == i))
+                                                   .sum()) for i in range(len(SPLITS))}
+            for c in sorted(set(self.subtree.tolist()), key=lambda c: self.subtree_names[c])}
+        return {"rows": len(self.ids), "seen": self.seen, "by_split": self.rows_per_split(),
+                "by_subtree": tally(self.subtree, self.subtree_names),
+                "by_subtree_split": by_subtree_split,
+                "by_type": tally(self.qtype, self.qtype_names),
+                "by_label": tally(self.label, self.label_names)}
+
+    def report(self) -> dict[str, Any]:
+        """The manifest's account of what went and why."""
+        return {"removed": self.removed, "near_duplicate_pairs": self.near_pairs,
+                "cross_split_context": self.cross_split, "by_benchmark": self.by_benchmark}

@@ -1,0 +1,149 @@
+"""Export planning without a database: splits, MinHash, duplicates, caps, shard names."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+from datasketch import MinHash
+from meshdistill.export.dedup import MinHasher, NearDuplicates, band_layout, shingles
+from meshdistill.export.plan import Population
+from meshdistill.export.settings import FORMATS, ExportSettings
+from meshdistill.export.shards import shard_names
+from meshdistill.export.splits import split_index
+from meshdistill.export.text import normalize_text, word_ngrams, words
+from pydantic import ValidationError
+
+QUESTIONS = [
+    "Does tamoxifen reduce the recurrence of estrogen receptor positive breast cancer "
+    "in postmenopausal women?",
+    "Which genes are mutated most often in pediatric acute lymphoblastic leukemia?",
+    "Is adjuvant radiotherapy associated with longer survival after resection of "
+    "glioblastoma multiforme?",
+]
+
+
+def test_normalisation_folds_case_width_punctuation_and_space() -> None:
+    assert normalize_text("  Does ＴＡＭＯＸＩＦＥＮ -- work?!\n(yes) ") == "does tamoxifen work yes"
+    assert word_ngrams(words("a b c"), 5) == ["a b c"]
+    assert len(word_ngrams(words(QUESTIONS[0]), 5)) == len(words(QUESTIONS[0])) - 4
+
+
+def test_signatures_equal_datasketch_minhash() -> None:
+    sigs = MinHasher().signatures([*QUESTIONS, "?!"])
+    for q, sig in zip(QUESTIONS, sigs, strict=False):
+        m = MinHash(num_perm=128)
+        m.update_batch(shingles(q))
+        assert np.array_equal(m.hashvalues, sig)
+    assert (sigs[-1] == np.iinfo(np.uint32).max).all()  # no words: never a candidate
+
+
+def test_band_layout_is_datasketchs() -> None:
+    assert band_layout(0.8) == (9, 13)
+    assert band_layout(0.5)[0] > band_layout(0.9)[0]
+
+
+def test_split_is_a_function_of_pmid_seed_and_ratios() -> None:
+    pmids = np.arange(1, 200_001)
+    a = split_index(pmids, 7, (0.9, 0.05, 0.05))
+    assert np.array_equal(a, split_index(pmids, 7, (0.9, 0.05, 0.05)))
+    assert np.array_equal(a[5000:6000], split_index(pmids[5000:6000], 7, (0.9, 0.05, 0.05)))
+    shares = np.bincount(a, minlength=3) / len(a)
+    assert np.allclose(shares, (0.9, 0.05, 0.05), atol=0.005)
+    assert not np.array_equal(a, split_index(pmids, 8, (0.9, 0.05, 0.05)))
+    assert set(split_index(pmids[:5000], 7, (0.95, 0.0, 0.05)).tolist()) == {0, 2}
+
+
+def _population(settings: ExportSettings, rows: list[dict[str, Any]],
+                check: Any = None) -> Any:
+    pop = Population("items", settings, check)
+    pop.add([r["id"] for r in rows], [r["pmid"] for r in rows],
+            [r.get("subtree", "C04") for r in rows], [r.get("qtype", "factoid") for r in rows],
+            [r.get("label") for r in rows], [r["q"] for r in rows],
+            [r.get("h", 0.5) for r in rows], [r.get("j", 15) for r in rows],
+            [r["q"] for r in rows], contexts=[r.get("ctx", []) for r in rows])
+    return pop.decide()
+
+
+def test_duplicates_keep_the_best_scored_and_are_counted_by_reason() -> None:
+    near = QUESTIONS[0].replace("postmenopausal", "post-menopausal older")
+    rows = [
+        {"id": 1, "pmid": 11, "q": QUESTIONS[0], "h": 0.4},
+        {"id": 2, "pmid": 12, "q": QUESTIONS[0].upper().replace(" ", "  "), "h": 0.9},
+        {"id": 3, "pmid": 13, "q": QUESTIONS[0] + " Explain.", "h": 0.3},
+        {"id": 4, "pmid": 14, "q": QUESTIONS[1]},
+        {"id": 5, "pmid": 15, "q": QUESTIONS[2]},
+        {"id": 6, "pmid": 16, "q": near, "h": 0.1},
+    ]
+    d = _population(ExportSettings(), rows)
+    assert d.removed["exact_duplicate"] == 1
+    assert 2 in d.ids and 1 not in d.ids  # the better-scored of the exact pair
+    assert d.removed["near_duplicate"] == 1 and 3 not in d.ids  # 19 of 20 shingles shared
+    assert 6 in d.ids  # two words changed: Jaccard well below 0.8
+    assert list(d.ids) == sorted(d.ids)
+
+
+def test_contamination_strict_splits_and_caps() -> None:
+    def check(question: str, pmids: Any) -> tuple[str, str] | None:
+        if 999 in pmids:
+            return ("bench", "pmid")
+        return ("bench", "ngram") if "leukemia" in question else None
+
+    rows = [{"id": i, "pmid": 100 + i, "q": f"{QUESTIONS[2]} case {i} of {i * 7} {i * 13}",
+             "subtree": "C04" if i % 2 else "C14", "h": i / 100} for i in range(1, 41)]
+    rows += [{"id": 41, "pmid": 999, "q": "What is measured in trial nine nine nine?"},
+             {"id": 42, "pmid": 142, "q": QUESTIONS[1]},
+             {"id": 43, "pmid": 143, "q": "Is x y z related to q r s?", "ctx": [999]}]
+    for r in rows[40:]:
+        r["subtree"] = "C15"
+    d = _population(ExportSettings(near_dup_threshold=1.0), rows, check)
+    assert d.removed["contamination_pmid"] == 2 and d.removed["contamination_ngram"] == 1
+    assert d.by_benchmark == {"bench:ngram": 1, "bench:pmid": 2}
+    capped = _population(ExportSettings(near_dup_threshold=1.0, max_per_subtree=5), rows)
+    c04 = [i for i in capped.ids if i % 2 and i <= 40]
+    assert c04 == [31, 33, 35, 37, 39]  # the best-scored five of C04
+    assert capped.removed["cap_subtree"] == 30  # 15 of C04, 15 of C14, none of C15
+    settings = ExportSettings(near_dup_threshold=1.0, split_ratios=(0.5, 0.25, 0.25))
+    split = dict(zip(range(1, 41), split_index([100 + i for i in range(1, 41)], settings.seed,
+                                                settings.split_ratios), strict=True))
+    foreign = next(i for i in range(2, 41) if split[i] != split[1])
+    leaky = [{**r, "ctx": [100 + foreign]} if r["id"] == 1 else r for r in rows[:40]]
+    assert _population(settings, leaky).cross_split == 1
+    strict = _population(settings.model_copy(update={"strict_splits": True}), leaky)
+    assert strict.removed["cross_split_context"] == 1 and 1 not in strict.ids
+
+
+def test_majority_label_cap() -> None:
+    rows = [{"id": i, "pmid": i, "qtype": "yesno", "label": "yes" if i <= 30 else "no",
+             "q": f"Is marker {i} raised in tumour {i * 3} tissue of type {i * 11}?",
+             "h": i / 100} for i in range(1, 41)]
+    d = _population(ExportSettings(near_dup_threshold=1.0, max_label_share=0.6), rows)
+    labels = d.counts()["by_label"]
+    assert labels == {"no": 10, "yes": 15}
+    assert d.removed["cap_label"] == 15
+    assert [i for i in d.ids if i <= 30] == list(range(16, 31))  # the best-scored yes
+
+
+def test_near_duplicates_scale_with_bounded_state(tmp_path: Any) -> None:
+    nd = NearDuplicates(0.8, workdir=tmp_path)
+    qs = [f"{QUESTIONS[i % 3]} variant {i} of {i * 31 % 997}" for i in range(3000)]
+    nd.add(qs[:1500])
+    nd.add(qs[1500:])
+    dropped, pairs = nd.duplicates(np.arange(3000), np.ones(3000, dtype=bool))
+    nd.close()
+    assert pairs > 0 and 0 < dropped.sum() < 3000
+    assert not list(tmp_path.iterdir())  # the signature file is removed
+
+
+def test_settings_and_shard_names() -> None:
+    assert ExportSettings().formats == FORMATS
+    with pytest.raises(ValidationError):
+        ExportSettings(split_ratios=(0.5, 0.5, 0.5))
+    with pytest.raises(ValidationError):
+        ExportSettings(formats=("csv",))  # type: ignore[arg-type]
+    assert ExportSettings(file_format="both").file_formats() == ("parquet", "jsonl.gz")
+    assert shard_names("sft", "train", "parquet", 250, 100) == [
+        "sft/train-00000-of-00003.parquet", "sft/train-00001-of-00003.parquet",
+        "sft/train-00002-of-00003.parquet"]
+    assert shard_names("sft", "test", "jsonl.gz", 0, 100) == []
