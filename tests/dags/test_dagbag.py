@@ -7,7 +7,7 @@ from airflow.dag_processing.dagbag import DagBag
 
 from tests.support import REPO
 
-EXPECTED = {"mesh_refresh", "pubmed_ingest", "distill"}
+EXPECTED = {"mesh_refresh", "pubmed_ingest", "distill", "export_shards"}
 
 
 @pytest.fixture(scope="module")
@@ -177,3 +177,12 @@ def test_asset_subtrees_reads_the_triggering_events() -> None:
     assert asset_subtrees(context, ARTICLES) == ["C14", "C04"]
     assert asset_subtrees(context, QA) == []
     assert asset_subtrees({}, ARTICLES) == []
+
+
+def test_export_shards_follows_distill_and_updates_the_exports_asset(dagbag: DagBag) -> None:
+    dag = dagbag.dags["export_shards"]
+    assert "meshdistill://qa" in str(dag.timetable.asset_condition)
+    assert _uris(dag.get_task("export").outlets) == ["meshdistill://exports"]
+    assert dag.params["split_ratios"] == [0.9, 0.05, 0.05]
+    assert dag.params["formats"] == ["sft", "prompt_completion", "dpo", "alpaca", "sharegpt",
+                                     "qca"]

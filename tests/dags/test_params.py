@@ -93,3 +93,51 @@ def test_the_form_and_the_settings_agree_on_every_probe() -> None:
     for name, param in params.items():
         model = DistillRequest if name in DistillRequest.model_fields else DistillSettings
         assert param.value == model().model_dump(mode="json")[name]
+
+
+# The export_shards form: values at and beyond every bound and choice.
+EXPORT_PROBES: dict[str, list[Any]] = {
+    "subtrees": [[], ["C04"], ["C14.280", "C04"], ["neoplasms"]],
+    "question_types": [["yesno"], [], ["essay"]],
+    "formats": [["sft"], ["dpo", "qca"], [], ["csv"]],
+    "closed_book": [True, False],
+    "min_hierarchy": [0, 1, -0.1, 1.5],
+    "min_judge": [{"safety": 5}, {"safety": 6}, {"tone": 2}],
+    "near_dup_threshold": [0.8, 1, 0, 1.2],
+    "benchmarks": [[], ["bioasq.json"]],
+    "default_benchmarks": [True, False],
+    "strict_splits": [True, False],
+    "split_ratios": [[0.9, 0.05, 0.05], [0.8, 0.1, 0.1, 0.0], [0.5]],
+    "max_per_subtree": [None, 1, 0],
+    "max_per_type": [None, 5, -1],
+    "max_label_share": [None, 0.5, 0, 1],
+    "file_format": ["parquet", "jsonl", "jsonl.gz", "both", "csv"],
+    "shard_rows": [1, 100000, 0],
+    "out": [None, "s3://bucket/exports", "/data/exports"],
+}
+
+
+def test_the_export_form_and_the_settings_agree_on_every_probe() -> None:
+    from meshdistill.export.settings import ExportSettings
+
+    params = model_params(ExportSettings, ExportSettings.FORM)
+    assert set(EXPORT_PROBES) == set(params), "every form field is probed"
+    disagreements = []
+    for name, values in EXPORT_PROBES.items():
+        for value in values:
+            form = ParamsDict({name: copy.deepcopy(params[name])})
+            try:
+                form[name] = value
+                form_ok = True
+            except ParamValidationError:
+                form_ok = False
+            try:
+                ExportSettings.model_validate({name: value})
+                model_ok = True
+            except ValidationError:
+                model_ok = False
+            if form_ok != model_ok:
+                disagreements.append((name, value, form_ok))
+    assert disagreements == []
+    for name, param in params.items():
+        assert param.value == ExportSettings().model_dump(mode="json")[name]
