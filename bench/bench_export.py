@@ -87,7 +87,8 @@ SELECT CASE WHEN k %% 3 = 0 THEN 'C14' ELSE 'C04' END, pmid, 'bench', profile, o
                           'rationale', 'grounded in the source abstract'),
        'The abstract reports that ' || lower(left(abstract, 300)) || ' [PMID ' || pmid || ']',
        CASE WHEN k %% 4 = 0 THEN (ARRAY['yes', 'no', 'maybe'])[1 + (k / 4) %% 3] END,
-       ARRAY[pmid], ARRAY[split_part(abstract, '. ', 1)], 'accepted', 'answer', 'bench'
+       ARRAY[pmid], jsonb_build_array(split_part(abstract, '. ', 1)), 'accepted', 'answer',
+       'bench'
 FROM slots ORDER BY k LIMIT %(items)s
 """
 MAKE_PAIRS = """

@@ -152,7 +152,8 @@ def main() -> int:
         print(f"  export     {latest['id']}: {latest['items']} items, {latest['pairs']} "
               "preference pairs (rows per format and split):")
         for fmt, splits in latest["formats"].items():
-            print(f"    {fmt:<18} " + "  ".join(f"{k} {v}" for k, v in splits.items()))
+            print(f"    {fmt:<18} " + "  ".join(f"{k} {splits.get(k, 0)}"
+                                                for k in ("train", "validation", "test")))
         print(f"  shards     {latest['location']}")
         print(f"  card       {latest['location']}/README.md")
     print("  timings    " + ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()))

@@ -25,7 +25,8 @@ QUESTIONS = [
 
 
 def test_normalisation_folds_case_width_punctuation_and_space() -> None:
-    assert normalize_text("  Does ＴＡＭＯＸＩＦＥＮ -- work?!\n(yes) ") == "does tamoxifen work yes"
+    wide = "  Does ＴＡＭＯＸＩＦＥＮ -- work?!\n(yes) "
+    assert normalize_text(wide) == "does tamoxifen work yes"
     assert word_ngrams(words("a b c"), 5) == ["a b c"]
     assert len(word_ngrams(words(QUESTIONS[0]), 5)) == len(words(QUESTIONS[0])) - 4
 

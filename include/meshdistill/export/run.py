@@ -235,7 +235,10 @@ def _formats_table(shards: list[ShardInfo], primary: str) -> tuple[dict[str, Any
         rows.setdefault(sh.format, {}).setdefault(sh.split, 0)
         rows[sh.format][sh.split] += sh.rows
         files.setdefault(sh.format, {}).setdefault(sh.split, []).append(sh.path)
-    return rows, files
+    def ordered(d: dict[str, Any]) -> dict[str, Any]:
+        return {s: d[s] for s in SPLITS if s in d}
+    return ({f: ordered(v) for f, v in rows.items()},
+            {f: {s: sorted(p) for s, p in ordered(v).items()} for f, v in files.items()})
 
 
 def run_export(engine: Engine, settings: ExportSettings, *, fs: Any, root: str,
