@@ -73,12 +73,11 @@ PROBES: dict[str, list[Any]] = {
 }
 
 
-def test_the_form_and_the_settings_agree_on_every_probe() -> None:
-    params = {**model_params(DistillRequest), **model_params(DistillSettings,
-                                                              DistillSettings.FORM)}
-    assert set(PROBES) == set(params), "every form field is probed"
-    disagreements = []
-    for name, values in PROBES.items():
+def _disagreements(params: dict[str, Any], probes: dict[str, list[Any]],
+                   accepts: Any) -> list[tuple[str, Any, bool]]:
+    """(field, value, the form's verdict) wherever the form and pydantic disagree."""
+    found = []
+    for name, values in probes.items():
         for value in values:
             form = ParamsDict({name: copy.deepcopy(params[name])})
             try:
@@ -86,9 +85,16 @@ def test_the_form_and_the_settings_agree_on_every_probe() -> None:
                 form_ok = True
             except ParamValidationError:
                 form_ok = False
-            if form_ok != _pydantic_accepts(name, value):
-                disagreements.append((name, value, form_ok))
-    assert disagreements == []
+            if form_ok != accepts(name, value):
+                found.append((name, value, form_ok))
+    return found
+
+
+def test_the_form_and_the_settings_agree_on_every_probe() -> None:
+    params = {**model_params(DistillRequest), **model_params(DistillSettings,
+                                                              DistillSettings.FORM)}
+    assert set(PROBES) == set(params), "every form field is probed"
+    assert _disagreements(params, PROBES, _pydantic_accepts) == []
     # Each default is the settings' default, and valid for both.
     for name, param in params.items():
         model = DistillRequest if name in DistillRequest.model_fields else DistillSettings
@@ -122,22 +128,14 @@ def test_the_export_form_and_the_settings_agree_on_every_probe() -> None:
 
     params = model_params(ExportSettings, ExportSettings.FORM)
     assert set(EXPORT_PROBES) == set(params), "every form field is probed"
-    disagreements = []
-    for name, values in EXPORT_PROBES.items():
-        for value in values:
-            form = ParamsDict({name: copy.deepcopy(params[name])})
-            try:
-                form[name] = value
-                form_ok = True
-            except ParamValidationError:
-                form_ok = False
-            try:
-                ExportSettings.model_validate({name: value})
-                model_ok = True
-            except ValidationError:
-                model_ok = False
-            if form_ok != model_ok:
-                disagreements.append((name, value, form_ok))
-    assert disagreements == []
+
+    def accepts(name: str, value: Any) -> bool:
+        try:
+            ExportSettings.model_validate({name: value})
+        except ValidationError:
+            return False
+        return True
+
+    assert _disagreements(params, EXPORT_PROBES, accepts) == []
     for name, param in params.items():
         assert param.value == ExportSettings().model_dump(mode="json")[name]

@@ -27,10 +27,12 @@ from meshdistill.export.schemas import (
     SCHEMAS,
     SHAREGPT_TURN,
 )
+from meshdistill.export.source import ITEM_COLUMNS
 from meshdistill.llm import prompts
 from meshdistill.llm.inputs import ArticleInput, MeshHeading, Passage
 from meshdistill.llm.stages import format_ancestry, format_contexts, format_mesh
 
+_I = {name: i for i, name in enumerate(ITEM_COLUMNS)}
 ANSWER_OPEN, ANSWER_CLOSED, QUESTION = "export_answer", "export_answer_closed", "export_question"
 TEMPLATES = (ANSWER_OPEN, ANSWER_CLOSED, QUESTION)
 
@@ -68,21 +70,26 @@ def _judge(judgements: Sequence[dict[str, Any] | None]) -> pa.StructArray:
 
 
 class ItemBatch:
-    """One batch of ``source.ITEM_ROWS_SQL`` rows, with the strings the formats share."""
+    """One batch of ``source.ITEM_ROWS_SQL`` rows, with the strings the formats share;
+    ``texts`` holds the title and abstract of every context article of the batch."""
 
     def __init__(self, rows: Sequence[tuple[Any, ...]], *, closed_book: bool,
-                 mesh_trees: dict[str, list[str]]) -> None:
+                 mesh_trees: dict[str, list[str]],
+                 texts: dict[int, tuple[str, str]]) -> None:
         self.rows = rows
         self.mesh_trees = mesh_trees
-        self.ids = [r[0] for r in rows]
-        self.subtrees = [r[1] for r in rows]
-        self.pmids = [int(r[2]) for r in rows]
-        self.qtypes = [r[5] for r in rows]
-        self.questions = [r[6] for r in rows]
-        self.labels = [r[12] for r in rows]
-        self.hierarchy = [r[17] for r in rows]
-        self.judgements = [r[19] for r in rows]
-        self.passages = [self._passages(r) for r in rows]
+        self.ids = self.column("id")
+        self.subtrees = self.column("subtree")
+        self.pmids = [int(p) for p in self.column("source_pmid")]
+        self.qtypes = self.column("qtype")
+        self.questions = self.column("question")
+        self.labels = self.column("label")
+        self.hierarchy = self.column("hierarchy_score")
+        self.judgements = self.column("judgement")
+        contexts = _I["contexts"]
+        self.passages = [[Passage(str(c["pmid"]), *texts[int(c["pmid"])])
+                          for c in (r[contexts] or []) if int(c["pmid"]) in texts]
+                         for r in rows]
         self.context_blocks = [format_contexts(p) for p in self.passages]
         template = ANSWER_CLOSED if closed_book else ANSWER_OPEN
         system: list[str] = []
@@ -92,15 +99,14 @@ class ItemBatch:
             system.append(rendered.messages[0]["content"])
             user.append(rendered.messages[1]["content"])
         self.system, self.user = system, user
-        self.assistant = [assistant_text(r[5], r[12], r[11]) for r in rows]
+        self.assistant = [assistant_text(q, label, answer) for q, label, answer in zip(
+            self.qtypes, self.labels, self.column("answer"), strict=True)]
         self.closed_book = closed_book
         self._metadata: pa.StructArray | None = None
 
-    @staticmethod
-    def _passages(row: tuple[Any, ...]) -> list[Passage]:
-        texts = {int(p): (title, text) for p, title, text in (row[10] or [])}
-        return [Passage(str(c["pmid"]), *texts[int(c["pmid"])])
-                for c in (row[9] or []) if int(c["pmid"]) in texts]
+    def column(self, name: str) -> list[Any]:
+        i = _I[name]
+        return [r[i] for r in self.rows]
 
     def metadata(self) -> pa.StructArray:
         if self._metadata is None:
@@ -134,49 +140,51 @@ class ItemBatch:
         return pa.Table.from_arrays(cols, schema=SCHEMAS[fmt])
 
     def _qca(self, meta: pa.StructArray) -> pa.Table:
-        rows = self.rows
+        col = self.column
         contexts = []
-        for r, passages in zip(rows, self.passages, strict=True):
+        for stored, passages in zip(col("contexts"), self.passages, strict=True):
             text = {int(p.pmid): p for p in passages}
             contexts.append([
                 {"pmid": int(c["pmid"]), "title": text[int(c["pmid"])].title,
                  "text": text[int(c["pmid"])].text, "rank": c.get("rank"),
                  "retrieval": c.get("retrieval"), "hierarchy": c.get("hierarchy"),
                  "blend": c.get("blend"), "is_source": c.get("is_source")}
-                for c in (r[9] or []) if int(c["pmid"]) in text])
-        mesh = [[{"ui": ui, "tree_numbers": self.mesh_trees.get(ui, [])} for ui in (r[15] or [])]
-                for r in rows]
-        versions = [{k: (r[22] or {}).get(k) for k in ("generate", "judge", "answer")}
-                    for r in rows]
+                for c in (stored or []) if int(c["pmid"]) in text])
+        mesh = [[{"ui": ui, "tree_numbers": self.mesh_trees.get(ui, [])} for ui in (uis or [])]
+                for uis in col("question_mesh")]
+        versions = [{k: (v or {}).get(k) for k in ("generate", "judge", "answer")}
+                    for v in col("prompt_versions")]
         columns = {
             "id": pa.array(self.ids, pa.int64()),
             "subtree": pa.array(self.subtrees, pa.string()),
             "source_pmid": pa.array(self.pmids, pa.int64()),
-            "profile": pa.array([r[3] for r in rows], pa.string()),
-            "ordinal": pa.array([r[4] for r in rows], pa.int32()),
+            "profile": pa.array(col("profile"), pa.string()),
+            "ordinal": pa.array(col("ordinal"), pa.int32()),
             "question_type": pa.array(self.qtypes, pa.string()),
             "question": pa.array(self.questions, pa.string()),
-            "answer_hint": pa.array([r[7] for r in rows], pa.string()),
-            "evidence": pa.array([r[8] for r in rows], pa.string()),
+            "answer_hint": pa.array(col("answer_hint"), pa.string()),
+            "evidence": pa.array(col("evidence"), pa.string()),
             "contexts": pa.array(contexts, pa.list_(CONTEXT)),
-            "context_pmids": pa.array([[int(c["pmid"]) for c in (r[9] or [])] for r in rows],
-                                      pa.list_(pa.int64())),
-            "answer": pa.array([r[11] for r in rows], pa.string()),
+            "context_pmids": pa.array([[int(c["pmid"]) for c in (v or [])]
+                                       for v in col("contexts")], pa.list_(pa.int64())),
+            "answer": pa.array(col("answer"), pa.string()),
             "label": pa.array(self.labels, pa.string()),
-            "cited_pmids": pa.array([r[13] or [] for r in rows], pa.list_(pa.int64())),
-            "answer_evidence": pa.array([r[14] or [] for r in rows], pa.list_(pa.string())),
+            "cited_pmids": pa.array([v or [] for v in col("cited_pmids")],
+                                    pa.list_(pa.int64())),
+            "answer_evidence": pa.array([v or [] for v in col("answer_evidence")],
+                                        pa.list_(pa.string())),
             "question_mesh": pa.array(mesh, pa.list_(MESH_TERM)),
-            "retrieval_score": pa.array([r[16] for r in rows], pa.float64()),
+            "retrieval_score": pa.array(col("retrieval_score"), pa.float64()),
             "hierarchy_score": pa.array(self.hierarchy, pa.float64()),
-            "blend_score": pa.array([r[18] for r in rows], pa.float64()),
+            "blend_score": pa.array(col("blend_score"), pa.float64()),
             "judge": _judge(self.judgements),
             "judge_rationale": pa.array([(j or {}).get("rationale") for j in self.judgements],
                                         pa.string()),
-            "backend": pa.array([r[20] for r in rows], pa.string()),
-            "model": pa.array([r[21] for r in rows], pa.string()),
+            "backend": pa.array(col("backend"), pa.string()),
+            "model": pa.array(col("model"), pa.string()),
             "prompt_versions": pa.array(versions, PROMPT_VERSIONS),
-            "run_id": pa.array([r[23] for r in rows], pa.string()),
-            "params": pa.array([r[24] for r in rows], pa.string()),
+            "run_id": pa.array(col("run_id"), pa.string()),
+            "params": pa.array(col("params"), pa.string()),
             "metadata": meta,
         }
         return pa.Table.from_arrays(list(columns.values()), schema=SCHEMAS["qca"])

@@ -38,13 +38,14 @@ from meshdistill.export.records import ItemBatch, pair_table, template_versions
 from meshdistill.export.schemas import JUDGE_CRITERIA, SCHEMAS
 from meshdistill.export.settings import SPLITS, ExportSettings
 from meshdistill.export.shards import ShardInfo, ShardWriter
-from meshdistill.export.source import Snapshot, snapshot
+from meshdistill.export.source import ITEM_COLUMNS, Snapshot, snapshot
 from meshdistill.mesh.subtree import get_subtree
 
 log = logging.getLogger(__name__)
 
 ITEM_FORMATS = ("sft", "prompt_completion", "alpaca", "sharegpt", "qca")
 MANIFEST = "manifest.json"
+CONTEXTS = ITEM_COLUMNS.index("contexts")
 Progress = Callable[[str, int], None]
 """Called after each written batch with the phase and the rows written so far."""
 
@@ -166,7 +167,9 @@ def _write_items(snap: Snapshot, fs: Any, root: str, s: ExportSettings, formats:
             if not len(keep):
                 continue
             kept = [rows[i] for i in keep]
-            batch = ItemBatch(kept, closed_book=s.closed_book, mesh_trees=mesh_trees)
+            wanted = {int(c["pmid"]) for r in kept for c in (r[CONTEXTS] or [])}
+            batch = ItemBatch(kept, closed_book=s.closed_book, mesh_trees=mesh_trees,
+                              texts=snap.article_texts(wanted))
             for fmt in formats:
                 table = batch.table(fmt)
                 writers.write(fmt, split[keep], table)
@@ -175,10 +178,10 @@ def _write_items(snap: Snapshot, fs: Any, root: str, s: ExportSettings, formats:
             out.hierarchy.append(np.asarray(batch.hierarchy, dtype=np.float64))
             for c in JUDGE_CRITERIA:
                 out.judge[c].append(np.asarray([j[c] for j in batch.judgements], np.int8))
-            for r in kept:
-                out.backends.add(r[20])
-                out.models.add(r[21])
-                out.prompt_versions.update((r[22] or {}).values())
+            out.backends.update(batch.column("backend"))
+            out.models.update(batch.column("model"))
+            for versions in batch.column("prompt_versions"):
+                out.prompt_versions.update((versions or {}).values())
             written += len(kept)
             if progress:
                 progress("items", written)

@@ -51,21 +51,19 @@ ITEM_PLAN_SQL = """
            ARRAY(SELECT (c->>'pmid')::bigint FROM jsonb_array_elements(q.contexts) c)
     FROM qa_item q WHERE {where} ORDER BY q.id
 """
-ITEM_ROWS_SQL = """
-    SELECT q.id, q.subtree, q.source_pmid, q.profile, q.ordinal, q.qtype, q.question,
-           q.answer_hint, q.evidence, q.contexts, ctx.texts, q.answer, q.label,
-           q.cited_pmids, q.answer_evidence, q.question_mesh, q.retrieval_score,
-           q.hierarchy_score, q.blend_score, q.judgement, q.backend, q.model,
-           q.prompt_versions, q.run_id, q.params::text
-    FROM qa_item q
-    LEFT JOIN LATERAL (
-        SELECT json_agg(json_build_array(a.pmid, coalesce(a.title, ''), a.abstract)
-                        ORDER BY c.ord) AS texts
-        FROM jsonb_array_elements(q.contexts) WITH ORDINALITY c(v, ord)
-        JOIN article a ON a.pmid = (c.v->>'pmid')::bigint
-    ) ctx ON true
-    WHERE {where} ORDER BY q.id
-"""
+ITEM_COLUMNS = (
+    "id", "subtree", "source_pmid", "profile", "ordinal", "qtype", "question", "answer_hint",
+    "evidence", "contexts", "answer", "label", "cited_pmids", "answer_evidence",
+    "question_mesh", "retrieval_score", "hierarchy_score", "blend_score", "judgement",
+    "backend", "model", "prompt_versions", "run_id", "params")
+"""The columns of :data:`ITEM_ROWS_SQL`, in order (``params`` as JSON text)."""
+ITEM_ROWS_SQL = ("SELECT " + ", ".join(f"q.{c}::text" if c == "params" else f"q.{c}"
+                                       for c in ITEM_COLUMNS)
+                 + " FROM qa_item q WHERE {where} ORDER BY q.id")
+ARTICLE_TEXTS_SQL = "SELECT pmid, coalesce(title, ''), abstract FROM article WHERE pmid = ANY(%s)"
+"""Title and abstract of the context articles of one batch: fetched once per batch (the
+items of one source share their contexts) instead of once per item and context."""
+
 PAIR_PLAN_SQL = """
     SELECT p.id, p.source_pmid, p.subtree, c.qtype, c.question, r.question,
            p.chosen_score, p.margin
@@ -119,7 +117,13 @@ class Snapshot:
     def pair_rows(self) -> Iterator[list[tuple[Any, ...]]]:
         return self._stream(PAIR_ROWS_SQL, "c")
 
-    def fetch(self, sql: str, params: dict[str, Any] | None = None) -> list[tuple[Any, ...]]:
+    def article_texts(self, pmids: set[int]) -> dict[int, tuple[str, str]]:
+        """Title and abstract of each of ``pmids`` that is stored."""
+        with self._conn.cursor() as cur:
+            cur.execute(ARTICLE_TEXTS_SQL, (sorted(pmids),))
+            return {int(p): (title, abstract) for p, title, abstract in cur}
+
+    def fetch(self, sql: str, params: Any = None) -> list[tuple[Any, ...]]:
         with self._conn.cursor() as cur:
             cur.execute(sql, params or {})
             return list(cur.fetchall())

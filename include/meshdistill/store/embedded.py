@@ -63,5 +63,10 @@ def stop(home: Path) -> bool:
     if os.geteuid() == 0:
         # pgserver runs the server as its own unprivileged user when started by root.
         cmd = ["su", "pgserver", "-s", "/bin/sh", "-c", " ".join(cmd)]
-    subprocess.run(cmd, check=True, capture_output=True)
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0 and (pgdata / "postmaster.pid").exists():
+        # pg_ctl also fails when the server stopped on its own meanwhile (pgserver stops
+        # it when its last user exits): only a server still running is an error.
+        raise RuntimeError(f"could not stop the embedded PostgreSQL in {pgdata}: "
+                           f"{(done.stderr or done.stdout).strip()}")
     return True
