@@ -241,10 +241,9 @@ class Decision:
 
     def split_of(self, ids: npt.NDArray[np.int64]) -> npt.NDArray[np.int8]:
         """The split index of each id, -1 for ids not kept."""
-        pos = np.searchsorted(self.ids, ids)
-        pos = np.minimum(pos, max(len(self.ids) - 1, 0))
         if not len(self.ids):
             return np.full(len(ids), -1, dtype=np.int8)
+        pos = np.minimum(np.searchsorted(self.ids, ids), len(self.ids) - 1)
         found = self.ids[pos] == ids
         return np.where(found, self.split[pos], -1).astype(np.int8)
 

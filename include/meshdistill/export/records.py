@@ -52,14 +52,14 @@ def assistant_text(qtype: str, label: str | None, answer: str) -> str:
 
 
 def _messages(roles: Sequence[str], columns: Sequence[Sequence[str]],
-              role_key: str = "role", content_key: str = "content") -> pa.ListArray:
-    """A list array of len(columns[0]) rows, each the messages ``roles`` x ``columns``."""
+              turn: pa.StructType = MESSAGE) -> pa.ListArray:
+    """A list array of len(columns[0]) rows, each the turns ``roles`` x ``columns`` as
+    ``turn`` structs (role field first, text second)."""
     n, k = len(columns[0]), len(columns)
     content = pa.array([text for row in zip(*columns, strict=True) for text in row],
                        pa.string())
     role = pa.array(list(roles) * n, pa.string())
-    fields = list(MESSAGE) if role_key == "role" else list(SHAREGPT_TURN)
-    structs = pa.StructArray.from_arrays([role, content], fields=fields)
+    structs = pa.StructArray.from_arrays([role, content], fields=list(turn))
     offsets = pa.array(range(0, n * k + 1, k), pa.int32())
     return pa.ListArray.from_arrays(offsets, structs)
 
@@ -130,9 +130,8 @@ class ItemBatch:
             cols = [pa.array(self.questions, pa.string()), pa.array(inputs, pa.string()),
                     pa.array(self.assistant, pa.string()), meta]
         elif fmt == "sharegpt":
-            cols = [_messages(("system", "human", "gpt"), (self.system, self.user,
-                                                          self.assistant), "from", "value"),
-                    meta]
+            cols = [_messages(("system", "human", "gpt"),
+                              (self.system, self.user, self.assistant), SHAREGPT_TURN), meta]
         elif fmt == "qca":
             return self._qca(meta)
         else:

@@ -17,7 +17,7 @@ import os
 import secrets
 import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -142,6 +142,36 @@ class _Writers:
             for w in ws:
                 w.abort()
 
+    def __enter__(self) -> _Writers:
+        return self
+
+    def __exit__(self, kind: Any, *_: Any) -> None:
+        if kind is not None:
+            self.abort()
+
+
+def _kept_batches(batches: Generator[list[tuple[Any, ...]], None, None], decision: Decision,
+                  progress: Progress | None) -> Iterator[tuple[list[tuple[Any, ...]], Any]]:
+    """The planned rows of each streamed batch (id first) with their split indexes; checks
+    at the end that exactly the planned rows came (the snapshot cannot change, so a
+    difference is a bug, not data). The stream is closed however this ends, while its
+    transaction is still open (a traceback would otherwise keep it alive past it)."""
+    written = 0
+    try:
+        for rows in batches:
+            split = decision.split_of(np.asarray([r[0] for r in rows], dtype=np.int64))
+            keep = np.flatnonzero(split >= 0)
+            if not len(keep):
+                continue
+            yield [rows[i] for i in keep], split[keep]
+            written += len(keep)
+            if progress:
+                progress(decision.kind, written)
+    finally:
+        batches.close()
+    if written != len(decision.ids):
+        raise RuntimeError(f"planned {len(decision.ids)} {decision.kind}, read {written}")
+
 
 @dataclass
 class _Written:
@@ -158,21 +188,14 @@ class _Written:
 def _write_items(snap: Snapshot, fs: Any, root: str, s: ExportSettings, formats: list[str],
                  decision: Decision, mesh_trees: dict[str, list[str]], out: _Written,
                  progress: Progress | None) -> None:
-    writers = _Writers(fs, root, s, formats, decision.rows_per_split())
-    written = 0
-    try:
-        for rows in snap.item_rows():
-            split = decision.split_of(np.asarray([r[0] for r in rows], dtype=np.int64))
-            keep = np.flatnonzero(split >= 0)
-            if not len(keep):
-                continue
-            kept = [rows[i] for i in keep]
+    with _Writers(fs, root, s, formats, decision.rows_per_split()) as writers:
+        for kept, split in _kept_batches(snap.item_rows(), decision, progress):
             wanted = {int(c["pmid"]) for r in kept for c in (r[CONTEXTS] or [])}
             batch = ItemBatch(kept, closed_book=s.closed_book, mesh_trees=mesh_trees,
                               texts=snap.article_texts(wanted))
             for fmt in formats:
                 table = batch.table(fmt)
-                writers.write(fmt, split[keep], table)
+                writers.write(fmt, split, table)
                 if fmt not in out.samples:
                     out.samples[fmt] = table.slice(0, 1).to_pylist()[0]
             out.hierarchy.append(np.asarray(batch.hierarchy, dtype=np.float64))
@@ -182,16 +205,7 @@ def _write_items(snap: Snapshot, fs: Any, root: str, s: ExportSettings, formats:
             out.models.update(batch.column("model"))
             for versions in batch.column("prompt_versions"):
                 out.prompt_versions.update((versions or {}).values())
-            written += len(kept)
-            if progress:
-                progress("items", written)
         out.shards += writers.close()
-    except BaseException:
-        writers.abort()
-        raise
-    if written != len(decision.ids):
-        raise RuntimeError(f"planned {len(decision.ids)} items, read {written}: the snapshot "
-                           "changed under the export")
 
 
 def _write_pairs(snap: Snapshot, engine: Engine, fs: Any, root: str, s: ExportSettings,
@@ -205,28 +219,13 @@ def _write_pairs(snap: Snapshot, engine: Engine, fs: Any, root: str, s: ExportSe
                 info[name] = ([name], None)
                 continue
             info[name] = ([*sub.ancestry, sub.name or name], sub.scope_note)
-    writers = _Writers(fs, root, s, ["dpo"], decision.rows_per_split())
-    written = 0
-    try:
-        for rows in snap.pair_rows():
-            split = decision.split_of(np.asarray([r[0] for r in rows], dtype=np.int64))
-            keep = np.flatnonzero(split >= 0)
-            if not len(keep):
-                continue
-            kept = [rows[i] for i in keep]
+    with _Writers(fs, root, s, ["dpo"], decision.rows_per_split()) as writers:
+        for kept, split in _kept_batches(snap.pair_rows(), decision, progress):
             table = pair_table(kept, info)
-            writers.write("dpo", split[keep], table)
+            writers.write("dpo", split, table)
             out.samples.setdefault("dpo", table.slice(0, 1).to_pylist()[0])
             out.margins.append(np.asarray(pc.struct_field(table["metadata"], "margin")))
-            written += len(kept)
-            if progress:
-                progress("pairs", written)
         out.shards += writers.close()
-    except BaseException:
-        writers.abort()
-        raise
-    if written != len(decision.ids):
-        raise RuntimeError(f"planned {len(decision.ids)} pairs, read {written}")
 
 
 def _formats_table(shards: list[ShardInfo], primary: str) -> tuple[dict[str, Any], ...]:
@@ -296,9 +295,10 @@ def run_export(engine: Engine, settings: ExportSettings, *, fs: Any, root: str,
                 timings["write_pairs"] = rate.done(len(pairs.ids))
         primary = settings.file_formats()[0]
         rows, files = _formats_table(out.shards, primary)
-        manifest = _manifest(export_id, now, settings, items, pairs, out, rows, files, primary,
-                             index, mesh_year[0][0] if mesh_year else None)
-        stats = _card_stats(items, out)
+        item_counts = items.counts() if items is not None else None
+        manifest = _manifest(export_id, now, settings, item_counts, pairs, out, rows, files,
+                             primary, index, mesh_year[0][0] if mesh_year else None, items)
+        stats = _card_stats(item_counts, out)
         plots = render_plots(stats)
         for name, data in plots.items():
             fs.makedirs(f"{partial}/{name.rsplit('/', 1)[0]}", exist_ok=True)
@@ -325,16 +325,16 @@ def run_export(engine: Engine, settings: ExportSettings, *, fs: Any, root: str,
     return ExportResult(export_id, target, manifest, timings)
 
 
-def _manifest(export_id: str, now: datetime, s: ExportSettings, items: Decision | None,
-              pairs: Decision | None, out: _Written, rows: dict[str, Any],
-              files: dict[str, Any], primary: str, index: ContaminationIndex | None,
-              mesh_year: int | None) -> dict[str, Any]:
-    counts: dict[str, Any] = {"items": len(items.ids) if items else 0,
+def _manifest(export_id: str, now: datetime, s: ExportSettings,
+              item_counts: dict[str, Any] | None, pairs: Decision | None, out: _Written,
+              rows: dict[str, Any], files: dict[str, Any], primary: str,
+              index: ContaminationIndex | None, mesh_year: int | None,
+              items: Decision | None) -> dict[str, Any]:
+    counts: dict[str, Any] = {"items": item_counts["rows"] if item_counts else 0,
                               "pairs": len(pairs.ids) if pairs else 0}
-    if items is not None:
-        c = items.counts()
-        counts.update(by_split=c["by_split"], by_subtree=c["by_subtree"], by_type=c["by_type"],
-                      by_label=c["by_label"], by_subtree_split=c["by_subtree_split"])
+    if item_counts is not None:
+        counts.update({k: item_counts[k] for k in ("by_split", "by_subtree", "by_type",
+                                                    "by_label", "by_subtree_split")})
     if pairs is not None:
         counts["pairs_by_split"] = pairs.rows_per_split()
     cleaning = {kind: d.report() | {"seen": d.seen}
@@ -364,12 +364,11 @@ def _manifest(export_id: str, now: datetime, s: ExportSettings, items: Decision 
     }
 
 
-def _card_stats(items: Decision | None, out: _Written) -> CardStats:
+def _card_stats(item_counts: dict[str, Any] | None, out: _Written) -> CardStats:
     def cat(parts: list[Any], dtype: Any) -> Any:
         return np.concatenate(parts) if parts else np.zeros(0, dtype)
 
-    c = items.counts() if items is not None else {"by_subtree": {}, "by_type": {},
-                                                   "by_label": {}}
+    c = item_counts or {"by_subtree": {}, "by_type": {}, "by_label": {}}
     return CardStats(items_per_subtree=c["by_subtree"],
                      hierarchy_scores=cat(out.hierarchy, np.float64),
                      judge_scores={k: cat(v, np.int8) for k, v in out.judge.items()},

@@ -10,7 +10,7 @@ minimum scores; pairs are ``preference_pair`` rows whose chosen item matches the
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -96,7 +96,7 @@ class Snapshot:
         self.settings = settings
         self._cursors = 0
 
-    def _stream(self, sql: str, alias: str) -> Iterator[list[tuple[Any, ...]]]:
+    def _stream(self, sql: str, alias: str) -> Generator[list[tuple[Any, ...]], None, None]:
         where, params = _where(alias, self.settings)
         self._cursors += 1
         with self._conn.cursor(name=f"meshdistill_export_{self._cursors}") as cur:
@@ -105,16 +105,16 @@ class Snapshot:
             while batch := cur.fetchmany(BATCH_ROWS):
                 yield batch
 
-    def item_plan_rows(self) -> Iterator[list[tuple[Any, ...]]]:
+    def item_plan_rows(self) -> Generator[list[tuple[Any, ...]], None, None]:
         return self._stream(ITEM_PLAN_SQL, "q")
 
-    def item_rows(self) -> Iterator[list[tuple[Any, ...]]]:
+    def item_rows(self) -> Generator[list[tuple[Any, ...]], None, None]:
         return self._stream(ITEM_ROWS_SQL, "q")
 
-    def pair_plan_rows(self) -> Iterator[list[tuple[Any, ...]]]:
+    def pair_plan_rows(self) -> Generator[list[tuple[Any, ...]], None, None]:
         return self._stream(PAIR_PLAN_SQL, "c")
 
-    def pair_rows(self) -> Iterator[list[tuple[Any, ...]]]:
+    def pair_rows(self) -> Generator[list[tuple[Any, ...]], None, None]:
         return self._stream(PAIR_ROWS_SQL, "c")
 
     def article_texts(self, pmids: set[int]) -> dict[int, tuple[str, str]]:
