@@ -7,12 +7,13 @@ from typing import Any
 import numpy as np
 import pytest
 from datasketch import MinHash
-from meshdistill.export.dedup import MinHasher, NearDuplicates, band_layout, shingles
-from meshdistill.export.plan import Population
+from meshdistill.export.benchmarks import Benchmark, ContaminationIndex
+from meshdistill.export.dedup import MinHasher, NearDuplicates, band_layout
+from meshdistill.export.plan import Population, Rows
 from meshdistill.export.settings import FORMATS, ExportSettings
 from meshdistill.export.shards import shard_names
 from meshdistill.export.splits import split_index
-from meshdistill.export.text import normalize_text, word_ngrams, words
+from meshdistill.export.text import Tokens, normalize_text, word_ngrams, words
 from pydantic import ValidationError
 
 QUESTIONS = [
@@ -31,13 +32,40 @@ def test_normalisation_folds_case_width_punctuation_and_space() -> None:
     assert len(word_ngrams(words(QUESTIONS[0]), 5)) == len(words(QUESTIONS[0])) - 4
 
 
-def test_signatures_equal_datasketch_minhash() -> None:
-    sigs = MinHasher().signatures([*QUESTIONS, "?!"])
-    for q, sig in zip(QUESTIONS, sigs, strict=False):
-        m = MinHash(num_perm=128)
-        m.update_batch(shingles(q))
-        assert np.array_equal(m.hashvalues, sig)
-    assert (sigs[-1] == np.iinfo(np.uint32).max).all()  # no words: never a candidate
+def _datasketch(question: str) -> MinHash:
+    m = MinHash(num_perm=128)
+    m.update_batch([s.encode() for s in word_ngrams(words(question), 5)])
+    return m
+
+
+def test_signatures_estimate_jaccard_as_datasketch_does() -> None:
+    """Our signatures and datasketch's estimate the same Jaccard similarities of
+    question pairs spanning 0 to 1 (each within sampling error of the true value)."""
+    base = words(QUESTIONS[0] + " " + QUESTIONS[2])
+    variants = [" ".join(base[:len(base) - k] + [f"w{j}" for j in range(k)])
+                for k in range(0, len(base), 2)]
+    sigs = MinHasher().signatures(Tokens.of([*variants, "?!", "one"]))
+    assert (sigs[-2] == np.iinfo(np.uint32).max).all()  # no words: never a candidate
+    assert (sigs[-1] < np.iinfo(np.uint32).max).all()  # one word: one shingle
+    reference = _datasketch(variants[0])
+    for i, v in enumerate(variants):
+        a = set(word_ngrams(words(variants[0]), 5))
+        b = set(word_ngrams(words(v), 5))
+        true = len(a & b) / len(a | b)
+        ours = float((sigs[0] == sigs[i]).mean())
+        theirs = reference.jaccard(_datasketch(v))
+        assert abs(ours - true) < 0.15 and abs(theirs - true) < 0.15, (i, true, ours, theirs)
+    assert np.array_equal(sigs[:3], MinHasher().signatures(Tokens.of(variants[:3])))
+
+
+def test_word_runs_hash_as_their_words() -> None:
+    tokens = Tokens.of(["a b c d e f", "", "x y", "A b, c d E f!", "b c d e f g"])
+    whole = tokens.runs().whole()
+    assert whole[0] == whole[3] and len({*whole[[0, 1, 2, 4]].tolist()}) == 4
+    hashes, offsets = tokens.runs().shingles(5)
+    assert np.diff(offsets).tolist() == [2, 0, 1, 2, 2]
+    assert hashes[1] == hashes[5]  # "b c d e f" in rows 0 and 4
+    assert len(set(hashes.tolist())) == 4
 
 
 def test_band_layout_is_datasketchs() -> None:
@@ -59,11 +87,13 @@ def test_split_is_a_function_of_pmid_seed_and_ratios() -> None:
 def _population(settings: ExportSettings, rows: list[dict[str, Any]],
                 check: Any = None) -> Any:
     pop = Population("items", settings, check)
-    pop.add([r["id"] for r in rows], [r["pmid"] for r in rows],
-            [r.get("subtree", "C04") for r in rows], [r.get("qtype", "factoid") for r in rows],
-            [r.get("label") for r in rows], [r["q"] for r in rows],
-            [r.get("h", 0.5) for r in rows], [r.get("j", 15) for r in rows],
-            [r["q"] for r in rows], contexts=[r.get("ctx", []) for r in rows])
+    pop.add(Rows.of(ids=[r["id"] for r in rows], pmids=[r["pmid"] for r in rows],
+                    subtrees=[r.get("subtree", "C04") for r in rows],
+                    qtypes=[r.get("qtype", "factoid") for r in rows],
+                    labels=[r.get("label") for r in rows], questions=[r["q"] for r in rows],
+                    primary=[r.get("h", 0.5) for r in rows],
+                    secondary=[r.get("j", 15) for r in rows],
+                    contexts=[r.get("ctx", []) for r in rows]))
     return pop.decide()
 
 
@@ -86,10 +116,8 @@ def test_duplicates_keep_the_best_scored_and_are_counted_by_reason() -> None:
 
 
 def test_contamination_strict_splits_and_caps() -> None:
-    def check(question: str, pmids: Any) -> tuple[str, str] | None:
-        if 999 in pmids:
-            return ("bench", "pmid")
-        return ("bench", "ngram") if "leukemia" in question else None
+    check = ContaminationIndex([Benchmark("bench", "bench.json", frozenset({999}),
+                                          (QUESTIONS[1],))])
 
     rows = [{"id": i, "pmid": 100 + i, "q": f"{QUESTIONS[2]} case {i} of {i * 7} {i * 13}",
              "subtree": "C04" if i % 2 else "C14", "h": i / 100} for i in range(1, 41)]
@@ -128,12 +156,13 @@ def test_majority_label_cap() -> None:
 
 def test_near_duplicates_scale_with_bounded_state(tmp_path: Any) -> None:
     nd = NearDuplicates(0.8, workdir=tmp_path)
-    qs = [f"{QUESTIONS[i % 3]} variant {i} of {i * 31 % 997}" for i in range(3000)]
-    nd.add(qs[:1500])
-    nd.add(qs[1500:])
+    # the last word differs: Jaccard 13/15 (or 9/11) within each of three families
+    qs = [f"{QUESTIONS[i % 3]} in cohort {i}" for i in range(3000)]
+    nd.add(Tokens.of(qs[:1500]))
+    nd.add(Tokens.of(qs[1500:]))
     dropped, pairs = nd.duplicates(np.arange(3000), np.ones(3000, dtype=bool))
     nd.close()
-    assert pairs > 0 and 0 < dropped.sum() < 3000
+    assert pairs > 0 and 2000 < dropped.sum() < 3000
     assert not list(tmp_path.iterdir())  # the signature file is removed
 
 

@@ -11,8 +11,8 @@ given and the first one hit is reported, so results are deterministic.
 
 Files are PubMedQA JSON (PQA-L ``ori_pqal.json``, ``test_ground_truth.json``), BioASQ
 JSON or JSON lines, plain or gzip, told apart by content. A malformed one raises
-:class:`BenchmarkError` naming the file and the fault. An item run is hashed only when
-its first two and last words are a benchmark run's: a million items are checked per export.
+:class:`BenchmarkError` naming the file and the fault. Items are checked a batch at a
+time with numpy (:meth:`ContaminationIndex.check_batch`): a million per export.
 """
 
 from __future__ import annotations
@@ -21,13 +21,14 @@ import json
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from meshdistill.config import data_file
 from meshdistill.errors import ConfigError
-from meshdistill.export.text import text_hash, word_ngrams, words
+from meshdistill.export.text import Tokens
 from meshdistill.fileio import DataFileError, read_text
 
 NGRAM = 13
@@ -243,13 +244,13 @@ def default_benchmarks() -> list[Benchmark]:
 
 
 class ContaminationIndex:
-    """Benchmark PMIDs and question word runs, for :meth:`check` on each exported item.
+    """Benchmark PMIDs and question word runs, checked against a batch of items at once.
 
-    ``_runs[k]`` maps the stable hash of a normalised ``k``-word run to the first benchmark
-    holding it: ``k == n`` for the ``n``-grams of long questions, ``k < n`` for whole short
-    questions. ``_starts`` maps each run's first two words to the (length, last word) of
-    the runs starting with them, so that an item run is hashed only when its first two and
-    last words match a benchmark run; ``_singles`` holds one-word questions.
+    Per run length ``k`` a sorted table of run hashes with the first benchmark holding
+    each: ``k == n`` for the ``n``-grams of long questions, ``1 <= k < n`` for whole short
+    questions. An item position is looked up only when the two words starting there
+    begin some benchmark run (a bitmap over those pairs' hashes), so checking costs a few
+    numpy passes over the batch's words whatever the number of lengths.
     """
 
     def __init__(self, benchmarks: Sequence[Benchmark], n: int = NGRAM) -> None:
@@ -257,76 +258,75 @@ class ContaminationIndex:
             raise ValueError(f"n-gram size must be at least 2, not {n}")
         self.n = n
         self.benchmarks = tuple(benchmarks)
-        self._pmids: dict[int, int] = {}
-        self._runs: dict[int, dict[int, int]] = {}
-        self._starts: dict[tuple[str, str], tuple[tuple[int, str], ...]] = {}
-        self._singles: dict[str, int] = {}
+        pmids = [np.asarray(sorted(b.pmids), dtype=np.int64) for b in self.benchmarks]
+        self._pmids = _Table.of(pmids)
+        runs: dict[int, list[tuple[np.ndarray, int]]] = {}
+        pairs: list[np.ndarray] = []
         self._ngram_counts: list[int] = []
-        starts: dict[tuple[str, str], set[tuple[int, str]]] = {}
         for b, bench in enumerate(self.benchmarks):
-            for pmid in bench.pmids:
-                self._pmids.setdefault(pmid, b)
-            self._ngram_counts.append(self._add_questions(b, bench.questions, starts))
-        self._starts = {pair: tuple(sorted(ends)) for pair, ends in starts.items()}
+            count = 0
+            if bench.questions:
+                tokens = Tokens.of(list(bench.questions))
+                r = tokens.runs()
+                lengths, offsets = tokens.lengths, tokens.offsets[:-1]
+                starts, _ = r.windows(n)
+                grams = r.raw(starts, n)
+                count = len(np.unique(grams))
+                runs.setdefault(n, []).append((grams, b))
+                pairs.append(r.raw(starts, 2))
+                for k in np.unique(lengths[(lengths > 0) & (lengths < n)]).tolist():
+                    rows = offsets[lengths == k]
+                    runs.setdefault(k, []).append((r.raw(rows, k), b))
+                    if k >= 2:
+                        pairs.append(r.raw(rows, 2))
+            self._ngram_counts.append(count)
+        self._runs = {k: _Table.of([h for h, _ in parts], [b for _, b in parts])
+                      for k, parts in sorted(runs.items())}
+        self._pairs = _bitmap(np.concatenate(pairs) if pairs else np.zeros(0, np.uint64))
 
-    def _add_questions(self, b: int, questions: Iterable[str],
-                       starts: dict[tuple[str, str], set[tuple[int, str]]]) -> int:
-        """Index benchmark ``b``'s questions; the number of distinct ``n``-grams added."""
-        ngrams: set[int] = set()
-        for question in questions:
-            tokens = words(question)
-            if len(tokens) == 1:
-                self._singles.setdefault(tokens[0], b)
+    def check_batch(self, tokens: Tokens, pmids: np.ndarray,
+                    pmid_offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """For each row: (reason, benchmark index): reason 1 when a PMID of the row
+        (``pmids[pmid_offsets[i]:pmid_offsets[i + 1]]``, source and contexts) is a
+        benchmark PMID, else 2 when its words hold a benchmark run, else 0 (index -1);
+        the first benchmark in the given order wins."""
+        rows = len(tokens)
+        owner = np.repeat(np.arange(rows), np.diff(pmid_offsets))
+        by_pmid = _first(rows, owner, self._pmids.lookup(np.asarray(pmids, np.int64)))
+        by_run = self._first_run(tokens)
+        reason = np.where(by_pmid >= 0, 1, np.where(by_run >= 0, 2, 0)).astype(np.int8)
+        return reason, np.where(by_pmid >= 0, by_pmid, by_run)
+
+    def _first_run(self, tokens: Tokens) -> np.ndarray:
+        rows = len(tokens)
+        best = np.full(rows, -1, dtype=np.int64)
+        if not self._runs:
+            return best
+        r = tokens.runs()
+        if 1 in self._runs:
+            owner = np.repeat(np.arange(rows), tokens.lengths)
+            best = _merge(best, _first(rows, owner, self._runs[1].lookup(tokens.hashes)))
+        starts, owner = r.windows(2)
+        candidate = self._pairs[(r.raw(starts, 2) >> _SHIFT).astype(np.int64)]
+        starts, owner = starts[candidate], owner[candidate]
+        ends = tokens.offsets[owner + 1]
+        for k, table in self._runs.items():
+            if k < 2:
                 continue
-            k = min(len(tokens), self.n)
-            table = self._runs.setdefault(k, {})
-            for gram in word_ngrams(tokens, self.n):
-                h = text_hash(gram)
-                table.setdefault(h, b)
-                if k == self.n:
-                    ngrams.add(h)
-                run = gram.split(" ")
-                starts.setdefault((run[0], run[1]), set()).add((k, run[-1]))
-        return len(ngrams)
+            fits = starts + k <= ends
+            found = table.lookup(r.raw(starts[fits], k))
+            best = _merge(best, _first(rows, owner[fits], found))
+        return best
 
     def check(self, question: str, pmids: Iterable[int]) -> tuple[str, str] | None:
-        """``(benchmark name, "pmid")`` when any of ``pmids`` (source and contexts) is a
-        benchmark PMID, else ``(name, "ngram")`` when ``question`` holds a benchmark run,
-        else None; the first benchmark in the given order wins."""
-        found = self._first_pmid(pmids)
-        if found is not None:
-            return self.benchmarks[found].name, "pmid"
-        found = self._first_run(words(question))
-        if found is not None:
-            return self.benchmarks[found].name, "ngram"
-        return None
-
-    def _first_pmid(self, pmids: Iterable[int]) -> int | None:
-        table = self._pmids
-        hits = [table[p] for p in pmids if p in table]
-        return min(hits) if hits else None
-
-    def _first_run(self, tokens: list[str]) -> int | None:
-        best: int | None = None
-        if self._singles:
-            hits = [self._singles[t] for t in tokens if t in self._singles]
-            best = min(hits) if hits else None
-        starts, runs, size = self._starts, self._runs, len(tokens)
-        for i, pair in enumerate(pairwise(tokens)):
-            ends = starts.get(pair)
-            if ends is None:
-                continue
-            for k, last in ends:
-                if i + k > size:
-                    break
-                if tokens[i + k - 1] != last:
-                    continue
-                b = runs[k].get(text_hash(" ".join(tokens[i:i + k])))
-                if b is not None and (best is None or b < best):
-                    if b == 0:
-                        return 0
-                    best = b
-        return best
+        """:meth:`check_batch` of one question: ``(benchmark name, "pmid" | "ngram")``
+        or None."""
+        found = np.asarray(list(pmids), dtype=np.int64)
+        reason, bench = self.check_batch(Tokens.of([question]), found,
+                                         np.asarray([0, len(found)]))
+        if not reason[0]:
+            return None
+        return self.benchmarks[int(bench[0])].name, "pmid" if reason[0] == 1 else "ngram"
 
     def summary(self) -> list[dict[str, Any]]:
         """Per benchmark, for the export manifest: name, path, PMIDs, questions, and the
@@ -336,3 +336,53 @@ class ContaminationIndex:
              "questions": len(b.questions), "ngrams": count, "ngram_size": self.n}
             for b, count in zip(self.benchmarks, self._ngram_counts, strict=True)
         ]
+
+
+_FILTER_BITS = 24
+_SHIFT = np.uint64(64 - _FILTER_BITS)
+
+
+def _bitmap(hashes: np.ndarray) -> np.ndarray:
+    """A one-hash Bloom filter of ``hashes`` over their top 24 bits (2 MB)."""
+    bits = np.zeros(1 << _FILTER_BITS, dtype=np.bool_)
+    bits[(hashes >> _SHIFT).astype(np.int64)] = True
+    return bits
+
+
+@dataclass(frozen=True)
+class _Table:
+    """Sorted distinct keys, each with the first (lowest) benchmark index holding it."""
+
+    keys: np.ndarray
+    first: np.ndarray
+
+    @classmethod
+    def of(cls, parts: Sequence[np.ndarray], owners: Sequence[int] | None = None) -> _Table:
+        owners = list(range(len(parts))) if owners is None else list(owners)
+        keys = np.concatenate(parts) if parts else np.zeros(0, np.uint64)
+        bench = np.repeat(np.asarray(owners, dtype=np.int64), [len(p) for p in parts])
+        order = np.lexsort((bench, keys))
+        keys, bench = keys[order], bench[order]
+        first = np.ones(len(keys), dtype=np.bool_)
+        first[1:] = keys[1:] != keys[:-1]
+        return cls(keys[first], bench[first])
+
+    def lookup(self, values: np.ndarray) -> np.ndarray:
+        """The benchmark index of each value, -1 where none holds it."""
+        if not len(self.keys) or not len(values):
+            return np.full(len(values), -1, dtype=np.int64)
+        pos = np.minimum(np.searchsorted(self.keys, values), len(self.keys) - 1)
+        return np.where(self.keys[pos] == values, self.first[pos], -1)
+
+
+def _first(rows: int, owner: np.ndarray, found: np.ndarray) -> np.ndarray:
+    """Per row, the lowest benchmark index found among its entries (-1 for none)."""
+    out = np.full(rows, np.iinfo(np.int64).max, dtype=np.int64)
+    hit = found >= 0
+    np.minimum.at(out, owner[hit], found[hit])
+    return np.where(out == np.iinfo(np.int64).max, -1, out)
+
+
+def _merge(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Element-wise the lower benchmark index of two ``_first`` results."""
+    return np.where(a < 0, b, np.where(b < 0, a, np.minimum(a, b)))

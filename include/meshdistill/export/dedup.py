@@ -1,76 +1,68 @@
 """Exact and near-duplicate questions, found in bounded memory for millions of items.
 
-Exact duplicates share :func:`~meshdistill.export.text.normalize_text`. Near-duplicates
-are found with MinHash LSH: word 5-gram shingles, 128 permutations, and datasketch's
-band layout for the threshold (``MinHashLSH(threshold, num_perm).b`` and ``.r``). The
-signatures are datasketch's own (its ``affine32`` scheme: SHA-1 32-bit shingle hashes,
-the MurmurHash3 finaliser, the permutations of ``MinHash(num_perm, seed)``), computed
-for a whole batch in numpy instead of one ``MinHash`` object per question, which is 6×
-faster; a test checks they equal ``MinHash.update_batch``. Only the band keys stay in
-memory (72 bytes an item); full signatures go to a temporary file and are read back for
-the candidate pairs alone, whose estimated Jaccard similarity must reach the threshold
-(LSH candidates are only likely duplicates). Clusters are the connected components of
-the verified pairs; the best-ranked item of each is kept.
+Exact duplicates share :func:`~meshdistill.export.text.normalize_text` (the key is the
+hash of all of a question's words). Near-duplicates are found with MinHash LSH: word
+5-gram shingles, 128 permutations, datasketch's permutations (``MinHash(num_perm,
+seed).permutations``, its ``affine32`` scheme) and its band layout for the threshold
+(``MinHashLSH(threshold, num_perm).b`` and ``.r``). Shingles are hashed from word hashes
+(:class:`~meshdistill.export.text.Runs`) instead of SHA-1 per shingle string, and the
+minima are taken permutation-major over a block of questions at once: the same
+estimator as datasketch's (a test checks the estimates agree with its ``MinHash``),
+computed in numpy at a fraction of the cost. Only the band keys stay in memory (72 bytes
+an item); full signatures go to a temporary file and are read back for the candidate
+pairs alone, whose estimated Jaccard similarity must reach the threshold (LSH candidates
+are only likely duplicates). Clusters are the connected components of the verified
+pairs; the best-ranked item of each is kept.
 """
 
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
 from datasketch import MinHash, MinHashLSH
-from datasketch.hashfunc import sha1_hash32
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from meshdistill.export.text import word_ngrams, words
+from meshdistill.export.text import Tokens
 
 NUM_PERM = 128
 SHINGLE_WORDS = 5
+BLOCK_SHINGLES = 1 << 16
+"""Shingles permuted at once: 128 x 65,536 x 4 bytes = 32 MB of scratch."""
 _U32 = np.uint32
 
 
-def _fmix32(h: npt.NDArray[np.uint32]) -> npt.NDArray[np.uint32]:
-    """MurmurHash3's 32-bit finaliser, as datasketch applies it before permuting."""
-    h = h ^ (h >> _U32(16))
-    h = h * _U32(0x85EBCA6B)
-    h = h ^ (h >> _U32(13))
-    h = h * _U32(0xC2B2AE35)
-    return h ^ (h >> _U32(16))
-
-
-def shingles(question: str) -> list[bytes]:
-    """The word 5-gram shingles of a question, as datasketch hashes them (UTF-8)."""
-    return [s.encode("utf-8") for s in word_ngrams(words(question), SHINGLE_WORDS)]
-
-
 class MinHasher:
-    """Signatures equal to datasketch's ``MinHash(num_perm, seed).update_batch(shingles)``."""
+    """MinHash signatures of word 5-gram shingles with datasketch's permutations."""
 
     def __init__(self, num_perm: int = NUM_PERM, seed: int = 1) -> None:
         a, b = MinHash(num_perm=num_perm, seed=seed).permutations
         self.num_perm = num_perm
-        self._a = np.asarray(a, dtype=_U32)
-        self._b = np.asarray(b, dtype=_U32)
+        self._a = np.asarray(a, dtype=_U32)[:, None]
+        self._b = np.asarray(b, dtype=_U32)[:, None]
 
-    def signatures(self, questions: Sequence[str]) -> npt.NDArray[np.uint32]:
-        """One row of ``num_perm`` minima per question (all 0xFFFFFFFF without words)."""
-        per = [shingles(q) for q in questions]
-        lengths = np.fromiter((len(s) for s in per), dtype=np.int64, count=len(per))
-        out = np.full((len(per), self.num_perm), np.iinfo(_U32).max, dtype=_U32)
-        if not lengths.sum():
-            return out
-        hashes = np.fromiter((sha1_hash32(x) for s in per for x in s), dtype=_U32,
-                             count=int(lengths.sum()))
-        with np.errstate(over="ignore"):
-            permuted = _fmix32(hashes)[:, None] * self._a + self._b
-        have = lengths > 0
-        starts = np.concatenate(([0], np.cumsum(lengths)[:-1]))[have]
-        out[have] = np.minimum.reduceat(permuted, starts, axis=0)
-        return out
+    def signatures(self, tokens: Tokens) -> npt.NDArray[np.uint32]:
+        """One row of ``num_perm`` minima per text (all 0xFFFFFFFF without words)."""
+        hashes, offsets = tokens.runs().shingles(SHINGLE_WORDS)
+        folded = (hashes ^ (hashes >> np.uint64(32))).astype(_U32)
+        out = np.full((self.num_perm, len(tokens)), np.iinfo(_U32).max, dtype=_U32)
+        have = np.flatnonzero(np.diff(offsets) > 0)
+        row = 0
+        while row < len(have):
+            # the rows whose shingles fit one block (at least one row per block)
+            end = max(int(np.searchsorted(offsets[have + 1], offsets[have[row]] + BLOCK_SHINGLES,
+                                          side="right")), row + 1)
+            rows = have[row:end]
+            lo, hi = offsets[rows[0]], offsets[rows[-1] + 1]
+            with np.errstate(over="ignore"):
+                permuted = self._a * folded[lo:hi]
+                permuted += self._b
+            out[:, rows] = np.minimum.reduceat(permuted, offsets[rows] - lo, axis=1)
+            row = end
+        return np.ascontiguousarray(out.T)
 
 
 def band_layout(threshold: float, num_perm: int = NUM_PERM) -> tuple[int, int]:
@@ -108,12 +100,12 @@ class NearDuplicates:
         self._has_words: list[npt.NDArray[np.bool_]] = []
         self.count = 0
 
-    def add(self, questions: Sequence[str]) -> None:
-        sigs = self._hasher.signatures(questions)
+    def add(self, tokens: Tokens) -> None:
+        sigs = self._hasher.signatures(tokens)
         sigs.tofile(self._file)
         self._keys.append(band_keys(sigs, self.bands, self.rows))
         self._has_words.append(sigs[:, 0] != np.iinfo(_U32).max)
-        self.count += len(questions)
+        self.count += len(tokens)
 
     def close(self) -> None:
         if not self._file.closed:

@@ -14,28 +14,71 @@ million items plan in a few hundred megabytes.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+import pyarrow as pa
+import pyarrow.compute as pc
 
+from meshdistill.export.benchmarks import ContaminationIndex
 from meshdistill.export.dedup import NearDuplicates, exact_duplicates
 from meshdistill.export.settings import SPLITS, ExportSettings
 from meshdistill.export.splits import split_index
-from meshdistill.export.text import normalize_text, text_hash
-
-Check = Callable[[str, Sequence[int]], "tuple[str, str] | None"]
-"""``ContaminationIndex.check``: (benchmark, reason) for a contaminated row, else None."""
+from meshdistill.export.text import Tokens
 
 REASONS = ("contamination_pmid", "contamination_ngram", "exact_duplicate", "near_duplicate",
            "cross_split_context", "cap_subtree", "cap_type", "cap_label")
 
 
-def _codes(values: list[str], table: dict[str, int]) -> list[int]:
-    return [table.setdefault(v, len(table)) for v in values]
+@dataclass(frozen=True)
+class Rows:
+    """One batch of the narrow pass, column by column. ``questions`` are what
+    near-duplicates and decontamination compare, ``exact`` the keys exact duplicates
+    compare, ``also_checked`` further text checked for contamination (a pair's rejected
+    question); row ``i``'s context PMIDs are
+    ``context_pmids[context_offsets[i]:context_offsets[i + 1]]``."""
+
+    ids: npt.NDArray[np.int64]
+    pmids: npt.NDArray[np.int64]
+    subtrees: pa.Array
+    qtypes: pa.Array
+    labels: pa.Array
+    primary: npt.NDArray[np.float64]
+    secondary: npt.NDArray[np.float64]
+    questions: Tokens
+    exact: npt.NDArray[np.uint64]
+    context_pmids: npt.NDArray[np.int64]
+    context_offsets: npt.NDArray[np.int64]
+    also_checked: Tokens | None = None
+
+    @classmethod
+    def of(cls, *, ids: Sequence[int], pmids: Sequence[int], subtrees: Sequence[str],
+           qtypes: Sequence[str], labels: Sequence[str | None], questions: Sequence[str],
+           primary: Sequence[float], secondary: Sequence[float],
+           contexts: Sequence[Sequence[int]] | None = None) -> Rows:
+        """Rows from Python lists (the exact key is the question's)."""
+        tokens = Tokens.of(list(questions))
+        ctx = contexts or [[] for _ in ids]
+        offsets = np.zeros(len(ctx) + 1, dtype=np.int64)
+        np.cumsum([len(c) for c in ctx], out=offsets[1:])
+        return cls(np.asarray(ids, np.int64), np.asarray(pmids, np.int64),
+                   pa.array(subtrees, pa.string()), pa.array(qtypes, pa.string()),
+                   pa.array(labels, pa.string()), np.asarray(primary, np.float64),
+                   np.asarray(secondary, np.float64), tokens, tokens.runs().whole(),
+                   np.asarray([p for c in ctx for p in c], np.int64), offsets)
+
+
+def _codes(values: pa.Array, table: dict[str, int]) -> npt.NDArray[np.int32]:
+    """Stable integer codes of ``values`` (null is ``""``), growing ``table``."""
+    encoded = pc.dictionary_encode(pc.fill_null(values, ""))
+    mapping = np.asarray([table.setdefault(v, len(table))
+                          for v in encoded.dictionary.to_pylist()], dtype=np.int32)
+    return mapping[encoded.indices.to_numpy(zero_copy_only=False)] if len(mapping) else (
+        np.zeros(0, np.int32))
 
 
 @dataclass
@@ -44,19 +87,19 @@ class Population:
 
     kind: str
     settings: ExportSettings
-    check: Check | None
+    index: ContaminationIndex | None
     workdir: str | Path | None = None
     ids: list[npt.NDArray[np.int64]] = field(default_factory=list)
     pmids: list[npt.NDArray[np.int64]] = field(default_factory=list)
     primary: list[npt.NDArray[np.float64]] = field(default_factory=list)
     secondary: list[npt.NDArray[np.float64]] = field(default_factory=list)
     exact: list[npt.NDArray[np.uint64]] = field(default_factory=list)
-    subtree: list[int] = field(default_factory=list)
-    qtype: list[int] = field(default_factory=list)
-    label: list[int] = field(default_factory=list)
-    contaminated: list[int] = field(default_factory=list)  # 0 clean, 1 pmid, 2 n-gram
+    subtree: list[npt.NDArray[np.int32]] = field(default_factory=list)
+    qtype: list[npt.NDArray[np.int32]] = field(default_factory=list)
+    label: list[npt.NDArray[np.int32]] = field(default_factory=list)
+    contaminated: list[npt.NDArray[np.int8]] = field(default_factory=list)  # 0, 1 pmid, 2 run
     context_pmids: list[npt.NDArray[np.int64]] = field(default_factory=list)
-    context_counts: list[int] = field(default_factory=list)
+    context_counts: list[npt.NDArray[np.int64]] = field(default_factory=list)
     subtrees: dict[str, int] = field(default_factory=dict)
     qtypes: dict[str, int] = field(default_factory=dict)
     labels: dict[str, int] = field(default_factory=lambda: {"": 0})
@@ -67,40 +110,46 @@ class Population:
         self._near = (NearDuplicates(threshold, workdir=self.workdir) if threshold < 1.0
                       else None)
 
-    def add(self, ids: list[int], pmids: list[int], subtrees: list[str], qtypes: list[str],
-            labels: list[str | None], questions: list[str], primary: list[float],
-            secondary: list[float], exact_texts: list[str],
-            contexts: list[list[int]] | None = None,
-            also_checked: list[str] | None = None) -> None:
-        """One batch of the narrow pass; ``questions`` are what near-duplicates compare,
-        ``exact_texts`` what exact duplicates compare, ``also_checked`` further text
-        checked for contamination (a pair's rejected question)."""
-        self.ids.append(np.asarray(ids, dtype=np.int64))
-        self.pmids.append(np.asarray(pmids, dtype=np.int64))
-        self.primary.append(np.asarray(primary, dtype=np.float64))
-        self.secondary.append(np.asarray(secondary, dtype=np.float64))
-        self.exact.append(np.fromiter((text_hash(normalize_text(t)) for t in exact_texts),
-                                      dtype=np.uint64, count=len(exact_texts)))
-        self.subtree += _codes(subtrees, self.subtrees)
-        self.qtype += _codes(qtypes, self.qtypes)
-        self.label += _codes([v or "" for v in labels], self.labels)
-        ctx = contexts or [[] for _ in ids]
-        flat = [p for c in ctx for p in c]
-        self.context_pmids.append(np.asarray(flat, dtype=np.int64))
-        self.context_counts += [len(c) for c in ctx]
-        for i, question in enumerate(questions):
-            found = None
-            if self.check is not None:
-                texts = (question, also_checked[i]) if also_checked else (question,)
-                for t in texts:
-                    found = self.check(t, (pmids[i], *ctx[i]))
-                    if found:
-                        break
-            if found:
-                self.by_benchmark[found] += 1
-            self.contaminated.append(0 if not found else 1 if found[1] == "pmid" else 2)
+    def add(self, rows: Rows) -> None:
+        """Take one batch of the narrow pass."""
+        self.ids.append(rows.ids)
+        self.pmids.append(rows.pmids)
+        self.primary.append(rows.primary)
+        self.secondary.append(rows.secondary)
+        self.exact.append(rows.exact)
+        self.subtree.append(_codes(rows.subtrees, self.subtrees))
+        self.qtype.append(_codes(rows.qtypes, self.qtypes))
+        self.label.append(_codes(rows.labels, self.labels))
+        self.context_pmids.append(rows.context_pmids)
+        counts = np.diff(rows.context_offsets)
+        self.context_counts.append(counts)
+        self.contaminated.append(self._contamination(rows, counts))
         if self._near is not None:
-            self._near.add(questions)
+            self._near.add(rows.questions)
+
+    def _contamination(self, rows: Rows, counts: npt.NDArray[np.int64]) -> npt.NDArray[np.int8]:
+        n = len(rows.ids)
+        if self.index is None:
+            return np.zeros(n, dtype=np.int8)
+        # each row's PMIDs: its source, then its contexts
+        offsets = rows.context_offsets + np.arange(n + 1)
+        pmids = np.empty(int(offsets[-1]), dtype=np.int64)
+        source = offsets[:-1]
+        pmids[source] = rows.pmids
+        rest = np.ones(len(pmids), dtype=np.bool_)
+        rest[source] = False
+        pmids[rest] = rows.context_pmids
+        reason, bench = self.index.check_batch(rows.questions, pmids, offsets)
+        if rows.also_checked is not None:
+            other, other_bench = self.index.check_batch(rows.also_checked, pmids, offsets)
+            use = reason == 0
+            reason, bench = np.where(use, other, reason), np.where(use, other_bench, bench)
+        hit = np.flatnonzero(reason > 0)
+        names = self.index.benchmarks
+        for (b, r), c in Counter(zip(bench[hit].tolist(), reason[hit].tolist(),
+                                     strict=True)).items():
+            self.by_benchmark[(names[b].name, "pmid" if r == 1 else "ngram")] += c
+        return reason.astype(np.int8)
 
     def decide(self) -> Decision:
         """Apply the rules (module doc) and return what is kept, in which split."""
@@ -120,7 +169,7 @@ class Population:
         rank = np.empty(n, dtype=np.int64)
         rank[order] = np.arange(n)
         removed: dict[str, int] = dict.fromkeys(REASONS, 0)
-        contaminated = np.asarray(self.contaminated, dtype=np.int8)
+        contaminated = _cat(self.contaminated, np.int8)
         removed["contamination_pmid"] = int((contaminated == 1).sum())
         removed["contamination_ngram"] = int((contaminated == 2).sum())
         active = contaminated == 0
@@ -136,15 +185,14 @@ class Population:
         if s.strict_splits:
             removed["cross_split_context"] = int((leaking & active).sum())
             active &= ~leaking
-        subtree = np.asarray(self.subtree, dtype=np.int32)
-        qtype = np.asarray(self.qtype, dtype=np.int32)
+        subtree, qtype = _cat(self.subtree, np.int32), _cat(self.qtype, np.int32)
         for reason, groups, cap in (("cap_subtree", subtree, s.max_per_subtree),
                                     ("cap_type", qtype, s.max_per_type)):
             if cap is not None:
                 over = _over_cap(groups, rank, active, cap)
                 removed[reason] = int(over.sum())
                 active &= ~over
-        label = np.asarray(self.label, dtype=np.int32)
+        label = _cat(self.label, np.int32)
         if s.max_label_share is not None and self.kind == "items":
             over = _label_cap(label, rank, active & (label > 0), s.max_label_share)
             removed["cap_label"] = int(over.sum())
@@ -163,7 +211,7 @@ class Population:
     def _cross_split(self, pmids: npt.NDArray[np.int64], split: npt.NDArray[np.int8],
                      active: npt.NDArray[np.bool_]) -> npt.NDArray[np.bool_]:
         """Rows with a context that is the source of an active row in another split."""
-        counts = np.asarray(self.context_counts, dtype=np.int64)
+        counts = _cat(self.context_counts, np.int64)
         flat = _cat(self.context_pmids, np.int64)
         out = np.zeros(len(pmids), dtype=np.bool_)
         if not len(flat):

@@ -1,19 +1,28 @@
-"""Turning a batch of stored rows into one Arrow table per export format.
+"""Turning a batch of streamed rows into one Arrow table per export format.
 
-Tables are built column by column from the batch (``pyarrow`` list and struct arrays over
-flat columns), not row dict by row dict: the prompt, context and answer strings of an
-item are made once and shared by every format that shows them. The texts a trainer sees
-come from versioned templates in ``llm/prompts`` (``export_answer``,
-``export_answer_closed``, ``export_question``), whose versions the manifest records.
-docs/export.md shows a record of each format.
+Everything is column-wise Arrow compute, with no Python object per row: templates are
+split into their literal pieces once (:func:`meshdistill.llm.prompts.pieces`) and joined
+with whole columns of values, context blocks are gathered from the batch's article
+table by index, and message lists are interleaved by ``take``. The prompt, context and
+answer strings of an item are made once and shared by every format that shows them. The
+texts a trainer sees come from versioned templates in ``llm/prompts`` (``export_answer``,
+``export_answer_closed``, ``export_question``), whose versions the manifest records;
+joining their pieces gives exactly what :func:`~meshdistill.llm.prompts.render` gives,
+and the formatting of contexts, MeSH headings and ancestry equals
+:mod:`meshdistill.llm.stages`' (tests compare both). docs/export.md shows a record of
+each format.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
+import numpy as np
+import numpy.typing as npt
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.json as pj
 
 from meshdistill.export.schemas import (
     CONTEXT,
@@ -27,14 +36,14 @@ from meshdistill.export.schemas import (
     SCHEMAS,
     SHAREGPT_TURN,
 )
-from meshdistill.export.source import ITEM_COLUMNS
 from meshdistill.llm import prompts
-from meshdistill.llm.inputs import ArticleInput, MeshHeading, Passage
-from meshdistill.llm.stages import format_ancestry, format_contexts, format_mesh
 
-_I = {name: i for i, name in enumerate(ITEM_COLUMNS)}
 ANSWER_OPEN, ANSWER_CLOSED, QUESTION = "export_answer", "export_answer_closed", "export_question"
 TEMPLATES = (ANSWER_OPEN, ANSWER_CLOSED, QUESTION)
+_STORED_CONTEXT = pa.struct([("pmid", pa.int64()), ("rank", pa.int32()),
+                             ("retrieval", pa.float64()), ("hierarchy", pa.float64()),
+                             ("blend", pa.float64()), ("is_source", pa.bool_())])
+_JSON_COLUMNS = pa.schema([("c", pa.list_(_STORED_CONTEXT)), ("e", pa.list_(pa.string()))])
 
 
 def template_versions() -> dict[str, str]:
@@ -51,74 +60,160 @@ def assistant_text(qtype: str, label: str | None, answer: str) -> str:
     return f"{label.capitalize()}. {answer}"
 
 
-def _messages(roles: Sequence[str], columns: Sequence[Sequence[str]],
+# --- column helpers ------------------------------------------------------------------------
+
+
+def _constant(value: str, n: int) -> pa.Array:
+    return pc.fill_null(pa.nulls(n, pa.string()), value)
+
+
+def render(name: str, values: Mapping[str, pa.Array], n: int) -> list[pa.Array]:
+    """Each message text of template ``name`` for ``n`` rows of ``values``."""
+    out = []
+    for _, parts in prompts.pieces(name):
+        args = [pa.scalar(t, pa.string()) if kind == "text" else values[t] for kind, t in parts]
+        if not any(isinstance(a, pa.Array) for a in args):
+            out.append(_constant("".join(a.as_py() for a in args), n))
+        else:
+            out.append(pc.binary_join_element_wise(*args, ""))
+    return out
+
+
+def _messages(roles: Sequence[str], columns: Sequence[pa.Array],
               turn: pa.StructType = MESSAGE) -> pa.ListArray:
     """A list array of len(columns[0]) rows, each the turns ``roles`` x ``columns`` as
     ``turn`` structs (role field first, text second)."""
     n, k = len(columns[0]), len(columns)
-    content = pa.array([text for row in zip(*columns, strict=True) for text in row],
-                       pa.string())
-    role = pa.array(list(roles) * n, pa.string())
+    order = (np.arange(k)[None, :] * n + np.arange(n)[:, None]).ravel()
+    content = pa.concat_arrays([c.cast(pa.string()) for c in columns]).take(pa.array(order))
+    role = pa.array(list(roles), pa.string()).take(pa.array(np.tile(np.arange(k), n)))
     structs = pa.StructArray.from_arrays([role, content], fields=list(turn))
-    offsets = pa.array(range(0, n * k + 1, k), pa.int32())
-    return pa.ListArray.from_arrays(offsets, structs)
+    return pa.ListArray.from_arrays(pa.array(np.arange(0, n * k + 1, k, dtype=np.int32)),
+                                    structs)
 
 
-def _judge(judgements: Sequence[dict[str, Any] | None]) -> pa.StructArray:
-    arrays = [pa.array([(j or {}).get(c) for j in judgements], pa.int8()) for c in JUDGE_CRITERIA]
-    return pa.StructArray.from_arrays(arrays, fields=list(JUDGE_SCORES))
+def _offsets(lengths: npt.NDArray[np.int64]) -> pa.Array:
+    out = np.zeros(len(lengths) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=out[1:])
+    return pa.array(out)
+
+
+def _lengths(lists: pa.Array) -> npt.NDArray[np.int64]:
+    return pc.fill_null(pc.list_value_length(lists), 0).to_numpy().astype(np.int64)
+
+
+def _empty_for_null(lists: pa.Array) -> pa.Array:
+    return pc.coalesce(lists, pa.scalar([], type=lists.type))
+
+
+def _parse_json(columns: Sequence[pa.Array], schema: pa.Schema) -> pa.Table:
+    """JSON texts (one per row and column, null for none) parsed into ``schema``'s
+    fields, in row order: the texts are joined into JSON lines that Arrow's reader
+    parses in C++, instead of one ``json.loads`` per value."""
+    args: list[pa.Array | pa.Scalar] = []
+    for i, (field, col) in enumerate(zip(schema, columns, strict=True)):
+        args += [pa.scalar(("{" if i == 0 else ",") + f'"{field.name}":'),
+                 pc.fill_null(col.cast(pa.string()), "null")]
+    lines = pc.binary_join_element_wise(*args, pa.scalar("}\n"), "")
+    _, offsets, values = lines.buffers()
+    bounds = np.frombuffer(offsets, dtype=np.int32)[lines.offset:lines.offset + len(lines) + 1]
+    start, end = int(bounds[0]), int(bounds[-1])
+    data = values.slice(start, end - start)  # the lines, back to back
+    table = pj.read_json(pa.BufferReader(data),
+                         read_options=pj.ReadOptions(block_size=max(1 << 20, end - start)),
+                         parse_options=pj.ParseOptions(explicit_schema=schema,
+                                                       unexpected_field_behavior="ignore"))
+    if table.num_rows != len(lines):
+        raise ValueError(f"parsed {table.num_rows} JSON rows from {len(lines)}")
+    return table.combine_chunks()
+
+
+def _judge(batch: pa.RecordBatch) -> pa.StructArray:
+    return pa.StructArray.from_arrays(
+        [batch.column(f"judge_{c}").cast(pa.int8()) for c in JUDGE_CRITERIA],
+        fields=list(JUDGE_SCORES))
+
+
+@dataclass(frozen=True)
+class MeshTrees:
+    """Each descriptor UI's tree numbers, as two aligned Arrow arrays."""
+
+    uis: pa.Array
+    trees: pa.Array
+
+    @classmethod
+    def of(cls, mapping: Mapping[str, Sequence[str]]) -> MeshTrees:
+        keys = sorted(mapping)
+        return cls(pa.array(keys, pa.string()),
+                   pa.array([list(mapping[k]) for k in keys], pa.list_(pa.string())))
 
 
 class ItemBatch:
-    """One batch of ``source.ITEM_ROWS_SQL`` rows, with the strings the formats share;
-    ``texts`` holds the title and abstract of every context article of the batch."""
+    """One batch of ``source.ITEM_ROWS_SQL`` rows, with the strings the formats share.
+    ``articles`` gives the ``pmid``, ``title`` and ``abstract`` of the stored ones of the
+    PMIDs it is passed, called once per batch with all its contexts (a context whose
+    article is not stored is left out of the prompt and of ``qca``)."""
 
-    def __init__(self, rows: Sequence[tuple[Any, ...]], *, closed_book: bool,
-                 mesh_trees: dict[str, list[str]],
-                 texts: dict[int, tuple[str, str]]) -> None:
-        self.rows = rows
-        self.mesh_trees = mesh_trees
-        self.ids = self.column("id")
-        self.subtrees = self.column("subtree")
-        self.pmids = [int(p) for p in self.column("source_pmid")]
-        self.qtypes = self.column("qtype")
-        self.questions = self.column("question")
-        self.labels = self.column("label")
-        self.hierarchy = self.column("hierarchy_score")
-        self.judgements = self.column("judgement")
-        contexts = _I["contexts"]
-        self.passages = [[Passage(str(c["pmid"]), *texts[int(c["pmid"])])
-                          for c in (r[contexts] or []) if int(c["pmid"]) in texts]
-                         for r in rows]
-        self.context_blocks = [format_contexts(p) for p in self.passages]
-        template = ANSWER_CLOSED if closed_book else ANSWER_OPEN
-        system: list[str] = []
-        user: list[str] = []
-        for question, block in zip(self.questions, self.context_blocks, strict=True):
-            rendered = prompts.render(template, {"question": question, "contexts": block})
-            system.append(rendered.messages[0]["content"])
-            user.append(rendered.messages[1]["content"])
-        self.system, self.user = system, user
-        self.assistant = [assistant_text(q, label, answer) for q, label, answer in zip(
-            self.qtypes, self.labels, self.column("answer"), strict=True)]
+    def __init__(self, batch: pa.RecordBatch, *, closed_book: bool, mesh_trees: MeshTrees,
+                 articles: Callable[[npt.NDArray[np.int64]], pa.Table]) -> None:
+        self.batch = batch
         self.closed_book = closed_book
-        self._metadata: pa.StructArray | None = None
+        self.mesh_trees = mesh_trees
+        n = self.n = batch.num_rows
+        parsed = _parse_json([batch.column("contexts"), batch.column("answer_evidence")],
+                             _JSON_COLUMNS)
+        self.stored_contexts = _empty_for_null(parsed.column("c").chunk(0)) if n else (
+            pa.array([], pa.list_(_STORED_CONTEXT)))
+        self.answer_evidence = _empty_for_null(parsed.column("e").chunk(0)) if n else (
+            pa.array([], pa.list_(pa.string())))
+        flat = self.stored_contexts.flatten()
+        self.context_lengths = _lengths(self.stored_contexts)
+        texts = articles(flat.field("pmid").to_numpy(zero_copy_only=False))
+        found = pc.index_in(flat.field("pmid"), value_set=texts.column("pmid"))
+        have = found.is_valid().to_numpy(zero_copy_only=False)
+        owner = np.repeat(np.arange(n), self.context_lengths)
+        self.shown = flat.filter(pa.array(have))
+        where = found.filter(pa.array(have))
+        self.shown_titles = texts.column("title").take(where).combine_chunks()
+        self.shown_texts = texts.column("abstract").take(where).combine_chunks()
+        self.shown_offsets = _offsets(np.bincount(owner[have], minlength=n))
+        pieces = pc.binary_join_element_wise(
+            "[PMID ", self.shown.field("pmid").cast(pa.string()), "] ", self.shown_titles, "\n",
+            self.shown_texts, "")
+        blocks = pa.ListArray.from_arrays(self.shown_offsets, pieces)
+        self.context_blocks = pc.if_else(pc.equal(pc.list_value_length(blocks), 0), "(none)",
+                                         pc.binary_join(blocks, "\n\n"))
+        template = ANSWER_CLOSED if closed_book else ANSWER_OPEN
+        self.system, self.user = render(template, {"question": batch.column("question"),
+                                                   "contexts": self.context_blocks}, n)
+        self.assistant = self._assistant()
+        self.metadata = pa.StructArray.from_arrays([
+            batch.column("id"), batch.column("source_pmid"), batch.column("subtree"),
+            batch.column("qtype"), batch.column("label"),
+            batch.column("hierarchy_score").cast(pa.float64()), _judge(batch)],
+            fields=list(ITEM_METADATA))
 
-    def column(self, name: str) -> list[Any]:
-        i = _I[name]
-        return [r[i] for r in self.rows]
+    def column(self, name: str) -> pa.Array:
+        return self.batch.column(name)
 
-    def metadata(self) -> pa.StructArray:
-        if self._metadata is None:
-            self._metadata = pa.StructArray.from_arrays([
-                pa.array(self.ids, pa.int64()), pa.array(self.pmids, pa.int64()),
-                pa.array(self.subtrees, pa.string()), pa.array(self.qtypes, pa.string()),
-                pa.array(self.labels, pa.string()), pa.array(self.hierarchy, pa.float64()),
-                _judge(self.judgements)], fields=list(ITEM_METADATA))
-        return self._metadata
+    def _assistant(self) -> pa.Array:
+        answers = self.column("answer")
+        labelled = np.flatnonzero(pc.and_(pc.equal(self.column("qtype"), "yesno"),
+                                          pc.is_valid(self.column("label")))
+                                  .to_numpy(zero_copy_only=False))
+        if not len(labelled):
+            return answers
+        rows = pa.array(labelled)
+        # a few short strings per yes/no item: Python keeps str.isalpha's exact meaning
+        fixed = [assistant_text("yesno", label, answer) for label, answer in zip(
+            self.column("label").take(rows).to_pylist(), answers.take(rows).to_pylist(),
+            strict=True)]
+        mask = np.zeros(self.n, dtype=np.bool_)
+        mask[labelled] = True
+        return pc.replace_with_mask(answers, pa.array(mask), pa.array(fixed, pa.string()))
 
     def table(self, fmt: str) -> pa.Table:
-        meta = self.metadata()
+        meta = self.metadata
         if fmt == "sft":
             cols = [_messages(("system", "user", "assistant"),
                               (self.system, self.user, self.assistant)), meta]
@@ -126,9 +221,8 @@ class ItemBatch:
             cols = [_messages(("system", "user"), (self.system, self.user)),
                     _messages(("assistant",), (self.assistant,)), meta]
         elif fmt == "alpaca":
-            inputs = [""] * len(self.rows) if self.closed_book else self.context_blocks
-            cols = [pa.array(self.questions, pa.string()), pa.array(inputs, pa.string()),
-                    pa.array(self.assistant, pa.string()), meta]
+            inputs = _constant("", self.n) if self.closed_book else self.context_blocks
+            cols = [self.column("question"), inputs, self.assistant, meta]
         elif fmt == "sharegpt":
             cols = [_messages(("system", "human", "gpt"),
                               (self.system, self.user, self.assistant), SHAREGPT_TURN), meta]
@@ -140,84 +234,73 @@ class ItemBatch:
 
     def _qca(self, meta: pa.StructArray) -> pa.Table:
         col = self.column
-        contexts = []
-        for stored, passages in zip(col("contexts"), self.passages, strict=True):
-            text = {int(p.pmid): p for p in passages}
-            contexts.append([
-                {"pmid": int(c["pmid"]), "title": text[int(c["pmid"])].title,
-                 "text": text[int(c["pmid"])].text, "rank": c.get("rank"),
-                 "retrieval": c.get("retrieval"), "hierarchy": c.get("hierarchy"),
-                 "blend": c.get("blend"), "is_source": c.get("is_source")}
-                for c in (stored or []) if int(c["pmid"]) in text])
-        mesh = [[{"ui": ui, "tree_numbers": self.mesh_trees.get(ui, [])} for ui in (uis or [])]
-                for uis in col("question_mesh")]
-        versions = [{k: (v or {}).get(k) for k in ("generate", "judge", "answer")}
-                    for v in col("prompt_versions")]
-        columns = {
-            "id": pa.array(self.ids, pa.int64()),
-            "subtree": pa.array(self.subtrees, pa.string()),
-            "source_pmid": pa.array(self.pmids, pa.int64()),
-            "profile": pa.array(col("profile"), pa.string()),
-            "ordinal": pa.array(col("ordinal"), pa.int32()),
-            "question_type": pa.array(self.qtypes, pa.string()),
-            "question": pa.array(self.questions, pa.string()),
-            "answer_hint": pa.array(col("answer_hint"), pa.string()),
-            "evidence": pa.array(col("evidence"), pa.string()),
-            "contexts": pa.array(contexts, pa.list_(CONTEXT)),
-            "context_pmids": pa.array([[int(c["pmid"]) for c in (v or [])]
-                                       for v in col("contexts")], pa.list_(pa.int64())),
-            "answer": pa.array(col("answer"), pa.string()),
-            "label": pa.array(self.labels, pa.string()),
-            "cited_pmids": pa.array([v or [] for v in col("cited_pmids")],
-                                    pa.list_(pa.int64())),
-            "answer_evidence": pa.array([v or [] for v in col("answer_evidence")],
-                                        pa.list_(pa.string())),
-            "question_mesh": pa.array(mesh, pa.list_(MESH_TERM)),
-            "retrieval_score": pa.array(col("retrieval_score"), pa.float64()),
-            "hierarchy_score": pa.array(self.hierarchy, pa.float64()),
-            "blend_score": pa.array(col("blend_score"), pa.float64()),
-            "judge": _judge(self.judgements),
-            "judge_rationale": pa.array([(j or {}).get("rationale") for j in self.judgements],
-                                        pa.string()),
-            "backend": pa.array(col("backend"), pa.string()),
-            "model": pa.array(col("model"), pa.string()),
-            "prompt_versions": pa.array(versions, PROMPT_VERSIONS),
-            "run_id": pa.array(col("run_id"), pa.string()),
-            "params": pa.array(col("params"), pa.string()),
-            "metadata": meta,
-        }
-        return pa.Table.from_arrays(list(columns.values()), schema=SCHEMAS["qca"])
+        shown = self.shown
+        contexts = pa.ListArray.from_arrays(self.shown_offsets, pa.StructArray.from_arrays(
+            [shown.field("pmid"), self.shown_titles, self.shown_texts, shown.field("rank"),
+             shown.field("retrieval"), shown.field("hierarchy"), shown.field("blend"),
+             shown.field("is_source")], fields=list(CONTEXT)))
+        flat = self.stored_contexts.flatten()
+        context_pmids = pa.ListArray.from_arrays(_offsets(self.context_lengths),
+                                                 flat.field("pmid"))
+        mesh = _empty_for_null(col("question_mesh"))
+        uis = mesh.flatten()
+        trees = _empty_for_null(self.mesh_trees.trees.take(
+            pc.index_in(uis, value_set=self.mesh_trees.uis)))
+        question_mesh = pa.ListArray.from_arrays(_offsets(_lengths(mesh)),
+                                                 pa.StructArray.from_arrays(
+                                                     [uis, trees], fields=list(MESH_TERM)))
+        versions = pa.StructArray.from_arrays(
+            [col(f"prompt_{k}") for k in ("generate", "judge", "answer")],
+            fields=list(PROMPT_VERSIONS))
+        columns = [
+            col("id"), col("subtree"), col("source_pmid"), col("profile"),
+            col("ordinal").cast(pa.int32()), col("qtype"), col("question"), col("answer_hint"),
+            col("evidence"), contexts, context_pmids, col("answer"), col("label"),
+            _empty_for_null(col("cited_pmids")).cast(pa.list_(pa.int64())),
+            self.answer_evidence, question_mesh,
+            col("retrieval_score"), col("hierarchy_score"), col("blend_score"), _judge(self.batch),
+            col("judge_rationale"), col("backend"), col("model"), versions, col("run_id"),
+            col("params"), meta]
+        return pa.Table.from_arrays([_plain(c) for c in columns], schema=SCHEMAS["qca"])
 
 
-def pair_table(rows: Sequence[tuple[Any, ...]],
-               subtree_info: dict[str, tuple[list[str], str | None]]) -> pa.Table:
+def _plain(arr: pa.Array) -> pa.Array:
+    """The array without its field metadata or extension type (ADBC marks JSON)."""
+    return arr.storage if isinstance(arr, pa.ExtensionArray) else arr
+
+
+def pair_table(batch: pa.RecordBatch,
+               subtree_info: Mapping[str, tuple[Sequence[str], str | None]]) -> pa.Table:
     """The ``dpo`` table of a batch of ``source.PAIR_ROWS_SQL`` rows. ``subtree_info``
     maps a subtree to its ancestry (root first, itself last) and scope note."""
-    system: list[str] = []
-    user: list[str] = []
-    for r in rows:
-        ancestry, scope = subtree_info.get(r[1], ([r[1]], None))
-        article = ArticleInput(
-            pmid=str(r[2]), title=r[14], abstract=r[15],
-            mesh=tuple(MeshHeading(n, bool(m)) for n, m in zip(r[16] or [], r[17] or [],
-                                                               strict=True)),
-            ancestry=tuple(ancestry), scope_note=scope)
-        types = r[8] if r[8] == r[11] else f"{r[8]} or {r[11]}"
-        rendered = prompts.render(QUESTION, {
-            "types": types, "ancestry": format_ancestry(article),
-            "scope_note": scope or "(not given)", "title": article.title,
-            "mesh": format_mesh(article), "pmid": article.pmid, "abstract": article.abstract})
-        system.append(rendered.messages[0]["content"])
-        user.append(rendered.messages[1]["content"])
+    n = batch.num_rows
+    col = batch.column
+    subtrees = pc.dictionary_encode(col("subtree"))
+    names = subtrees.dictionary.to_pylist()
+    info = [subtree_info.get(s, ([s], None)) for s in names]
+    codes = subtrees.indices
+    ancestry = pa.array([" > ".join(a) if a else "(not given)" for a, _ in info],
+                        pa.string()).take(codes)
+    scope = pa.array([s or "(not given)" for _, s in info], pa.string()).take(codes)
+    same = pc.equal(col("chosen_type"), col("rejected_type"))
+    types = pc.if_else(same, col("chosen_type"), pc.binary_join_element_wise(
+        col("chosen_type"), " or ", col("rejected_type"), ""))
+    headings = _empty_for_null(col("names"))
+    majors = _empty_for_null(col("majors")).flatten()
+    starred = pc.if_else(majors, pc.binary_join_element_wise(headings.flatten(), "*", ""),
+                         headings.flatten())
+    mesh = pc.binary_join(pa.ListArray.from_arrays(_offsets(_lengths(headings)), starred), "; ")
+    mesh = pc.if_else(pc.equal(pc.list_value_length(headings), 0), "(none)", mesh)
+    system, user = render(QUESTION, {
+        "types": types, "ancestry": ancestry, "scope_note": scope, "title": col("title"),
+        "mesh": mesh, "pmid": col("source_pmid").cast(pa.string()),
+        "abstract": pc.fill_null(col("abstract"), "")}, n)
     meta = pa.StructArray.from_arrays([
-        pa.array([r[3] for r in rows], pa.int64()), pa.array([r[4] for r in rows], pa.int64()),
-        pa.array([int(r[2]) for r in rows], pa.int64()), pa.array([r[1] for r in rows]),
-        pa.array([r[8] for r in rows]), pa.array([r[9] for r in rows]),
-        pa.array([r[12] for r in rows]), pa.array([r[5] for r in rows], pa.float64()),
-        pa.array([r[6] for r in rows], pa.float64()), pa.array([r[7] for r in rows], pa.float64()),
-    ], fields=list(PAIR_METADATA))
+        col("chosen_id"), col("rejected_id"), col("source_pmid"), col("subtree"),
+        col("chosen_type"), col("chosen_profile"), col("rejected_profile"),
+        col("chosen_score"), col("rejected_score"), col("margin")], fields=list(PAIR_METADATA))
     return pa.Table.from_arrays([
         _messages(("system", "user"), (system, user)),
-        _messages(("assistant",), ([r[10] for r in rows],)),
-        _messages(("assistant",), ([r[13] for r in rows],)),
+        _messages(("assistant",), (col("chosen"),)),
+        _messages(("assistant",), (col("rejected"),)),
         meta], schema=SCHEMAS["dpo"])

@@ -17,7 +17,7 @@ import os
 import secrets
 import subprocess
 import time
-from collections.abc import Callable, Generator, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -33,19 +33,20 @@ from meshdistill.config import REPO
 from meshdistill.errors import MeshDistillError
 from meshdistill.export.benchmarks import Benchmark, ContaminationIndex
 from meshdistill.export.card import CardStats, render_card, render_plots
-from meshdistill.export.plan import Decision, Population
-from meshdistill.export.records import ItemBatch, pair_table, template_versions
+from meshdistill.export.plan import Decision, Population, Rows
+from meshdistill.export.records import ItemBatch, MeshTrees, pair_table, template_versions
 from meshdistill.export.schemas import JUDGE_CRITERIA, SCHEMAS
 from meshdistill.export.settings import SPLITS, ExportSettings
 from meshdistill.export.shards import ShardInfo, ShardWriter
-from meshdistill.export.source import ITEM_COLUMNS, Snapshot, snapshot
+from meshdistill.export.source import Snapshot, snapshot
+from meshdistill.export.splits import splitmix64
+from meshdistill.export.text import Tokens
 from meshdistill.mesh.subtree import get_subtree
 
 log = logging.getLogger(__name__)
 
 ITEM_FORMATS = ("sft", "prompt_completion", "alpaca", "sharegpt", "qca")
 MANIFEST = "manifest.json"
-CONTEXTS = ITEM_COLUMNS.index("contexts")
 Progress = Callable[[str, int], None]
 """Called after each written batch with the phase and the rows written so far."""
 
@@ -98,21 +99,46 @@ class _Rate:
         return round(seconds, 3)
 
 
-def _plan_items(snap: Snapshot, s: ExportSettings, check: Any, workdir: str | None) -> Decision:
-    pop = Population("items", s, check, workdir)
+def _numbers(batch: pa.RecordBatch, name: str, dtype: Any) -> Any:
+    return pc.fill_null(batch.column(name), 0).to_numpy(zero_copy_only=False).astype(dtype)
+
+
+def _list_offsets(lists: pa.Array) -> Any:
+    lengths = pc.fill_null(pc.list_value_length(lists), 0).to_numpy(zero_copy_only=False)
+    out = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=out[1:])
+    return out
+
+
+def _plan_items(snap: Snapshot, s: ExportSettings, index: ContaminationIndex | None,
+                workdir: str | None) -> Decision:
+    pop = Population("items", s, index, workdir)
     for b in snap.item_plan_rows():
-        pop.add([r[0] for r in b], [r[1] for r in b], [r[2] for r in b], [r[3] for r in b],
-                [r[4] for r in b], [r[5] for r in b], [r[6] for r in b], [r[7] for r in b],
-                [r[5] for r in b], contexts=[list(r[8] or []) for r in b])
+        tokens = Tokens.of(b.column("question"))
+        contexts = b.column("contexts")
+        pop.add(Rows(_numbers(b, "id", np.int64), _numbers(b, "source_pmid", np.int64),
+                     b.column("subtree"), b.column("qtype"), b.column("label"),
+                     _numbers(b, "hierarchy", np.float64), _numbers(b, "judge_sum", np.float64),
+                     tokens, tokens.runs().whole(),
+                     pc.fill_null(contexts.flatten(), 0).to_numpy(zero_copy_only=False),
+                     _list_offsets(contexts)))
     return pop.decide()
 
 
-def _plan_pairs(snap: Snapshot, s: ExportSettings, check: Any, workdir: str | None) -> Decision:
-    pop = Population("pairs", s, check, workdir)
+def _plan_pairs(snap: Snapshot, s: ExportSettings, index: ContaminationIndex | None,
+                workdir: str | None) -> Decision:
+    pop = Population("pairs", s, index, workdir)
     for b in snap.pair_plan_rows():
-        pop.add([r[0] for r in b], [r[1] for r in b], [r[2] for r in b], [r[3] for r in b],
-                [None] * len(b), [r[4] for r in b], [r[7] for r in b], [r[6] for r in b],
-                [f"{r[4]}\n{r[5]}" for r in b], also_checked=[r[5] for r in b])
+        chosen, rejected = Tokens.of(b.column("question")), Tokens.of(b.column("rejected"))
+        with np.errstate(over="ignore"):  # a pair is the same when both questions are
+            exact = splitmix64(chosen.runs().whole() * np.uint64(0x9E3779B97F4A7C15)
+                               ^ rejected.runs().whole())
+        n = b.num_rows
+        pop.add(Rows(_numbers(b, "id", np.int64), _numbers(b, "source_pmid", np.int64),
+                     b.column("subtree"), b.column("qtype"), pa.nulls(n, pa.string()),
+                     _numbers(b, "margin", np.float64), _numbers(b, "chosen_score", np.float64),
+                     chosen, exact, np.zeros(0, np.int64), np.zeros(n + 1, np.int64),
+                     also_checked=rejected))
     return pop.decide()
 
 
@@ -150,25 +176,27 @@ class _Writers:
             self.abort()
 
 
-def _kept_batches(batches: Generator[list[tuple[Any, ...]], None, None], decision: Decision,
-                  progress: Progress | None) -> Iterator[tuple[list[tuple[Any, ...]], Any]]:
-    """The planned rows of each streamed batch (id first) with their split indexes; checks
-    at the end that exactly the planned rows came (the snapshot cannot change, so a
-    difference is a bug, not data). The stream is closed however this ends, while its
-    transaction is still open (a traceback would otherwise keep it alive past it)."""
+def _kept_batches(batches: Iterator[pa.RecordBatch], decision: Decision,
+                  progress: Progress | None) -> Iterator[tuple[pa.RecordBatch, Any]]:
+    """The planned rows of each streamed batch with their split indexes; checks at the
+    end that exactly the planned rows came (the snapshot cannot change, so a difference
+    is a bug, not data). The stream is closed however this ends, while its transaction
+    is still open (a traceback would otherwise keep it alive past it)."""
     written = 0
     try:
-        for rows in batches:
-            split = decision.split_of(np.asarray([r[0] for r in rows], dtype=np.int64))
-            keep = np.flatnonzero(split >= 0)
-            if not len(keep):
+        for batch in batches:
+            split = decision.split_of(_numbers(batch, "id", np.int64))
+            keep = split >= 0
+            if not keep.any():
                 continue
-            yield [rows[i] for i in keep], split[keep]
-            written += len(keep)
+            yield (batch if keep.all() else batch.filter(pa.array(keep))), split[keep]
+            written += int(keep.sum())
             if progress:
                 progress(decision.kind, written)
     finally:
-        batches.close()
+        close = getattr(batches, "close", None)
+        if close is not None:
+            close()
     if written != len(decision.ids):
         raise RuntimeError(f"planned {len(decision.ids)} {decision.kind}, read {written}")
 
@@ -185,26 +213,29 @@ class _Written:
     prompt_versions: set[str]
 
 
+def _distinct(arr: pa.Array) -> set[str]:
+    return {v for v in pc.unique(arr).to_pylist() if v is not None}
+
+
 def _write_items(snap: Snapshot, fs: Any, root: str, s: ExportSettings, formats: list[str],
-                 decision: Decision, mesh_trees: dict[str, list[str]], out: _Written,
+                 decision: Decision, mesh_trees: MeshTrees, out: _Written,
                  progress: Progress | None) -> None:
     with _Writers(fs, root, s, formats, decision.rows_per_split()) as writers:
         for kept, split in _kept_batches(snap.item_rows(), decision, progress):
-            wanted = {int(c["pmid"]) for r in kept for c in (r[CONTEXTS] or [])}
             batch = ItemBatch(kept, closed_book=s.closed_book, mesh_trees=mesh_trees,
-                              texts=snap.article_texts(wanted))
+                              articles=snap.article_texts)
             for fmt in formats:
                 table = batch.table(fmt)
                 writers.write(fmt, split, table)
                 if fmt not in out.samples:
                     out.samples[fmt] = table.slice(0, 1).to_pylist()[0]
-            out.hierarchy.append(np.asarray(batch.hierarchy, dtype=np.float64))
+            out.hierarchy.append(_numbers(kept, "hierarchy_score", np.float64))
             for c in JUDGE_CRITERIA:
-                out.judge[c].append(np.asarray([j[c] for j in batch.judgements], np.int8))
-            out.backends.update(batch.column("backend"))
-            out.models.update(batch.column("model"))
-            for versions in batch.column("prompt_versions"):
-                out.prompt_versions.update((versions or {}).values())
+                out.judge[c].append(_numbers(kept, f"judge_{c}", np.int8))
+            out.backends |= _distinct(kept.column("backend"))
+            out.models |= _distinct(kept.column("model"))
+            for k in ("generate", "judge", "answer"):
+                out.prompt_versions |= _distinct(kept.column(f"prompt_{k}"))
         out.shards += writers.close()
 
 
@@ -254,7 +285,6 @@ def run_export(engine: Engine, settings: ExportSettings, *, fs: Any, root: str,
     root = root.rstrip("/")
     partial, final = f"{root}/.{export_id}.partial", f"{root}/{export_id}"
     index = ContaminationIndex(list(benchmarks)) if benchmarks else None
-    check = index.check if index else None
     item_formats: list[str] = [f for f in settings.formats if f in ITEM_FORMATS]
     timings: dict[str, float] = {}
     out = _Written([], {}, [], {c: [] for c in JUDGE_CRITERIA}, [], set(), set(), set())
@@ -264,11 +294,11 @@ def run_export(engine: Engine, settings: ExportSettings, *, fs: Any, root: str,
             items = pairs = None
             if item_formats:
                 rate = _Rate("plan items")
-                items = _plan_items(snap, settings, check, workdir)
+                items = _plan_items(snap, settings, index, workdir)
                 timings["plan_items"] = rate.done(items.seen)
             if "dpo" in settings.formats:
                 rate = _Rate("plan pairs")
-                pairs = _plan_pairs(snap, settings, check, workdir)
+                pairs = _plan_pairs(snap, settings, index, workdir)
                 timings["plan_pairs"] = rate.done(pairs.seen)
             if not (items and len(items.ids)) and not (pairs and len(pairs.ids)):
                 raise MeshDistillError(
@@ -277,11 +307,9 @@ def run_export(engine: Engine, settings: ExportSettings, *, fs: Any, root: str,
                     f"{[t.value for t in settings.question_types]} and the minimum scores "
                     f"(seen {items.seen if items else 0} items, "
                     f"{pairs.seen if pairs else 0} pairs before cleaning)")
-            mesh_trees: dict[str, list[str]] = {}
-            if "qca" in item_formats:
-                mesh_trees = {ui: list(t) for ui, t in snap.fetch(
-                    "SELECT ui, array_agg(tree_number ORDER BY tree_number) FROM mesh_tree "
-                    "WHERE ui IS NOT NULL GROUP BY ui")}
+            mesh_trees = MeshTrees.of({ui: list(t) for ui, t in snap.fetch(
+                "SELECT ui, array_agg(tree_number ORDER BY tree_number) FROM mesh_tree "
+                "WHERE ui IS NOT NULL GROUP BY ui")} if "qca" in item_formats else {})
             mesh_year = snap.fetch("SELECT mesh_year FROM mesh_release ORDER BY id DESC "
                                    "LIMIT 1")
             if items is not None and item_formats:

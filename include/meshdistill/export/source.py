@@ -1,29 +1,36 @@
 """Reading what an export takes from PostgreSQL: streamed, in one consistent snapshot.
 
 An export reads twice: a narrow pass (ids, PMIDs, question, scores) to decide what is
-kept, then a full pass that formats the kept rows. Both run in one ``REPEATABLE READ``
-read-only transaction, so items a distill run writes meanwhile are in neither pass, and
-both go through server-side cursors in batches, so memory does not grow with the table.
+kept, then a full pass that formats the kept rows. Both stream as Arrow record batches
+through ADBC's PostgreSQL driver (binary ``COPY`` decoded straight into Arrow columns, as
+fast as PostgreSQL sends them; a row-at-a-time DB-API cursor costs several times more in
+Python objects), so memory does not grow with the table. The streams run on a second
+connection that imports the snapshot of a ``REPEATABLE READ`` read-only transaction on
+the first (``pg_export_snapshot``), which meanwhile looks up the context articles of
+each batch: items a distill run writes during an export are in no pass and no lookup.
 Items are ``accepted`` ``qa_item`` rows matching the settings' subtrees, types and
 minimum scores; pairs are ``preference_pair`` rows whose chosen item matches them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Generator, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-import orjson
+import adbc_driver_postgresql.dbapi as adbc
+import numpy as np
 import psycopg2.extensions
-import psycopg2.extras
+import pyarrow as pa
 from sqlalchemy import Engine
 
 from meshdistill.export.schemas import JUDGE_CRITERIA
 from meshdistill.export.settings import ExportSettings
 from meshdistill.mesh.tree import like_pattern
+from meshdistill.store.db import libpq_uri
 
-BATCH_ROWS = 2000
+BATCH_BYTES = 8 << 20
+"""Arrow bytes per streamed batch (about 5,000 full item rows)."""
 
 
 def _where(alias: str, s: ExportSettings) -> tuple[str, dict[str, Any]]:
@@ -47,34 +54,53 @@ _JUDGE_SUM = " + ".join(f"coalesce((q.judgement->>'{c}')::int, 0)" for c in JUDG
 
 ITEM_PLAN_SQL = """
     SELECT q.id, q.source_pmid, q.subtree, q.qtype, q.label, q.question,
-           coalesce(q.hierarchy_score, 0) AS hierarchy, {judge_sum} AS judge_sum,
+           coalesce(q.hierarchy_score, 0)::float8 AS hierarchy,
+           ({judge_sum})::float8 AS judge_sum,
            ARRAY(SELECT (c->>'pmid')::bigint FROM jsonb_array_elements(q.contexts) c)
+               AS contexts
     FROM qa_item q WHERE {where} ORDER BY q.id
 """
-ITEM_COLUMNS = (
-    "id", "subtree", "source_pmid", "profile", "ordinal", "qtype", "question", "answer_hint",
-    "evidence", "contexts", "answer", "label", "cited_pmids", "answer_evidence",
-    "question_mesh", "retrieval_score", "hierarchy_score", "blend_score", "judgement",
-    "backend", "model", "prompt_versions", "run_id", "params")
-"""The columns of :data:`ITEM_ROWS_SQL`, in order (``params`` as JSON text)."""
-ITEM_ROWS_SQL = ("SELECT " + ", ".join(f"q.{c}::text" if c == "params" else f"q.{c}"
-                                       for c in ITEM_COLUMNS)
-                 + " FROM qa_item q WHERE {where} ORDER BY q.id")
-ARTICLE_TEXTS_SQL = "SELECT pmid, coalesce(title, ''), abstract FROM article WHERE pmid = ANY(%s)"
+_FLOAT = "{0}::text::float8 AS {1}"
+"""float4 scores read as the decimal PostgreSQL prints (0.2, not 0.20000000298...)."""
+ITEM_COLUMNS: dict[str, str] = {
+    "id": "q.id", "subtree": "q.subtree", "source_pmid": "q.source_pmid",
+    "profile": "q.profile", "ordinal": "q.ordinal", "qtype": "q.qtype",
+    "question": "q.question", "answer_hint": "q.answer_hint", "evidence": "q.evidence",
+    "contexts": "q.contexts::text", "answer": "q.answer", "label": "q.label",
+    "cited_pmids": "q.cited_pmids", "answer_evidence": "q.answer_evidence::text",
+    "question_mesh": "q.question_mesh",
+    **{c: _FLOAT.format(f"q.{c}", c) for c in ("retrieval_score", "hierarchy_score",
+                                               "blend_score")},
+    **{f"judge_{c}": f"(q.judgement->>'{c}')::int2" for c in JUDGE_CRITERIA},
+    "judge_rationale": "q.judgement->>'rationale'",
+    "backend": "q.backend", "model": "q.model",
+    **{f"prompt_{k}": f"q.prompt_versions->>'{k}'" for k in ("generate", "judge", "answer")},
+    "run_id": "q.run_id", "params": "q.params::text",
+}
+"""The columns of :data:`ITEM_ROWS_SQL` by name, each with its expression (JSON columns
+as text, parsed in Arrow where a format needs their parts)."""
+ITEM_ROWS_SQL = ("SELECT " + ", ".join(
+    expr if " AS " in expr else f"{expr} AS {name}" for name, expr in ITEM_COLUMNS.items())
+    + " FROM qa_item q WHERE {where} ORDER BY q.id")
+ARTICLE_TEXTS_SQL = ("SELECT pmid, coalesce(title, ''), coalesce(abstract, '') FROM article "
+                     "WHERE pmid = ANY(%s)")
 """Title and abstract of the context articles of one batch: fetched once per batch (the
 items of one source share their contexts) instead of once per item and context."""
 
 PAIR_PLAN_SQL = """
-    SELECT p.id, p.source_pmid, p.subtree, c.qtype, c.question, r.question,
-           p.chosen_score, p.margin
+    SELECT p.id, p.source_pmid, p.subtree, c.qtype, c.question, r.question AS rejected,
+           p.chosen_score::float8, p.margin::float8
     FROM preference_pair p
     JOIN qa_item c ON c.id = p.chosen_id JOIN qa_item r ON r.id = p.rejected_id
     WHERE {where} ORDER BY p.id
 """
 PAIR_ROWS_SQL = """
-    SELECT p.id, p.subtree, p.source_pmid, p.chosen_id, p.rejected_id, p.chosen_score,
-           p.rejected_score, p.margin, c.qtype, c.profile, c.question, r.qtype, r.profile,
-           r.question, coalesce(a.title, ''), a.abstract, h.names, h.majors
+    SELECT p.id, p.subtree, p.source_pmid, p.chosen_id, p.rejected_id,
+           p.chosen_score::text::float8 AS chosen_score,
+           p.rejected_score::text::float8 AS rejected_score, p.margin::text::float8 AS margin,
+           c.qtype AS chosen_type, c.profile AS chosen_profile, c.question AS chosen,
+           r.qtype AS rejected_type, r.profile AS rejected_profile, r.question AS rejected,
+           coalesce(a.title, '') AS title, coalesce(a.abstract, '') AS abstract, h.names, h.majors
     FROM preference_pair p
     JOIN qa_item c ON c.id = p.chosen_id JOIN qa_item r ON r.id = p.rejected_id
     JOIN article a ON a.pmid = p.source_pmid
@@ -89,63 +115,78 @@ PAIR_ROWS_SQL = """
 
 
 class Snapshot:
-    """One read-only, repeatable-read transaction on a raw psycopg2 connection."""
+    """One read-only, repeatable-read snapshot: ``anchor`` (psycopg2) holds it and looks
+    things up, ``stream`` (ADBC) imported it and streams the passes."""
 
-    def __init__(self, dbapi: Any, settings: ExportSettings) -> None:
-        self._conn = dbapi
+    def __init__(self, anchor: Any, stream: Any, settings: ExportSettings) -> None:
+        self._anchor = anchor
+        self._stream = stream
         self.settings = settings
-        self._cursors = 0
 
-    def _stream(self, sql: str, alias: str) -> Generator[list[tuple[Any, ...]], None, None]:
+    def _batches(self, sql: str, alias: str) -> Iterator[pa.RecordBatch]:
         where, params = _where(alias, self.settings)
-        self._cursors += 1
-        with self._conn.cursor(name=f"meshdistill_export_{self._cursors}") as cur:
-            cur.itersize = BATCH_ROWS
-            cur.execute(sql.format(where=where, judge_sum=_JUDGE_SUM), params)
-            while batch := cur.fetchmany(BATCH_ROWS):
-                yield batch
+        with self._anchor.cursor() as cur:
+            query = cur.mogrify(sql.format(where=where, judge_sum=_JUDGE_SUM), params).decode()
+        cursor = self._stream.cursor()
+        try:
+            cursor.adbc_statement.set_options(
+                **{"adbc.postgresql.batch_size_hint_bytes": str(BATCH_BYTES)})
+            cursor.execute(query)
+            yield from cursor.fetch_record_batch()
+        finally:
+            cursor.close()
 
-    def item_plan_rows(self) -> Generator[list[tuple[Any, ...]], None, None]:
-        return self._stream(ITEM_PLAN_SQL, "q")
+    def item_plan_rows(self) -> Iterator[pa.RecordBatch]:
+        return self._batches(ITEM_PLAN_SQL, "q")
 
-    def item_rows(self) -> Generator[list[tuple[Any, ...]], None, None]:
-        return self._stream(ITEM_ROWS_SQL, "q")
+    def item_rows(self) -> Iterator[pa.RecordBatch]:
+        return self._batches(ITEM_ROWS_SQL, "q")
 
-    def pair_plan_rows(self) -> Generator[list[tuple[Any, ...]], None, None]:
-        return self._stream(PAIR_PLAN_SQL, "c")
+    def pair_plan_rows(self) -> Iterator[pa.RecordBatch]:
+        return self._batches(PAIR_PLAN_SQL, "c")
 
-    def pair_rows(self) -> Generator[list[tuple[Any, ...]], None, None]:
-        return self._stream(PAIR_ROWS_SQL, "c")
+    def pair_rows(self) -> Iterator[pa.RecordBatch]:
+        return self._batches(PAIR_ROWS_SQL, "c")
 
-    def article_texts(self, pmids: set[int]) -> dict[int, tuple[str, str]]:
-        """Title and abstract of each of ``pmids`` that is stored."""
-        with self._conn.cursor() as cur:
-            cur.execute(ARTICLE_TEXTS_SQL, (sorted(pmids),))
-            return {int(p): (title, abstract) for p, title, abstract in cur}
+    def article_texts(self, pmids: np.ndarray) -> pa.Table:
+        """``pmid``, ``title`` and ``abstract`` of each of ``pmids`` that is stored."""
+        with self._anchor.cursor() as cur:
+            cur.execute(ARTICLE_TEXTS_SQL, (np.unique(pmids).tolist(),))
+            rows = cur.fetchall()
+        return pa.table({"pmid": pa.array([r[0] for r in rows], pa.int64()),
+                         "title": pa.array([r[1] for r in rows], pa.string()),
+                         "abstract": pa.array([r[2] for r in rows], pa.string())})
 
     def fetch(self, sql: str, params: Any = None) -> list[tuple[Any, ...]]:
-        with self._conn.cursor() as cur:
+        with self._anchor.cursor() as cur:
             cur.execute(sql, params or {})
             return list(cur.fetchall())
 
 
 @contextmanager
 def snapshot(engine: Engine, settings: ExportSettings) -> Iterator[Snapshot]:
-    """A :class:`Snapshot` whose JSON columns decode with orjson; rolled back at the end
-    (it only reads)."""
+    """A :class:`Snapshot`; both transactions are rolled back at the end (they only
+    read)."""
     raw = engine.raw_connection()
     try:
-        dbapi: Any = raw.dbapi_connection
-        psycopg2.extras.register_default_json(dbapi, loads=orjson.loads)
-        psycopg2.extras.register_default_jsonb(dbapi, loads=orjson.loads)
-        dbapi.set_session(isolation_level=psycopg2.extensions.ISOLATION_LEVEL_REPEATABLE_READ,
-                          readonly=True)
+        anchor: Any = raw.dbapi_connection
+        anchor.set_session(isolation_level=psycopg2.extensions.ISOLATION_LEVEL_REPEATABLE_READ,
+                           readonly=True)
         try:
-            yield Snapshot(dbapi, settings)
+            with anchor.cursor() as cur:
+                cur.execute("SELECT pg_export_snapshot()")
+                exported = cur.fetchone()[0]
+            stream = adbc.connect(libpq_uri(str(engine.url.render_as_string(False))))
+            try:
+                with stream.cursor() as cur:
+                    cur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+                    cur.execute(f"SET TRANSACTION SNAPSHOT '{exported}'")
+                yield Snapshot(anchor, stream, settings)
+            finally:
+                stream.rollback()
+                stream.close()
         finally:
-            dbapi.rollback()
-            dbapi.set_session(isolation_level="DEFAULT", readonly="DEFAULT")
-            psycopg2.extras.register_default_json(dbapi)
-            psycopg2.extras.register_default_jsonb(dbapi)
+            anchor.rollback()
+            anchor.set_session(isolation_level="DEFAULT", readonly="DEFAULT")
     finally:
         raw.close()

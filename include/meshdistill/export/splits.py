@@ -18,7 +18,7 @@ import numpy.typing as npt
 _MASK = np.uint64(0xFFFFFFFFFFFFFFFF)
 
 
-def _splitmix64(x: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
+def splitmix64(x: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
     """The splitmix64 output function (Steele et al.), a bijective 64-bit mixer."""
     with np.errstate(over="ignore"):
         z = x + np.uint64(0x9E3779B97F4A7C15)
@@ -31,6 +31,6 @@ def split_index(pmids: npt.ArrayLike, seed: int,
                 ratios: Sequence[float]) -> npt.NDArray[np.int8]:
     """For each PMID, the index of its split in ``ratios`` (0 = train)."""
     keys = np.asarray(pmids, dtype=np.int64).astype(np.uint64) ^ np.uint64(seed)
-    unit = (_splitmix64(keys) >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+    unit = (splitmix64(keys) >> np.uint64(11)).astype(np.float64) / float(1 << 53)
     bounds = np.cumsum(np.asarray(ratios, dtype=np.float64))[:-1]
     return np.searchsorted(bounds, unit, side="right").astype(np.int8)

@@ -81,3 +81,10 @@ def connect(url: str | None = None) -> Iterator[Connection]:
 def safe_url(url: str) -> str:
     """The URL with its password hidden, for logs."""
     return make_url(url).render_as_string(hide_password=True)
+
+
+def libpq_uri(url: str) -> str:
+    """The SQLAlchemy ``url`` as a libpq connection URI (driver name dropped), for
+    clients that speak libpq directly."""
+    u = make_url(url)
+    return u.set(drivername=u.get_backend_name()).render_as_string(hide_password=False)

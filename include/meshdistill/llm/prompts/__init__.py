@@ -78,3 +78,30 @@ def render(name: str, variables: dict[str, str], version: int | None = None) -> 
         for role, template in _template(name, chosen)
     )
     return RenderedPrompt(version=f"{name}_v{chosen}", messages=messages)
+
+
+Piece = tuple[Literal["text", "var"], str]
+
+
+def pieces(name: str, version: int | None = None) -> tuple[tuple[Role, tuple[Piece, ...]], ...]:
+    """Each section of template ``name`` as its literal texts and variable names in order,
+    for callers that fill a whole column of values at once; joining the pieces with the
+    values gives exactly what :func:`render` gives."""
+    versions = available()[name]
+    chosen = versions[-1] if version is None else version
+    out: list[tuple[Role, tuple[Piece, ...]]] = []
+    for role, template in _template(name, chosen):
+        parts: list[Piece] = []
+        at = 0
+        for m in template.pattern.finditer(template.template):
+            parts.append(("text", template.template[at:m.start()]))
+            if m["escaped"] is not None:
+                parts.append(("text", template.delimiter))
+            elif m["named"] or m["braced"]:
+                parts.append(("var", m["named"] or m["braced"]))
+            else:
+                raise ValueError(f"prompt {name}_v{chosen}: invalid placeholder at {m.start()}")
+            at = m.end()
+        parts.append(("text", template.template[at:]))
+        out.append((role, tuple(p for p in parts if p != ("text", ""))))
+    return tuple(out)
