@@ -35,10 +35,10 @@ from meshdistill.export.benchmarks import Benchmark, ContaminationIndex
 from meshdistill.export.card import CardStats, render_card, render_plots
 from meshdistill.export.plan import Decision, Population, Rows
 from meshdistill.export.records import ItemBatch, MeshTrees, pair_table, template_versions
-from meshdistill.export.schemas import JUDGE_CRITERIA, SCHEMAS
+from meshdistill.export.schemas import JUDGE_CRITERIA
 from meshdistill.export.settings import SPLITS, ExportSettings
-from meshdistill.export.shards import ShardInfo, ShardWriter
-from meshdistill.export.source import Snapshot, snapshot
+from meshdistill.export.shards import ShardInfo, ShardSet
+from meshdistill.export.source import Snapshot, prefetch, snapshot
 from meshdistill.export.splits import splitmix64
 from meshdistill.export.text import Tokens
 from meshdistill.mesh.subtree import get_subtree
@@ -142,40 +142,6 @@ def _plan_pairs(snap: Snapshot, s: ExportSettings, index: ContaminationIndex | N
     return pop.decide()
 
 
-class _Writers:
-    """Every ShardWriter of one export, by (format, split)."""
-
-    def __init__(self, fs: Any, root: str, s: ExportSettings, formats: Sequence[str],
-                 totals: dict[str, int]) -> None:
-        self.by_key: dict[tuple[str, str], list[ShardWriter]] = {
-            (fmt, split): [ShardWriter(fs, root, fmt, split, ff, SCHEMAS[fmt], totals[split],
-                                       s.shard_rows) for ff in s.file_formats()]
-            for fmt in formats for split in SPLITS}
-
-    def write(self, fmt: str, split_of_rows: np.ndarray, table: pa.Table) -> None:
-        for i, split in enumerate(SPLITS):
-            mask = split_of_rows == i
-            if mask.any():
-                part = table if mask.all() else table.filter(pa.array(mask))
-                for w in self.by_key[(fmt, split)]:
-                    w.write(part)
-
-    def close(self) -> list[ShardInfo]:
-        return [info for ws in self.by_key.values() for w in ws for info in w.close()]
-
-    def abort(self) -> None:
-        for ws in self.by_key.values():
-            for w in ws:
-                w.abort()
-
-    def __enter__(self) -> _Writers:
-        return self
-
-    def __exit__(self, kind: Any, *_: Any) -> None:
-        if kind is not None:
-            self.abort()
-
-
 def _kept_batches(batches: Iterator[pa.RecordBatch], decision: Decision,
                   progress: Progress | None) -> Iterator[tuple[pa.RecordBatch, Any]]:
     """The planned rows of each streamed batch with their split indexes; checks at the
@@ -220,8 +186,9 @@ def _distinct(arr: pa.Array) -> set[str]:
 def _write_items(snap: Snapshot, fs: Any, root: str, s: ExportSettings, formats: list[str],
                  decision: Decision, mesh_trees: MeshTrees, out: _Written,
                  progress: Progress | None) -> None:
-    with _Writers(fs, root, s, formats, decision.rows_per_split()) as writers:
-        for kept, split in _kept_batches(snap.item_rows(), decision, progress):
+    with ShardSet(fs, root, formats, s.file_formats(), decision.rows_per_split(),
+                  s.shard_rows) as writers:
+        for kept, split in _kept_batches(prefetch(snap.item_rows()), decision, progress):
             batch = ItemBatch(kept, closed_book=s.closed_book, mesh_trees=mesh_trees,
                               articles=snap.article_texts)
             for fmt in formats:
@@ -250,8 +217,9 @@ def _write_pairs(snap: Snapshot, engine: Engine, fs: Any, root: str, s: ExportSe
                 info[name] = ([name], None)
                 continue
             info[name] = ([*sub.ancestry, sub.name or name], sub.scope_note)
-    with _Writers(fs, root, s, ["dpo"], decision.rows_per_split()) as writers:
-        for kept, split in _kept_batches(snap.pair_rows(), decision, progress):
+    with ShardSet(fs, root, ["dpo"], s.file_formats(), decision.rows_per_split(),
+                  s.shard_rows) as writers:
+        for kept, split in _kept_batches(prefetch(snap.pair_rows()), decision, progress):
             table = pair_table(kept, info)
             writers.write("dpo", split, table)
             out.samples.setdefault("dpo", table.slice(0, 1).to_pylist()[0])

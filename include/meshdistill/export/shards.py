@@ -6,6 +6,9 @@ known from the plan, so each name can say how many shards there are). Parquet is
 with zstd compression from the format's schema; JSON lines with orjson, gzip at level 6
 with a zero timestamp and no file name in the header, so the same rows give the same
 bytes. Every file goes through fsspec, so the directory may be local or on object storage.
+A :class:`ShardSet` holds the writers of one export and writes on a background thread
+(Parquet encoding and compression release the GIL), so the next batch is formatted while
+the last one is compressed.
 """
 
 from __future__ import annotations
@@ -13,12 +16,19 @@ from __future__ import annotations
 import gzip
 import hashlib
 import math
+from collections import deque
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
+import numpy as np
 import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from meshdistill.export.schemas import SCHEMAS
+from meshdistill.export.settings import SPLITS
 
 EXTENSIONS = {"parquet": "parquet", "jsonl": "jsonl", "jsonl.gz": "jsonl.gz"}
 
@@ -146,3 +156,62 @@ def file_digest(fs: Any, path: str) -> tuple[int, str]:
             digest.update(chunk)
             size += len(chunk)
     return size, digest.hexdigest()
+
+
+PENDING_WRITES = 3
+"""Tables queued for the writer thread at most (each a batch of one format)."""
+
+
+class ShardSet:
+    """Every :class:`ShardWriter` of one export, by (format, split), fed in order by one
+    background thread; use as a context manager (an error aborts every writer)."""
+
+    def __init__(self, fs: Any, root: str, formats: Sequence[str], file_formats: Sequence[str],
+                 totals: dict[str, int], shard_rows: int) -> None:
+        self.by_key: dict[tuple[str, str], list[ShardWriter]] = {
+            (fmt, split): [ShardWriter(fs, root, fmt, split, ff, SCHEMAS[fmt], totals[split],
+                                       shard_rows) for ff in file_formats]
+            for fmt in formats for split in SPLITS}
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="meshdistill-shards")
+        self._pending: deque[Future[None]] = deque()
+
+    def write(self, fmt: str, split_of_rows: np.ndarray, table: pa.Table) -> None:
+        """Queue ``table``'s rows for their splits (``split_of_rows``: index per row)."""
+        parts = []
+        for i, split in enumerate(SPLITS):
+            mask = split_of_rows == i
+            if mask.any():
+                part = table if mask.all() else table.filter(pa.array(mask))
+                parts += [(w, part) for w in self.by_key[(fmt, split)]]
+        self._pending.append(self._pool.submit(self._write, parts))
+        while len(self._pending) > PENDING_WRITES:
+            self._pending.popleft().result()
+
+    @staticmethod
+    def _write(parts: list[tuple[ShardWriter, pa.Table]]) -> None:
+        for writer, part in parts:
+            writer.write(part)
+
+    def _drain(self) -> None:
+        while self._pending:
+            self._pending.popleft().result()
+
+    def close(self) -> list[ShardInfo]:
+        self._drain()
+        self._pool.shutdown()
+        return [info for ws in self.by_key.values() for w in ws for info in w.close()]
+
+    def abort(self) -> None:
+        for f in self._pending:
+            f.cancel()
+        self._pool.shutdown(wait=True)
+        for ws in self.by_key.values():
+            for w in ws:
+                w.abort()
+
+    def __enter__(self) -> ShardSet:
+        return self
+
+    def __exit__(self, kind: Any, *_: Any) -> None:
+        if kind is not None:
+            self.abort()

@@ -14,7 +14,9 @@ minimum scores; pairs are ``preference_pair`` rows whose chosen item matches the
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import queue
+import threading
+from collections.abc import Generator, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -190,3 +192,46 @@ def snapshot(engine: Engine, settings: ExportSettings) -> Iterator[Snapshot]:
             anchor.set_session(isolation_level="DEFAULT", readonly="DEFAULT")
     finally:
         raw.close()
+
+
+def prefetch(batches: Iterator[pa.RecordBatch]) -> Generator[pa.RecordBatch, None, None]:
+    """``batches`` read one ahead on a thread, so PostgreSQL sends the next batch while
+    this one is formatted; closing the generator stops the reader and closes ``batches``."""
+    slots: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=1)
+    stop = threading.Event()
+
+    def read() -> None:
+        try:
+            for batch in batches:
+                while not stop.is_set():
+                    try:
+                        slots.put(("batch", batch), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            slots.put(("end", None))
+        except BaseException as e:  # handed to the consumer, raised there
+            slots.put(("error", e))
+
+    reader = threading.Thread(target=read, name="meshdistill-export-read", daemon=True)
+    reader.start()
+    try:
+        while True:
+            kind, value = slots.get()
+            if kind == "end":
+                return
+            if kind == "error":
+                raise value
+            yield value
+    finally:
+        stop.set()
+        while reader.is_alive():
+            try:
+                slots.get_nowait()
+            except queue.Empty:
+                reader.join(timeout=0.05)
+        close = getattr(batches, "close", None)
+        if close is not None:
+            close()
