@@ -13,7 +13,8 @@ million items plan in a few hundred megabytes.
 
 from __future__ import annotations
 
-from collections import Counter
+import time
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,6 +105,8 @@ class Population:
     qtypes: dict[str, int] = field(default_factory=dict)
     labels: dict[str, int] = field(default_factory=lambda: {"": 0})
     by_benchmark: Counter[tuple[str, str]] = field(default_factory=Counter)
+    seconds: defaultdict[str, float] = field(default_factory=lambda: defaultdict(float))
+    """Time spent per cleaning step (``decontamination``, ``minhash``, ``clusters``)."""
 
     def __post_init__(self) -> None:
         threshold = self.settings.near_dup_threshold
@@ -123,9 +126,13 @@ class Population:
         self.context_pmids.append(rows.context_pmids)
         counts = np.diff(rows.context_offsets)
         self.context_counts.append(counts)
+        t0 = time.perf_counter()
         self.contaminated.append(self._contamination(rows, counts))
+        t1 = time.perf_counter()
+        self.seconds["decontamination"] += t1 - t0
         if self._near is not None:
             self._near.add(rows.questions)
+            self.seconds["minhash"] += time.perf_counter() - t1
 
     def _contamination(self, rows: Rows, counts: npt.NDArray[np.int64]) -> npt.NDArray[np.int8]:
         n = len(rows.ids)
@@ -176,8 +183,10 @@ class Population:
         exact = exact_duplicates(_cat(self.exact, np.uint64), rank, active)
         removed["exact_duplicate"] = int(exact.sum())
         active &= ~exact
+        t0 = time.perf_counter()
         near, verified_pairs = (self._near.duplicates(rank, active) if self._near is not None
                                 else (np.zeros(n, dtype=np.bool_), 0))
+        self.seconds["clusters"] += time.perf_counter() - t0
         removed["near_duplicate"] = int(near.sum())
         active &= ~near
         split = split_index(pmids, s.seed, s.split_ratios)
@@ -206,7 +215,8 @@ class Population:
             by_benchmark={f"{b}:{r}": c for (b, r), c in sorted(self.by_benchmark.items())},
             subtree_names=_names(self.subtrees), subtree=subtree[keep_order],
             qtype_names=_names(self.qtypes), qtype=qtype[keep_order],
-            label_names=_names(self.labels), label=label[keep_order])
+            label_names=_names(self.labels), label=label[keep_order],
+            seconds={k: round(v, 3) for k, v in sorted(self.seconds.items())})
 
     def _cross_split(self, pmids: npt.NDArray[np.int64], split: npt.NDArray[np.int8],
                      active: npt.NDArray[np.bool_]) -> npt.NDArray[np.bool_]:
@@ -286,6 +296,7 @@ class Decision:
     qtype: npt.NDArray[np.int32]
     label_names: list[str]
     label: npt.NDArray[np.int32]
+    seconds: dict[str, float] = field(default_factory=dict)
 
     def split_of(self, ids: npt.NDArray[np.int64]) -> npt.NDArray[np.int8]:
         """The split index of each id, -1 for ids not kept."""

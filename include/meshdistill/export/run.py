@@ -264,10 +264,12 @@ def run_export(engine: Engine, settings: ExportSettings, *, fs: Any, root: str,
                 rate = _Rate("plan items")
                 items = _plan_items(snap, settings, index, workdir)
                 timings["plan_items"] = rate.done(items.seen)
+                timings.update({f"plan_items.{k}": v for k, v in items.seconds.items()})
             if "dpo" in settings.formats:
                 rate = _Rate("plan pairs")
                 pairs = _plan_pairs(snap, settings, index, workdir)
                 timings["plan_pairs"] = rate.done(pairs.seen)
+                timings.update({f"plan_pairs.{k}": v for k, v in pairs.seconds.items()})
             if not (items and len(items.ids)) and not (pairs and len(pairs.ids)):
                 raise MeshDistillError(
                     "nothing to export: no accepted item or preference pair matches "
