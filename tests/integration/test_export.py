@@ -178,6 +178,26 @@ def test_failure_mid_export_leaves_no_folder_and_no_row(export_url: str,
         assert conn.execute(text("SELECT count(*) FROM export")).scalar_one() == before
 
 
+def test_a_stream_left_unfinished_is_closed_with_its_snapshot(export_url: str) -> None:
+    from meshdistill.export.source import snapshot
+
+    engine = get_engine(export_url)
+
+    def sessions() -> int:
+        with engine.connect() as conn:
+            return int(conn.execute(text(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND pid <> pg_backend_pid()")).scalar_one())
+
+    idle = sessions()
+    with pytest.raises(RuntimeError, match="caller failed"), \
+            snapshot(engine, ExportSettings()) as snap:
+        rows = snap.item_plan_rows()
+        assert next(rows).num_rows > 0
+        raise RuntimeError("caller failed")  # the stream is still open here
+    assert sessions() <= idle
+
+
 def test_cli_export_to_memory_storage_and_status(export_url: str,
                                                  capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["export", "--out", "memory://exports-test", "--formats", "sft,dpo",

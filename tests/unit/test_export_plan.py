@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 import pytest
 from datasketch import MinHash
+from meshdistill.export import dedup
 from meshdistill.export.benchmarks import Benchmark, ContaminationIndex
 from meshdistill.export.dedup import MinHasher, NearDuplicates, band_layout
 from meshdistill.export.plan import Population, Rows
@@ -177,3 +178,17 @@ def test_settings_and_shard_names() -> None:
         "sft/train-00000-of-00003.parquet", "sft/train-00001-of-00003.parquet",
         "sft/train-00002-of-00003.parquet"]
     assert shard_names("sft", "test", "jsonl.gz", 0, 100) == []
+
+
+def test_stored_signatures_read_back_across_chunks(tmp_path: Any,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(dedup, "READ_ROWS", 7)  # many chunk boundaries in 50 rows
+    qs = [f"{QUESTIONS[i % 3]} seen in patient group number {i}" for i in range(50)]
+    nd = NearDuplicates(0.8, workdir=tmp_path)
+    nd.add(Tokens.of(qs[:23]))
+    nd.add(Tokens.of(qs[23:]))
+    nd._file.flush()
+    rows = np.array([0, 6, 7, 8, 20, 21, 48, 49])
+    want = MinHasher().signatures(Tokens.of(qs))[rows].astype(np.uint16)
+    assert np.array_equal(nd._stored(rows), want)
+    nd.close()

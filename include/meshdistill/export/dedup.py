@@ -8,11 +8,12 @@ seed).permutations``, its ``affine32`` scheme) and its band layout for the thres
 (:class:`~meshdistill.export.text.Runs`) instead of SHA-1 per shingle string, and the
 minima are taken permutation-major over a block of questions at once: the same
 estimator as datasketch's (a test checks the estimates agree with its ``MinHash``),
-computed in numpy at a fraction of the cost. Only the band keys stay in memory (72 bytes
-an item); full signatures go to a temporary file and are read back for the candidate
-pairs alone, whose estimated Jaccard similarity must reach the threshold (LSH candidates
-are only likely duplicates). Clusters are the connected components of the verified
-pairs; the best-ranked item of each is kept.
+computed in numpy at a fraction of the cost. Only the band keys stay in memory (36 bytes
+an item at the default threshold); signatures go to a temporary file (256 bytes an item)
+and are read back for the rows of candidate pairs alone, whose estimated Jaccard
+similarity must reach the threshold (LSH candidates are only likely duplicates).
+Clusters are the connected components of the verified pairs; the best-ranked item of
+each is kept.
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ from meshdistill.export.text import Tokens
 
 NUM_PERM = 128
 SHINGLE_WORDS = 5
-BLOCK_SHINGLES = 1 << 16
-"""Shingles permuted at once: 128 x 65,536 x 4 bytes = 32 MB of scratch."""
+BLOCK_SHINGLES = 1 << 15
+"""Shingles permuted at once: 128 x 32,768 x 4 bytes = 16 MB of scratch."""
 _U32 = np.uint32
 
 
@@ -72,17 +73,26 @@ def band_layout(threshold: float, num_perm: int = NUM_PERM) -> tuple[int, int]:
     return lsh.b, lsh.r
 
 
-def band_keys(sigs: npt.NDArray[np.uint32], bands: int, rows: int) -> npt.NDArray[np.uint64]:
-    """A 64-bit key per band and signature: equal rows give equal keys."""
-    out = np.zeros((sigs.shape[0], bands), dtype=np.uint64)
+def band_keys(sigs: npt.NDArray[np.uint32], bands: int, rows: int) -> npt.NDArray[np.uint32]:
+    """A 32-bit key per band and signature, band-major: equal rows give equal keys. (A
+    chance collision only adds a candidate, which the Jaccard check then rejects.)"""
+    out = np.zeros((bands, sigs.shape[0]), dtype=np.uint32)
     with np.errstate(over="ignore"):
         for i in range(bands):
             key = np.full(sigs.shape[0], np.uint64(i + 1) * np.uint64(0x9E3779B97F4A7C15))
             for j in range(i * rows, (i + 1) * rows):
                 key = (key ^ sigs[:, j].astype(np.uint64)) * np.uint64(0x100000001B3)
                 key ^= key >> np.uint64(29)
-            out[:, i] = key
+            out[i] = (key ^ (key >> np.uint64(32))).astype(np.uint32)
     return out
+
+
+STORED_BITS = np.uint16
+"""Signatures are kept on disk as the low 16 bits of each minimum: two different minima
+agree there by chance once in 65,536, which raises an estimated Jaccard similarity by at
+most 1.5e-5, at half the bytes (256 a question) to store and read back."""
+READ_ROWS = 1 << 16
+"""Stored signatures read back per chunk (16 MB), keeping only the rows candidates need."""
 
 
 class NearDuplicates:
@@ -94,16 +104,17 @@ class NearDuplicates:
         self.bands, self.rows = band_layout(threshold, num_perm)
         self._hasher = MinHasher(num_perm)
         self._tmp = tempfile.TemporaryDirectory(prefix="meshdistill-minhash-", dir=workdir)
-        self._path = Path(self._tmp.name) / "signatures.u32"
+        self._path = Path(self._tmp.name) / "signatures.u16"
         self._file = self._path.open("wb")
-        self._keys: list[npt.NDArray[np.uint64]] = []
+        self._keys: list[list[npt.NDArray[np.uint32]]] = [[] for _ in range(self.bands)]
         self._has_words: list[npt.NDArray[np.bool_]] = []
         self.count = 0
 
     def add(self, tokens: Tokens) -> None:
         sigs = self._hasher.signatures(tokens)
-        sigs.tofile(self._file)
-        self._keys.append(band_keys(sigs, self.bands, self.rows))
+        sigs.astype(STORED_BITS).tofile(self._file)
+        for band, keys in zip(self._keys, band_keys(sigs, self.bands, self.rows), strict=True):
+            band.append(keys)
         self._has_words.append(sigs[:, 0] != np.iinfo(_U32).max)
         self.count += len(tokens)
 
@@ -112,37 +123,57 @@ class NearDuplicates:
             self._file.close()
         self._tmp.cleanup()
 
-    def duplicates(self, rank: npt.NDArray[np.int64],
-                   active: npt.NDArray[np.bool_]) -> tuple[npt.NDArray[np.bool_], int]:
-        """Items (among ``active``) a better-ranked near-duplicate replaces, and the number
-        of verified pairs. ``rank``: lower is better, unique per item."""
-        self._file.flush()
-        n = self.count
-        if n == 0:
-            return np.zeros(0, dtype=np.bool_), 0
-        keys = np.concatenate(self._keys)
-        live = active & np.concatenate(self._has_words)
-        pairs_a: list[npt.NDArray[np.int64]] = []
-        pairs_b: list[npt.NDArray[np.int64]] = []
+    def _candidates(self, rank: npt.NDArray[np.int64],
+                    live: npt.NDArray[np.bool_]) -> npt.NDArray[np.int64]:
+        """Distinct (best of group, other) pairs of live rows sharing a band key; each
+        band's keys are joined and released in turn."""
         idx = np.flatnonzero(live)
-        for band in range(self.bands):
-            k = keys[idx, band]
+        pairs = []
+        for band in self._keys:
+            k = np.concatenate(band)[idx]
+            band.clear()
             order = np.lexsort((rank[idx], k))
             sk = k[order]
             first = np.concatenate(([True], sk[1:] != sk[:-1]))
             group_start = np.maximum.accumulate(np.where(first, np.arange(len(sk)), 0))
             dup = ~first
-            pairs_a.append(idx[order[group_start[dup]]])  # the group's best-ranked item
-            pairs_b.append(idx[order[dup]])
-        a = np.concatenate(pairs_a)
-        b = np.concatenate(pairs_b)
-        if not len(a):
+            # the group's best-ranked item, then the other
+            pairs.append(np.stack([idx[order[group_start[dup]]], idx[order[dup]]], axis=1))
+        return np.unique(np.concatenate(pairs), axis=0)
+
+    def _stored(self, rows: npt.NDArray[np.int64]) -> npt.NDArray[np.uint16]:
+        """The stored signatures of ``rows`` (sorted, distinct), read chunk by chunk
+        (a memory map would keep every page it touches resident)."""
+        width = self._hasher.num_perm
+        out = np.empty((len(rows), width), dtype=STORED_BITS)
+        with self._path.open("rb") as f:
+            for start in range(0, self.count, READ_ROWS):
+                lo, hi = np.searchsorted(rows, [start, start + READ_ROWS])
+                if lo == hi:
+                    continue
+                f.seek(start * width * 2)
+                chunk = np.fromfile(f, dtype=STORED_BITS,
+                                    count=min(READ_ROWS, self.count - start) * width)
+                out[lo:hi] = chunk.reshape(-1, width)[rows[lo:hi] - start]
+        return out
+
+    def duplicates(self, rank: npt.NDArray[np.int64],
+                   active: npt.NDArray[np.bool_]) -> tuple[npt.NDArray[np.bool_], int]:
+        """Items (among ``active``) a better-ranked near-duplicate replaces, and the number
+        of verified pairs. ``rank``: lower is better, unique per item. Call once."""
+        self._file.flush()
+        n = self.count
+        if n == 0:
+            return np.zeros(0, dtype=np.bool_), 0
+        edges = self._candidates(rank, active & np.concatenate(self._has_words))
+        if not len(edges):
             return np.zeros(n, dtype=np.bool_), 0
-        edges = np.unique(np.stack([a, b], axis=1), axis=0)
-        sigs = np.memmap(self._path, dtype=_U32, mode="r", shape=(n, self._hasher.num_perm))
+        members = np.unique(edges)
+        sigs = self._stored(members)
+        at = np.searchsorted(members, edges)
         similar = np.empty(len(edges), dtype=np.bool_)
         for s in range(0, len(edges), 65536):
-            e = edges[s:s + 65536]
+            e = at[s:s + 65536]
             similar[s:s + 65536] = (sigs[e[:, 0]] == sigs[e[:, 1]]).mean(axis=1) >= self.threshold
         del sigs
         edges = edges[similar]

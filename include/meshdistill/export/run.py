@@ -33,6 +33,7 @@ from meshdistill.config import REPO
 from meshdistill.errors import MeshDistillError
 from meshdistill.export.benchmarks import Benchmark, ContaminationIndex
 from meshdistill.export.card import CardStats, render_card, render_plots
+from meshdistill.export.memory import release_freed
 from meshdistill.export.plan import Decision, Population, Rows
 from meshdistill.export.records import ItemBatch, MeshTrees, pair_table, template_versions
 from meshdistill.export.schemas import JUDGE_CRITERIA
@@ -122,6 +123,7 @@ def _plan_items(snap: Snapshot, s: ExportSettings, index: ContaminationIndex | N
                      tokens, tokens.runs().whole(),
                      pc.fill_null(contexts.flatten(), 0).to_numpy(zero_copy_only=False),
                      _list_offsets(contexts)))
+        release_freed()
     return pop.decide()
 
 
@@ -139,6 +141,7 @@ def _plan_pairs(snap: Snapshot, s: ExportSettings, index: ContaminationIndex | N
                      _numbers(b, "margin", np.float64), _numbers(b, "chosen_score", np.float64),
                      chosen, exact, np.zeros(0, np.int64), np.zeros(n + 1, np.int64),
                      also_checked=rejected))
+        release_freed()
     return pop.decide()
 
 
@@ -147,7 +150,8 @@ def _kept_batches(batches: Iterator[pa.RecordBatch], decision: Decision,
     """The planned rows of each streamed batch with their split indexes; checks at the
     end that exactly the planned rows came (the snapshot cannot change, so a difference
     is a bug, not data). The stream is closed however this ends, while its transaction
-    is still open (a traceback would otherwise keep it alive past it)."""
+    is still open (a traceback would otherwise keep it alive past it). What the last
+    batch freed is released before the next is read."""
     written = 0
     try:
         for batch in batches:
@@ -156,6 +160,7 @@ def _kept_batches(batches: Iterator[pa.RecordBatch], decision: Decision,
             if not keep.any():
                 continue
             yield (batch if keep.all() else batch.filter(pa.array(keep))), split[keep]
+            release_freed()
             written += int(keep.sum())
             if progress:
                 progress(decision.kind, written)

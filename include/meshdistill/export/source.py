@@ -21,7 +21,8 @@ from collections.abc import Generator, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-import adbc_driver_postgresql.dbapi as adbc
+import adbc_driver_manager
+import adbc_driver_postgresql
 import numpy as np
 import psycopg2.extensions
 import pyarrow as pa
@@ -32,8 +33,12 @@ from meshdistill.export.settings import ExportSettings
 from meshdistill.mesh.tree import like_pattern
 from meshdistill.store.db import libpq_uri
 
-BATCH_BYTES = 8 << 20
-"""Arrow bytes per streamed batch (about 5,000 full item rows)."""
+PLAN_BATCH_BYTES = 2 << 20
+"""Arrow bytes per batch of a narrow pass (about 6,000 rows): tokens, shingles and
+signatures of a batch take about twenty times its bytes while it is planned."""
+ROWS_BATCH_BYTES = 4 << 20
+"""Arrow bytes per batch of the full pass (about 2,500 items): formatted, a batch's texts
+are several times larger, once per format."""
 
 
 def _where(alias: str, s: ExportSettings) -> tuple[str, dict[str, Any]]:
@@ -133,37 +138,29 @@ class Snapshot:
         self._lookup = lookup
         self.settings = settings
 
-    def _batches(self, sql: str, alias: str) -> Iterator[pa.RecordBatch]:
+    def _batches(self, sql: str, alias: str, batch_bytes: int) -> Iterator[pa.RecordBatch]:
         where, params = _where(alias, self.settings)
         with self._anchor.cursor() as cur:
             query = cur.mogrify(sql.format(where=where, judge_sum=_JUDGE_SUM), params).decode()
-        cursor = self._stream.cursor()
-        try:
-            cursor.adbc_statement.set_options(
-                **{"adbc.postgresql.batch_size_hint_bytes": str(BATCH_BYTES)})
-            cursor.execute(query)
-            yield from cursor.fetch_record_batch()
-        finally:
-            cursor.close()
+        yield from self._stream.batches(query, batch_bytes)
 
     def item_plan_rows(self) -> Iterator[pa.RecordBatch]:
-        return self._batches(ITEM_PLAN_SQL, "q")
+        return self._batches(ITEM_PLAN_SQL, "q", PLAN_BATCH_BYTES)
 
     def item_rows(self) -> Iterator[pa.RecordBatch]:
-        return self._batches(ITEM_ROWS_SQL, "q")
+        return self._batches(ITEM_ROWS_SQL, "q", ROWS_BATCH_BYTES)
 
     def pair_plan_rows(self) -> Iterator[pa.RecordBatch]:
-        return self._batches(PAIR_PLAN_SQL, "c")
+        return self._batches(PAIR_PLAN_SQL, "c", PLAN_BATCH_BYTES)
 
     def pair_rows(self) -> Iterator[pa.RecordBatch]:
-        return self._batches(PAIR_ROWS_SQL, "c")
+        return self._batches(PAIR_ROWS_SQL, "c", ROWS_BATCH_BYTES)
 
     def article_texts(self, pmids: np.ndarray) -> pa.Table:
         """``pmid``, ``title`` and ``abstract`` of each of ``pmids`` that is stored."""
         listed = ",".join(map(str, np.unique(pmids.astype(np.int64)).tolist()))
-        with self._lookup.cursor() as cur:
-            cur.execute(ARTICLE_TEXTS_SQL.format(pmids=listed))
-            table = cur.fetch_arrow_table()
+        table = pa.Table.from_batches(
+            self._lookup.batches(ARTICLE_TEXTS_SQL.format(pmids=listed), ROWS_BATCH_BYTES))
         return table.cast(pa.schema([("pmid", pa.int64()), ("title", pa.string()),
                                      ("abstract", pa.string())]))
 
@@ -178,18 +175,66 @@ NO_JIT = "SET LOCAL jit = off"
 saves (measured: 1.5 of the pair query's 2.2 s at 33,000 pairs went to JIT)."""
 
 
+class _Adbc:
+    """One ADBC PostgreSQL connection in a transaction, through ``adbc_driver_manager``'s
+    own API: its DB-API module imports ``pyarrow.dataset`` and pandas, 55 MB of resident
+    memory an export of a million items cannot spare."""
+
+    def __init__(self, uri: str) -> None:
+        self._db = adbc_driver_postgresql.connect(uri)
+        self._conn = adbc_driver_manager.AdbcConnection(self._db)
+        self._conn.set_autocommit(False)
+        self._open: dict[int, tuple[Any, pa.RecordBatchReader | None]] = {}
+
+    def run(self, sql: str) -> None:
+        with adbc_driver_manager.AdbcStatement(self._conn) as stmt:
+            stmt.set_sql_query(sql)
+            stmt.execute_update()
+
+    def batches(self, sql: str, batch_bytes: int) -> Iterator[pa.RecordBatch]:
+        """The rows of ``sql`` as record batches of about ``batch_bytes``."""
+        stmt = adbc_driver_manager.AdbcStatement(self._conn)
+        self._open[id(stmt)] = (stmt, None)
+        try:
+            stmt.set_options(**{"adbc.postgresql.batch_size_hint_bytes": str(batch_bytes)})
+            stmt.set_sql_query(sql)
+            handle, _ = stmt.execute_query()
+            reader = pa.RecordBatchReader._import_from_c(handle.address)
+            self._open[id(stmt)] = (stmt, reader)
+            yield from reader
+        finally:
+            self._release(id(stmt))
+
+    def _release(self, key: int) -> None:
+        found = self._open.pop(key, None)
+        if found is None:  # released by close() already
+            return
+        stmt, reader = found
+        if reader is not None:
+            reader.close()
+        stmt.close()
+
+    def close(self) -> None:
+        """Roll back and close, with any stream a failed caller left unfinished."""
+        try:
+            for key in list(self._open):
+                self._release(key)
+            self._conn.rollback()
+        finally:
+            self._conn.close()
+            self._db.close()
+
+
 @contextmanager
-def _importing(uri: str, exported: str) -> Iterator[Any]:
+def _importing(uri: str, exported: str) -> Iterator[_Adbc]:
     """An ADBC connection whose transaction reads the exported snapshot ``exported``."""
-    conn = adbc.connect(uri)
+    conn = _Adbc(uri)
     try:
-        with conn.cursor() as cur:
-            cur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-            cur.execute(f"SET TRANSACTION SNAPSHOT '{exported}'")
-            cur.execute(NO_JIT)
+        conn.run("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        conn.run(f"SET TRANSACTION SNAPSHOT '{exported}'")
+        conn.run(NO_JIT)
         yield conn
     finally:
-        conn.rollback()
         conn.close()
 
 
