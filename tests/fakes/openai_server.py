@@ -98,6 +98,8 @@ def default_responder(body: dict[str, Any]) -> str:
     fmt = body.get("response_format") or {}
     if fmt.get("type") == "json_schema":
         return json.dumps(example_from_schema(fmt["json_schema"]["schema"]))
+    if fmt.get("type") == "json_object" and "schema" in fmt:
+        return json.dumps(example_from_schema(fmt["schema"]))
     return "{}"
 
 
@@ -125,6 +127,23 @@ def fake_embedding(text: str, dim: int) -> list[float]:
     return [x / norm for x in vector]
 
 
+def _refusal(shape: str) -> JSONResponse:
+    """A server's refusal of the ``json_schema`` response format, in ``shape``."""
+    if shape == "422":
+        return JSONResponse({"detail": [{
+            "type": "literal_error", "loc": ["body", "response_format", "type"],
+            "msg": "Input should be 'text' or 'json_object'", "input": "json_schema"}]}, 422)
+    if shape == "500":
+        return JSONResponse({"error": {"message": (
+            "1 validation error for CreateChatCompletionRequest\nresponse_format.type\n  "
+            "Input should be 'text' or 'json_object' [type=literal_error, "
+            "input_value='json_schema', input_type=str]"),
+            "type": "internal_server_error", "param": None, "code": None}}, 500)
+    return JSONResponse(_error(
+        "response_format type 'json_schema' is not supported by this server",
+        "invalid_request_error", param="response_format"), 400)
+
+
 class FakeOpenAI:
     """The server; use as a context manager (``with FakeOpenAI() as server: server.url``).
 
@@ -137,8 +156,13 @@ class FakeOpenAI:
       timeout), ``"invalid_json"`` (content is not JSON), ``"schema_invalid"`` (JSON that
       breaks the schema). On ``/v1/embeddings`` the same faults apply: ``"invalid_json"``
       is a 200 whose body is not JSON, ``"schema_invalid"`` one embedding fewer than inputs.
-    - ``reject_json_schema``: answer a ``json_schema`` response_format with a 400, as
-      servers without structured outputs do.
+    - ``reject_json_schema``: refuse a ``json_schema`` response_format as servers
+      without structured outputs do: ``True`` or ``"400"`` (OpenAI-style 400), ``"422"``
+      (a validation error, as FastAPI servers give) or ``"500"`` (llama.cpp's Python
+      server: a 500 saying ``Input should be 'text' or 'json_object'``).
+    - ``reject_schema_in_json_mode``: also refuse ``json_object`` with a ``schema`` beside
+      it (a 400), as a strict server does; JSON mode with a schema otherwise answers an
+      instance of that schema, as llama.cpp's servers do.
     - Embeddings are ``float`` or ``base64`` encoded, of the request's ``dimensions`` or
       ``embedding_dim``.
     - ``max_in_flight``: the most requests handled at once; ``requests``: every request
@@ -150,13 +174,15 @@ class FakeOpenAI:
         responder: Responder | None = None,
         *,
         latency: float = 0.0,
-        reject_json_schema: bool = False,
+        reject_json_schema: bool | str = False,
+        reject_schema_in_json_mode: bool = False,
         model: str = "fake-model",
         embedding_dim: int = 256,
     ) -> None:
         self.responder = responder or default_responder
         self.latency = latency
-        self.reject_json_schema = reject_json_schema
+        self.reject_json_schema = "400" if reject_json_schema is True else reject_json_schema
+        self.reject_schema_in_json_mode = reject_schema_in_json_mode
         self.model = model
         self.embedding_dim = embedding_dim
         self.requests: list[RecordedRequest] = []
@@ -272,8 +298,11 @@ class FakeOpenAI:
             return failed
         fmt = body.get("response_format") or {}
         if self.reject_json_schema and fmt.get("type") == "json_schema":
+            return _refusal(self.reject_json_schema)
+        if self.reject_schema_in_json_mode and fmt.get("type") == "json_object" \
+                and "schema" in fmt:
             return JSONResponse(_error(
-                "response_format type 'json_schema' is not supported by this server",
+                "Additional properties are not allowed ('schema' was unexpected)",
                 "invalid_request_error", param="response_format"), 400)
         if fault and fault.kind == "invalid_json":
             content = "Sure! Here is the JSON: {not json"

@@ -98,7 +98,7 @@ def test_json_mode_fallback_is_seen_and_logged_by_the_parent(
         assert all(r.ok and r.response_format == "json_object" for r in out)
         assert backend.structured_outputs is False
         assert server.statuses == [400, 200, 200]  # one child, one probe
-        forwarded = [r for r in caplog.records if "rejected json_schema" in r.getMessage()]
+        forwarded = [r for r in caplog.records if "refused response_format" in r.getMessage()]
         assert forwarded and forwarded[0].name == "meshdistill.llm.openai_backend"
         assert forwarded[0].process != os.getpid()  # it happened in the child
     assert SECRET not in caplog.text

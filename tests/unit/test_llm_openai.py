@@ -115,6 +115,52 @@ def test_json_schema_rejected_falls_back_to_json_mode_and_remembers() -> None:
         assert "JSON" in system["content"]
 
 
+@pytest.mark.parametrize("shape", ["400", "422", "500"])
+def test_each_refusal_of_json_schema_moves_to_json_mode_with_the_schema(shape: str) -> None:
+    with FakeOpenAI(reject_json_schema=shape) as server:
+        b = backend(server)
+        first, second = run_twice(b)
+        assert first.ok and second.ok, (first.error, second.error)
+        assert b.structured_outputs is False and b.response_format == "json_object+schema"
+        assert server.statuses == [int(shape), 200, 200]  # the refusal is not retried
+        fmt = server.requests[1].body["response_format"]
+        assert fmt == {"type": "json_object", "schema": Judgement.model_json_schema()}
+        assert first.response_format == second.response_format == "json_object"
+
+
+def test_a_server_refusing_the_schema_in_json_mode_gets_plain_json_mode() -> None:
+    with FakeOpenAI(judgement_responder, reject_json_schema=True,
+                    reject_schema_in_json_mode=True) as server:
+        b = backend(server)
+        first, second = run_twice(b)
+        assert first.ok and second.ok
+        assert b.response_format == "json_object"
+        assert server.statuses == [400, 400, 200, 200]
+        assert [r.body["response_format"] for r in server.requests[2:]] == [
+            {"type": "json_object"}] * 2
+        assert '"groundedness"' in server.requests[3].body["messages"][0]["content"]
+
+
+def test_a_500_that_does_not_name_the_format_is_retried_not_a_fallback(
+        server: FakeOpenAI) -> None:
+    server.fail_next(1, "500")
+    b = backend(server)
+    result = run(b, request())
+    assert result.ok and b.structured_outputs is True
+    assert server.statuses == [500, 200]
+    assert [r.body["response_format"]["type"] for r in server.requests] == ["json_schema"] * 2
+
+
+def run_twice(b: OpenAIBackend) -> list[LLMResult[Judgement]]:
+    async def go() -> list[LLMResult[Judgement]]:
+        first = await b.complete(request(1))
+        second = await b.complete(request(2))
+        await b.aclose()
+        return [first, second]
+
+    return asyncio.run(go())
+
+
 def test_invalid_json_gets_one_repair_then_succeeds(server: FakeOpenAI) -> None:
     server.fail_next(1, "invalid_json")
     result = run(backend(server), request())

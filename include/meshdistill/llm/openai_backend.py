@@ -3,7 +3,10 @@
 Works with OpenAI, Azure OpenAI (its ``/openai/v1`` base URL), vLLM, Ollama and
 llama.cpp's server. What it adds to a bare SDK call: the stage's pydantic model as a
 strict ``json_schema`` ``response_format``, falling back for good to JSON mode when the
-server answers that with a 400; validation and one repair, after which bad output is an
+server refuses that shape (a 400, 422 or 5xx naming the response format): first JSON mode
+with the schema alongside (``{"type": "json_object", "schema": ...}``, which llama.cpp's
+servers use to constrain their output), then plain JSON mode if that is refused too, the
+schema always also in the system message; validation and one repair, after which bad output is an
 ``invalid_output`` failure, never an exception, so it costs one item, not the task;
 retries under our control (the SDK's are off; :mod:`meshdistill.llm.retrying`), where a
 ``Retry-After`` beyond ``max_retry_after`` ends the call as ``rate_limited`` instead of
@@ -33,13 +36,14 @@ from pydantic import BaseModel, ValidationError
 from meshdistill.errors import ConfigError
 from meshdistill.llm.backend import FailureKind, LLMRequest, LLMResult, T
 from meshdistill.llm.config import DEFAULT_CONCURRENCY
-from meshdistill.llm.retrying import RetryPolicy
+from meshdistill.llm.retrying import RetryPolicy, refuses_response_format
 from meshdistill.llm.retrying import retry_after_seconds as retry_after_seconds
 
 log = logging.getLogger(__name__)
 
 TRANSPORTS = ("aiohttp", "httpx")  # the SDK's aiohttp transport, or its default httpx
-_SCHEMA_HINTS = ("response_format", "json_schema", "structured", "schema")
+RESPONSE_FORMATS = ("json_schema", "json_object+schema", "json_object")
+"""The shapes tried in order; a server that refuses one gets the next from then on."""
 
 
 class _RetryAfterTooLong(Exception):
@@ -85,14 +89,6 @@ def _reply_of(content: bytes) -> _Reply:
         tokens_out=int(usage.get("completion_tokens") or 0),
         finish_reason=choice.get("finish_reason"),
     )
-
-
-def _rejects_schema(exc: openai.APIStatusError) -> bool:
-    """A 400/422 about the response format: the server has no structured outputs."""
-    if exc.status_code not in (400, 422):
-        return False
-    text = f"{exc.message} {json.dumps(exc.body, default=str)}".lower()
-    return any(hint in text for hint in _SCHEMA_HINTS)
 
 
 def _refused(exc: BaseException) -> bool:
@@ -199,7 +195,7 @@ class OpenAIBackend:
         self.backoff_max = backoff_max
         self.max_retry_after = max_retry_after
         self.repair = repair
-        self._structured = structured_outputs
+        self._format = 0 if structured_outputs else 1
         self._loop: asyncio.AbstractEventLoop | None = None
         self._client: AsyncOpenAI | None = None
         self._semaphore: asyncio.Semaphore | None = None
@@ -207,12 +203,18 @@ class OpenAIBackend:
 
     def __repr__(self) -> str:  # never the key
         return (f"OpenAIBackend(model={self.model!r}, base_url={self.base_url!r}, "
-                f"max_concurrency={self.max_concurrency}, structured={self._structured})")
+                f"max_concurrency={self.max_concurrency}, "
+                f"response_format={self.response_format!r})")
 
     @property
     def structured_outputs(self) -> bool:
-        """False once the server has rejected ``json_schema``: JSON mode from then on."""
-        return self._structured
+        """False once the server has refused ``json_schema``: JSON mode from then on."""
+        return self._format == 0
+
+    @property
+    def response_format(self) -> str:
+        """The shape requests are sent in now (one of :data:`RESPONSE_FORMATS`)."""
+        return RESPONSE_FORMATS[self._format]
 
     def _state(self) -> tuple[AsyncOpenAI, asyncio.Semaphore]:
         loop = asyncio.get_running_loop()
@@ -277,14 +279,16 @@ class OpenAIBackend:
         return _reply_of(await self.retry_policy.call(attempt, too_long=_RetryAfterTooLong))
 
     def _body(
-        self, request: LLMRequest[T], messages: list[dict[str, str]], structured: bool
+        self, request: LLMRequest[T], messages: list[dict[str, str]], shape: str
     ) -> dict[str, Any]:
         schema = _output_schema(request.output_model)
-        if structured:
+        if shape == "json_schema":
             response_format: dict[str, Any] = {"type": "json_schema", "json_schema": {
                 "name": request.output_model.__name__, "schema": schema, "strict": True}}
         else:
             response_format = {"type": "json_object"}
+            if shape == "json_object+schema":
+                response_format["schema"] = schema
             messages = [dict(m) for m in messages]
             system = next((m for m in messages if m["role"] == "system"), None)
             if system is None:
@@ -303,22 +307,23 @@ class OpenAIBackend:
         self, request: LLMRequest[T], messages: list[dict[str, str]], result: LLMResult[T],
         counter: list[int],
     ) -> _Reply:
-        """One logical call: json_schema, or JSON mode once the server has refused it."""
-        if self._structured:
+        """One logical call in the current shape, moving down :data:`RESPONSE_FORMATS`
+        for good when the server refuses a shape; the last shape's errors are the call's."""
+        while True:
+            shape = RESPONSE_FORMATS[self._format]
             try:
-                reply = await self._send(self._body(request, messages, True), counter)
-                result.response_format = "json_schema"
-                return reply
+                reply = await self._send(self._body(request, messages, shape), counter)
             except openai.APIStatusError as exc:
-                if not _rejects_schema(exc):
+                last = self._format == len(RESPONSE_FORMATS) - 1
+                if last or not refuses_response_format(exc):
                     raise
-                if self._structured:
-                    log.info("%s rejected json_schema response_format (HTTP %s); using JSON "
-                             "mode from now on", self.base_url, exc.status_code)
-                self._structured = False
-        reply = await self._send(self._body(request, messages, False), counter)
-        result.response_format = "json_object"
-        return reply
+                if RESPONSE_FORMATS[self._format] == shape:  # first to see it says so
+                    self._format += 1
+                    log.info("%s refused response_format %s (HTTP %s); sending %s from now on",
+                             self.base_url, shape, exc.status_code, self.response_format)
+                continue
+            result.response_format = "json_schema" if shape == "json_schema" else "json_object"
+            return reply
 
     # -- the interface ----------------------------------------------------------------------
 

@@ -11,6 +11,7 @@ failure, the embedder an ``EmbeddingError``).
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -47,11 +48,31 @@ def retry_after_seconds(exc: BaseException) -> float | None:
     return parse_retry_after(headers.get("retry-after"))
 
 
+FORMAT_HINTS = ("response_format", "json_schema", "json_object")
+"""Words by which a server's error names the request's response format."""
+
+
+def refuses_response_format(exc: BaseException) -> bool:
+    """A 400, 422 or 5xx whose error names the response format: the server cannot take
+    the request in this shape, and the same request would fail the same way again
+    (llama.cpp's Python server answers ``json_schema`` with a 500 saying ``Input should
+    be 'text' or 'json_object'``)."""
+    if not isinstance(exc, openai.APIStatusError):
+        return False
+    if exc.status_code not in (400, 422) and exc.status_code < 500:
+        return False
+    text = f"{exc.message} {json.dumps(exc.body, default=str)}".lower()
+    return any(hint in text for hint in FORMAT_HINTS)
+
+
 def retryable(exc: BaseException) -> bool:
-    """Worth another attempt: connection errors, timeouts, 408/409/429 and 5xx."""
+    """Worth another attempt: connection errors, timeouts, 408/409/429 and 5xx (but not
+    a refused response format)."""
     if isinstance(exc, openai.APIConnectionError):  # includes APITimeoutError
         return True
     if isinstance(exc, openai.APIStatusError):
+        if refuses_response_format(exc):
+            return False
         return exc.status_code in RETRY_STATUS or exc.status_code >= 500
     return False
 
