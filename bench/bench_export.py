@@ -1,21 +1,24 @@
 """Export speed and memory on items the bench makes in PostgreSQL.
 
 The 30,000 citations of pubmed20n0014 are loaded (untimed), then ``--items`` accepted
-``qa_item`` rows (2 profiles x N ordinals per article; the question is a sentence of the
-abstract turned into a question, the contexts are the source and two other articles) and
+``qa_item`` rows (2 profiles x N ordinals per article; the question is one or two
+sentences of the abstract turned into a question, the contexts are the source and two
+other articles) and
 one preference pair per article and ordinal are made in SQL. Measured in the same run:
 
 * **baseline**: a bare ``COPY (<the export's full-row query>) TO STDOUT``, the rate at
   which PostgreSQL hands over the same rows with nothing done to them;
-* **write path**: stream, format, split and write Parquet for every item format plus
-  ``dpo``, with the cleaning steps that need whole-table state off (near-duplicate
-  threshold 1, no benchmarks);
+* **write path**: stream, format, split and write Parquet, with the cleaning steps that
+  need whole-table state off (near-duplicate threshold 1, no benchmarks): ``sft``
+  alone, then every item format plus ``dpo`` (an item is one shard row per format);
 * **whole export**: defaults (exact and MinHash near-duplicates, PubMedQA-L
   decontamination), each stage's rate printed apart;
-* **peak RSS** of a whole export of ``--rss-items`` items, in a child process.
+* **MinHash**: datasketch's ``MinHash.bulk`` beside the export's ``MinHasher``;
+* **peak RSS** (``VmHWM``) of a fresh process exporting ``--rss-items`` items.
 
-Targets: write path >= 50,000 rows/s, whole export >= 10,000 rows/s, peak RSS < 500 MB at
-1,000,000 items. Exit status 1 when one is missed.
+Targets: write path >= 50,000 rows/s (``sft`` alone, and in shard rows over every
+format), whole export >= 10,000 rows/s, peak RSS < 500 MB at 1,000,000 items. Exit
+status 1 when one is missed.
 
     .venv/bin/python bench/bench_export.py [--items 200000] [--rss-items 1000000]
 """

@@ -96,14 +96,7 @@ def test_default_responder_builds_schema_valid_content(server: FakeOpenAI) -> No
 def test_json_schema_rejected_falls_back_to_json_mode_and_remembers() -> None:
     with FakeOpenAI(judgement_responder, reject_json_schema=True) as server:
         b = backend(server)
-
-        async def go() -> list[LLMResult[Judgement]]:
-            first = await b.complete(request(1))
-            second = await b.complete(request(2))
-            await b.aclose()
-            return [first, second]
-
-        first, second = asyncio.run(go())
+        first, second = run_twice(b)
         assert first.ok and second.ok
         assert first.response_format == second.response_format == "json_object"
         assert b.structured_outputs is False

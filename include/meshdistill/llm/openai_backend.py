@@ -314,8 +314,7 @@ class OpenAIBackend:
             try:
                 reply = await self._send(self._body(request, messages, shape), counter)
             except openai.APIStatusError as exc:
-                last = self._format == len(RESPONSE_FORMATS) - 1
-                if last or not refuses_response_format(exc):
+                if shape == RESPONSE_FORMATS[-1] or not refuses_response_format(exc):
                     raise
                 if RESPONSE_FORMATS[self._format] == shape:  # first to see it says so
                     self._format += 1

@@ -50,19 +50,28 @@ def retry_after_seconds(exc: BaseException) -> float | None:
 
 FORMAT_HINTS = ("response_format", "json_schema", "json_object")
 """Words by which a server's error names the request's response format."""
+REQUEST_HINTS = (*FORMAT_HINTS, "structured", "schema")
+"""What a 400 or 422 may say instead: a request error about structured outputs or the
+schema is about the format too. A 5xx must name the format itself, since a server error
+that merely mentions a schema is no refusal."""
 
 
 def refuses_response_format(exc: BaseException) -> bool:
-    """A 400, 422 or 5xx whose error names the response format: the server cannot take
-    the request in this shape, and the same request would fail the same way again
+    """A 400 or 422 about the response format, or a 5xx that names it: the server cannot
+    take the request in this shape, and the same request would fail the same way again
     (llama.cpp's Python server answers ``json_schema`` with a 500 saying ``Input should
     be 'text' or 'json_object'``)."""
     if not isinstance(exc, openai.APIStatusError):
         return False
-    if exc.status_code not in (400, 422) and exc.status_code < 500:
+    hints: tuple[str, ...]
+    if exc.status_code in (400, 422):
+        hints = REQUEST_HINTS
+    elif exc.status_code >= 500:
+        hints = FORMAT_HINTS
+    else:
         return False
     text = f"{exc.message} {json.dumps(exc.body, default=str)}".lower()
-    return any(hint in text for hint in FORMAT_HINTS)
+    return any(hint in text for hint in hints)
 
 
 def retryable(exc: BaseException) -> bool:
