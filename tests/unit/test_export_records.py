@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pytest
+from meshdistill.export.compose import Pool
 from meshdistill.export.records import (
     ANSWER_CLOSED,
     ANSWER_OPEN,
@@ -16,7 +17,7 @@ from meshdistill.export.records import (
     MeshTrees,
     assistant_text,
     pair_table,
-    render,
+    segments,
 )
 from meshdistill.export.schemas import JUDGE_CRITERIA
 from meshdistill.llm import prompts
@@ -172,7 +173,11 @@ def test_pair_prompt_equals_render_of_the_question_template() -> None:
         assert table[i]["metadata"]["margin"] == 0.4
 
 
-def test_render_of_a_template_without_variables_repeats_it() -> None:
-    system, _ = render(ANSWER_CLOSED, {"question": pa.array(["a?", "b?"])}, 2)
-    assert system.to_pylist() == [prompts.render(ANSWER_CLOSED, {"question": "a?"})
-                                  .messages[0]["content"]] * 2
+def test_a_message_without_variables_repeats_the_template_text() -> None:
+    pool = Pool()
+    system, user = segments(ANSWER_CLOSED, {"question": pool.add(pa.array(["a?", "b?"]))},
+                            pool)
+    texts = pool.texts(2, [system, user]).to_pylist()
+    rendered = [prompts.render(ANSWER_CLOSED, {"question": q}).messages for q in ("a?", "b?")]
+    assert texts == [m["content"] for r in rendered for m in r]
+    assert texts[0] == texts[2]

@@ -1,10 +1,10 @@
 """Turning a batch of streamed rows into one Arrow table per export format.
 
 Everything is column-wise Arrow compute, with no Python object per row: templates are
-split into their literal pieces once (:func:`meshdistill.llm.prompts.pieces`) and joined
-with whole columns of values, context blocks are gathered from the batch's article
-table by index, and message lists are interleaved by ``take``. The prompt, context and
-answer strings of an item are made once and shared by every format that shows them. The
+split into their literal pieces once (:func:`meshdistill.llm.prompts.pieces`), and each
+column of messages is gathered in one pass from a pool holding those pieces, the batch's
+columns and one context block per article (:mod:`~meshdistill.export.compose`). Formats
+that show the same texts share the gathered column. The
 texts a trainer sees come from versioned templates in ``llm/prompts`` (``export_answer``,
 ``export_answer_closed``, ``export_question``), whose versions the manifest records;
 joining their pieces gives exactly what :func:`~meshdistill.llm.prompts.render` gives,
@@ -24,6 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.json as pj
 
+from meshdistill.export.compose import Joined, Pool, Segment
 from meshdistill.export.schemas import (
     CONTEXT,
     ITEM_METADATA,
@@ -67,25 +68,20 @@ def _constant(value: str, n: int) -> pa.Array:
     return pc.fill_null(pa.nulls(n, pa.string()), value)
 
 
-def render(name: str, values: Mapping[str, pa.Array], n: int) -> list[pa.Array]:
-    """Each message text of template ``name`` for ``n`` rows of ``values``."""
-    out = []
-    for _, parts in prompts.pieces(name):
-        args = [pa.scalar(t, pa.string()) if kind == "text" else values[t] for kind, t in parts]
-        if not any(isinstance(a, pa.Array) for a in args):
-            out.append(_constant("".join(a.as_py() for a in args), n))
-        else:
-            out.append(pc.binary_join_element_wise(*args, ""))
-    return out
+def segments(name: str, values: Mapping[str, Segment], pool: Pool) -> list[list[Segment]]:
+    """Each message of template ``name`` as pool segments: its literal pieces, and
+    ``values[v]`` for each ``$v``."""
+    return [[pool.literal(t) if kind == "text" else values[t] for kind, t in parts]
+            for _, parts in prompts.pieces(name)]
 
 
-def _messages(roles: Sequence[str], columns: Sequence[pa.Array],
-              turn: pa.StructType = MESSAGE) -> pa.ListArray:
-    """A list array of len(columns[0]) rows, each the turns ``roles`` x ``columns`` as
-    ``turn`` structs (role field first, text second)."""
-    n, k = len(columns[0]), len(columns)
-    order = (np.arange(k)[None, :] * n + np.arange(n)[:, None]).ravel()
-    content = pa.concat_arrays([c.cast(pa.string()) for c in columns]).take(pa.array(order))
+def _turns(roles: Sequence[str], content: pa.Array,
+           turn: pa.StructType = MESSAGE) -> pa.ListArray:
+    """A list array of ``len(content) / len(roles)`` rows, each the turns ``roles`` with
+    the row's consecutive texts of ``content`` as ``turn`` structs (role field first,
+    text second)."""
+    k = len(roles)
+    n = len(content) // k
     role = pa.array(list(roles), pa.string()).take(pa.array(np.tile(np.arange(k), n)))
     structs = pa.StructArray.from_arrays([role, content], fields=list(turn))
     return pa.ListArray.from_arrays(pa.array(np.arange(0, n * k + 1, k, dtype=np.int32)),
@@ -104,16 +100,6 @@ def _lengths(lists: pa.Array) -> npt.NDArray[np.int64]:
 
 def _empty_for_null(lists: pa.Array) -> pa.Array:
     return pc.coalesce(lists, pa.scalar([], type=lists.type))
-
-
-def _none_for_empty(blocks: pa.ListArray) -> pa.Array:
-    """Each row's blocks joined by a blank line, ``(none)`` for a row without any."""
-    joined = pc.binary_join(blocks, "\n\n")
-    empty = pc.equal(pc.list_value_length(blocks), 0)
-    count = pc.sum(empty).as_py() or 0
-    if not count:
-        return joined
-    return pc.replace_with_mask(joined, empty, pa.array(["(none)"] * count, pa.string()))
 
 
 JSON_BLOCK_BYTES = 1 << 20
@@ -151,23 +137,34 @@ def _judge(batch: pa.RecordBatch) -> pa.StructArray:
 
 @dataclass(frozen=True)
 class MeshTrees:
-    """Each descriptor UI's tree numbers, as two aligned Arrow arrays."""
+    """Each descriptor UI's tree numbers: ``trees[position[ui]]``."""
 
-    uis: pa.Array
+    position: Mapping[str, int]
     trees: pa.Array
 
     @classmethod
     def of(cls, mapping: Mapping[str, Sequence[str]]) -> MeshTrees:
         keys = sorted(mapping)
-        return cls(pa.array(keys, pa.string()),
+        return cls({k: i for i, k in enumerate(keys)},
                    pa.array([list(mapping[k]) for k in keys], pa.list_(pa.string())))
+
+    def of_uis(self, uis: pa.Array) -> pa.Array:
+        """The tree numbers of each of ``uis`` (empty for an unknown UI). The batch's
+        distinct UIs are looked up in a dict built once: an Arrow set lookup would hash
+        every MeSH UI again for each batch."""
+        encoded = pc.dictionary_encode(uis)
+        found = pa.array([self.position.get(u) for u in encoded.dictionary.to_pylist()],
+                         pa.int64())
+        return _empty_for_null(self.trees.take(found.take(encoded.indices)))
 
 
 class ItemBatch:
     """One batch of ``source.ITEM_ROWS_SQL`` rows, with the strings the formats share.
     ``articles`` gives the ``pmid``, ``title`` and ``abstract`` of the stored ones of the
     PMIDs it is passed, called once per batch with all its contexts (a context whose
-    article is not stored is left out of the prompt and of ``qca``)."""
+    article is not stored is left out of the prompt and of ``qca``). Message texts are
+    gathered from one :class:`~meshdistill.export.compose.Pool` per batch, once per
+    column a format needs, and shared by the formats that show the same texts."""
 
     def __init__(self, batch: pa.RecordBatch, *, closed_book: bool, mesh_trees: MeshTrees,
                  articles: Callable[[npt.NDArray[np.int64]], pa.Table]) -> None:
@@ -183,29 +180,44 @@ class ItemBatch:
             pa.array([], pa.list_(pa.string())))
         flat = self.stored_contexts.flatten()
         self.context_lengths = _lengths(self.stored_contexts)
-        texts = articles(flat.field("pmid").to_numpy(zero_copy_only=False))
+        self.articles = texts = articles(flat.field("pmid").to_numpy(zero_copy_only=False))
         found = pc.index_in(flat.field("pmid"), value_set=texts.column("pmid"))
         have = found.is_valid().to_numpy(zero_copy_only=False)
         owner = np.repeat(np.arange(n), self.context_lengths)
         self.shown = flat.filter(pa.array(have))
-        where = found.filter(pa.array(have))
-        self.shown_titles = texts.column("title").take(where).combine_chunks()
-        self.shown_texts = texts.column("abstract").take(where).combine_chunks()
+        self.shown_article = found.filter(pa.array(have)).to_numpy(
+            zero_copy_only=False).astype(np.int64)
         self.shown_offsets = _offsets(np.bincount(owner[have], minlength=n))
-        pieces = pc.binary_join_element_wise(
-            "[PMID ", self.shown.field("pmid").cast(pa.string()), "] ", self.shown_titles, "\n",
-            self.shown_texts, "")
-        blocks = pa.ListArray.from_arrays(self.shown_offsets, pieces)
-        self.context_blocks = _none_for_empty(blocks)
-        template = ANSWER_CLOSED if closed_book else ANSWER_OPEN
-        self.system, self.user = render(template, {"question": batch.column("question"),
-                                                   "contexts": self.context_blocks}, n)
         self.assistant = self._assistant()
+        pool = self.pool = Pool()
+        blocks = pool.add(pc.binary_join_element_wise(
+            "[PMID ", texts.column("pmid").cast(pa.string()), "] ", texts.column("title"),
+            "\n", texts.column("abstract"), "").combine_chunks() if texts.num_rows else
+            pa.array([], pa.string()))
+        self.contexts = Joined(blocks[self.shown_article] if len(blocks) else blocks,
+                               np.asarray(self.shown_offsets, dtype=np.int64),
+                               pool.literal("\n\n"), pool.literal("(none)"))
+        self.answer_ids = pool.add(self.assistant)
+        values: dict[str, Segment] = {"question": pool.add(batch.column("question")),
+                                      "contexts": self.contexts}
+        self.system, self.user = segments(ANSWER_CLOSED if closed_book else ANSWER_OPEN,
+                                          values, pool)
+        self._gathered: dict[str, pa.StringArray] = {}
         self.metadata = pa.StructArray.from_arrays([
             batch.column("id"), batch.column("source_pmid"), batch.column("subtree"),
             batch.column("qtype"), batch.column("label"),
             batch.column("hierarchy_score").cast(pa.float64()), _judge(batch)],
             fields=list(ITEM_METADATA))
+
+    def _texts(self, key: str) -> pa.StringArray:
+        """The gathered column ``key``: ``conversation`` (system, user, assistant per
+        row), ``prompt`` (system, user) or ``contexts`` (the context blocks)."""
+        if key not in self._gathered:
+            messages: dict[str, list[list[Segment]]] = {
+                "conversation": [self.system, self.user, [self.answer_ids]],
+                "prompt": [self.system, self.user], "contexts": [[self.contexts]]}
+            self._gathered[key] = self.pool.texts(self.n, messages[key])
+        return self._gathered[key]
 
     def column(self, name: str) -> pa.Array:
         return self.batch.column(name)
@@ -229,17 +241,16 @@ class ItemBatch:
     def table(self, fmt: str) -> pa.Table:
         meta = self.metadata
         if fmt == "sft":
-            cols = [_messages(("system", "user", "assistant"),
-                              (self.system, self.user, self.assistant)), meta]
+            cols = [_turns(("system", "user", "assistant"), self._texts("conversation")), meta]
         elif fmt == "prompt_completion":
-            cols = [_messages(("system", "user"), (self.system, self.user)),
-                    _messages(("assistant",), (self.assistant,)), meta]
+            cols = [_turns(("system", "user"), self._texts("prompt")),
+                    _turns(("assistant",), self.assistant), meta]
         elif fmt == "alpaca":
-            inputs = _constant("", self.n) if self.closed_book else self.context_blocks
+            inputs = _constant("", self.n) if self.closed_book else self._texts("contexts")
             cols = [self.column("question"), inputs, self.assistant, meta]
         elif fmt == "sharegpt":
-            cols = [_messages(("system", "human", "gpt"),
-                              (self.system, self.user, self.assistant), SHAREGPT_TURN), meta]
+            cols = [_turns(("system", "human", "gpt"), self._texts("conversation"),
+                           SHAREGPT_TURN), meta]
         elif fmt == "qca":
             return self._qca(meta)
         else:
@@ -249,8 +260,11 @@ class ItemBatch:
     def _qca(self, meta: pa.StructArray) -> pa.Table:
         col = self.column
         shown = self.shown
+        where = pa.array(self.shown_article)
+        titles = self.articles.column("title").take(where).combine_chunks()
+        texts = self.articles.column("abstract").take(where).combine_chunks()
         contexts = pa.ListArray.from_arrays(self.shown_offsets, pa.StructArray.from_arrays(
-            [shown.field("pmid"), self.shown_titles, self.shown_texts, shown.field("rank"),
+            [shown.field("pmid"), titles, texts, shown.field("rank"),
              shown.field("retrieval"), shown.field("hierarchy"), shown.field("blend"),
              shown.field("is_source")], fields=list(CONTEXT)))
         flat = self.stored_contexts.flatten()
@@ -258,8 +272,7 @@ class ItemBatch:
                                                  flat.field("pmid"))
         mesh = _empty_for_null(col("question_mesh"))
         uis = mesh.flatten()
-        trees = _empty_for_null(self.mesh_trees.trees.take(
-            pc.index_in(uis, value_set=self.mesh_trees.uis)))
+        trees = self.mesh_trees.of_uis(uis)
         question_mesh = pa.ListArray.from_arrays(_offsets(_lengths(mesh)),
                                                  pa.StructArray.from_arrays(
                                                      [uis, trees], fields=list(MESH_TERM)))
@@ -305,16 +318,17 @@ def pair_table(batch: pa.RecordBatch,
                          headings.flatten())
     mesh = pc.binary_join(pa.ListArray.from_arrays(_offsets(_lengths(headings)), starred), "; ")
     mesh = pc.if_else(pc.equal(pc.list_value_length(headings), 0), "(none)", mesh)
-    system, user = render(QUESTION, {
-        "types": types, "ancestry": ancestry, "scope_note": scope, "title": col("title"),
-        "mesh": mesh, "pmid": col("source_pmid").cast(pa.string()),
-        "abstract": pc.fill_null(col("abstract"), "")}, n)
+    pool = Pool()
+    prompt = pool.texts(n, segments(QUESTION, {
+        "types": pool.add(types), "ancestry": pool.add(ancestry),
+        "scope_note": pool.add(scope), "title": pool.add(col("title")), "mesh": pool.add(mesh),
+        "pmid": pool.add(col("source_pmid")), "abstract": pool.add(col("abstract"))}, pool))
     meta = pa.StructArray.from_arrays([
         col("chosen_id"), col("rejected_id"), col("source_pmid"), col("subtree"),
         col("chosen_type"), col("chosen_profile"), col("rejected_profile"),
         col("chosen_score"), col("rejected_score"), col("margin")], fields=list(PAIR_METADATA))
     return pa.Table.from_arrays([
-        _messages(("system", "user"), (system, user)),
-        _messages(("assistant",), (col("chosen"),)),
-        _messages(("assistant",), (col("rejected"),)),
+        _turns(("system", "user"), prompt),
+        _turns(("assistant",), col("chosen")),
+        _turns(("assistant",), col("rejected")),
         meta], schema=SCHEMAS["dpo"])

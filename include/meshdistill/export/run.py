@@ -147,7 +147,8 @@ def _plan_pairs(snap: Snapshot, s: ExportSettings, index: ContaminationIndex | N
 
 def _kept_batches(batches: Iterator[pa.RecordBatch], decision: Decision,
                   progress: Progress | None) -> Iterator[tuple[pa.RecordBatch, Any]]:
-    """The planned rows of each streamed batch with their split indexes; checks at the
+    """The planned rows of each streamed batch with their split indexes, in split order
+    (id order within a split), so that formatted tables are cut by slicing; checks at the
     end that exactly the planned rows came (the snapshot cannot change, so a difference
     is a bug, not data). The stream is closed however this ends, while its transaction
     is still open (a traceback would otherwise keep it alive past it). What the last
@@ -159,7 +160,11 @@ def _kept_batches(batches: Iterator[pa.RecordBatch], decision: Decision,
             keep = split >= 0
             if not keep.any():
                 continue
-            yield (batch if keep.all() else batch.filter(pa.array(keep))), split[keep]
+            kept, split = (batch if keep.all() else batch.filter(pa.array(keep))), split[keep]
+            if (np.diff(split) < 0).any():  # grouped by split: each split's rows a slice
+                order = np.argsort(split, kind="stable")
+                kept, split = kept.take(pa.array(order)), split[order]
+            yield kept, split
             release_freed()
             written += int(keep.sum())
             if progress:

@@ -176,12 +176,17 @@ class ShardSet:
         self._pending: deque[Future[None]] = deque()
 
     def write(self, fmt: str, split_of_rows: np.ndarray, table: pa.Table) -> None:
-        """Queue ``table``'s rows for their splits (``split_of_rows``: index per row)."""
+        """Queue ``table``'s rows for their splits (``split_of_rows``: index per row; rows
+        grouped by split are cut by slicing, others filtered)."""
         parts = []
+        grouped = not (np.diff(split_of_rows) < 0).any()
+        bounds = np.searchsorted(split_of_rows, np.arange(len(SPLITS) + 1)) if grouped else None
         for i, split in enumerate(SPLITS):
-            mask = split_of_rows == i
-            if mask.any():
-                part = table if mask.all() else table.filter(pa.array(mask))
+            if bounds is not None:
+                part = table.slice(int(bounds[i]), int(bounds[i + 1] - bounds[i]))
+            else:
+                part = table.filter(pa.array(split_of_rows == i))
+            if part.num_rows:
                 parts += [(w, part) for w in self.by_key[(fmt, split)]]
         self._pending.append(self._pool.submit(self._write, parts))
         while len(self._pending) > PENDING_WRITES:
