@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 import pytest
 from datasketch import MinHash
-from meshdistill.export import dedup
+from meshdistill.export import dedup, plan
 from meshdistill.export.benchmarks import Benchmark, ContaminationIndex
 from meshdistill.export.dedup import MinHasher, NearDuplicates, band_layout
 from meshdistill.export.plan import Population, Rows
@@ -144,6 +144,28 @@ def test_contamination_strict_splits_and_caps() -> None:
     assert strict.removed["cross_split_context"] == 1 and 1 not in strict.ids
 
 
+def test_cross_split_contexts_are_the_same_checked_in_chunks(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(7)
+    pmids = rng.integers(1, 60, size=200)
+    rows = [{"id": i + 1, "pmid": int(p), "q": f"question {i} about {p}",
+             "ctx": [int(c) for c in rng.integers(1, 80, size=int(rng.integers(0, 4)))]}
+            for i, p in enumerate(pmids)]
+    settings = ExportSettings(near_dup_threshold=1.0, strict_splits=True,
+                              split_ratios=(0.5, 0.25, 0.25))
+    whole = _population(settings, rows)
+    monkeypatch.setattr(plan, "CHUNK_ROWS", 7)
+    chunked = _population(settings, rows)
+    assert whole.removed["cross_split_context"] == chunked.removed["cross_split_context"] > 0
+    assert np.array_equal(whole.ids, chunked.ids)
+    by_id = {r["id"]: r for r in rows}
+    split = dict(zip(whole.ids.tolist(), whole.split.tolist(), strict=True))
+    kept_source_split = {by_id[i]["pmid"]: split[i] for i in split}
+    for i in split:  # no kept item shows the source article of a kept item in another split
+        assert all(kept_source_split.get(c, split[i]) == split[i]
+                   for c in by_id[i]["ctx"] if c != by_id[i]["pmid"])
+
+
 def test_majority_label_cap() -> None:
     rows = [{"id": i, "pmid": i, "qtype": "yesno", "label": "yes" if i <= 30 else "no",
              "q": f"Is marker {i} raised in tumour {i * 3} tissue of type {i * 11}?",
@@ -192,3 +214,24 @@ def test_stored_signatures_read_back_across_chunks(tmp_path: Any,
     want = MinHasher().signatures(Tokens.of(qs))[rows].astype(np.uint16)
     assert np.array_equal(nd._stored(rows), want)
     nd.close()
+
+
+def test_candidates_verified_in_chunks_give_the_same_duplicates(
+        tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    qs = [f"{QUESTIONS[i % 3]} seen in patient group number {i % 7}" for i in range(60)]
+    rank = np.arange(len(qs))[::-1].copy()
+    active = np.ones(len(qs), dtype=np.bool_)
+
+    def found() -> tuple[np.ndarray, int]:
+        nd = NearDuplicates(0.8, workdir=tmp_path)
+        nd.add(Tokens.of(qs))
+        try:
+            return nd.duplicates(rank, active)
+        finally:
+            nd.close()
+
+    whole, pairs = found()
+    monkeypatch.setattr(dedup, "VERIFY_EDGES", 3)
+    chunked, chunked_pairs = found()
+    assert pairs == chunked_pairs > 3
+    assert np.array_equal(whole, chunked) and whole.sum() > 0

@@ -95,6 +95,12 @@ READ_ROWS = 1 << 16
 """Stored signatures read back per chunk (16 MB), keeping only the rows candidates need."""
 
 
+VERIFY_EDGES = 1 << 15
+"""Candidate pairs verified at once: their signatures (at most twice this many rows,
+256 bytes each) are read from the stored file per chunk, so the verification's memory
+does not grow with the number of candidates."""
+
+
 class NearDuplicates:
     """Collects questions batch by batch, then says which ones a better one duplicates."""
 
@@ -168,14 +174,15 @@ class NearDuplicates:
         edges = self._candidates(rank, active & np.concatenate(self._has_words))
         if not len(edges):
             return np.zeros(n, dtype=np.bool_), 0
-        members = np.unique(edges)
-        sigs = self._stored(members)
-        at = np.searchsorted(members, edges)
         similar = np.empty(len(edges), dtype=np.bool_)
-        for s in range(0, len(edges), 65536):
-            e = at[s:s + 65536]
-            similar[s:s + 65536] = (sigs[e[:, 0]] == sigs[e[:, 1]]).mean(axis=1) >= self.threshold
-        del sigs
+        for s in range(0, len(edges), VERIFY_EDGES):
+            chunk = edges[s:s + VERIFY_EDGES]
+            rows = np.unique(chunk)
+            sigs = self._stored(rows)
+            at = np.searchsorted(rows, chunk)
+            similar[s:s + VERIFY_EDGES] = ((sigs[at[:, 0]] == sigs[at[:, 1]]).mean(axis=1)
+                                           >= self.threshold)
+            del sigs
         edges = edges[similar]
         if not len(edges):
             return np.zeros(n, dtype=np.bool_), 0

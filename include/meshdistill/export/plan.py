@@ -7,7 +7,7 @@ PMID, cross-split contexts (counted; dropped with ``strict_splits``), the caps p
 subtree and per question type, and the cap on the majority yes/no/maybe label. Where a
 rule keeps one of several rows it keeps the best-ranked: items by hierarchy score, then
 judge score sum, then id; pairs by margin, then chosen score, then id. Everything is
-held in numpy arrays of about 100 bytes a row (signatures go to a temporary file), so a
+held in numpy arrays of about 110 bytes a row (signatures go to a temporary file), so a
 million items plan in a few hundred megabytes.
 """
 
@@ -99,8 +99,8 @@ class Population:
     qtype: list[npt.NDArray[np.int32]] = field(default_factory=list)
     label: list[npt.NDArray[np.int32]] = field(default_factory=list)
     contaminated: list[npt.NDArray[np.int8]] = field(default_factory=list)  # 0, 1 pmid, 2 run
-    context_pmids: list[npt.NDArray[np.int64]] = field(default_factory=list)
-    context_counts: list[npt.NDArray[np.int64]] = field(default_factory=list)
+    context_pmids: list[npt.NDArray[np.integer[Any]]] = field(default_factory=list)
+    context_counts: list[npt.NDArray[np.int32]] = field(default_factory=list)
     subtrees: dict[str, int] = field(default_factory=dict)
     qtypes: dict[str, int] = field(default_factory=dict)
     labels: dict[str, int] = field(default_factory=lambda: {"": 0})
@@ -123,9 +123,9 @@ class Population:
         self.subtree.append(_codes(rows.subtrees, self.subtrees))
         self.qtype.append(_codes(rows.qtypes, self.qtypes))
         self.label.append(_codes(rows.labels, self.labels))
-        self.context_pmids.append(rows.context_pmids)
+        self.context_pmids.append(_narrow(rows.context_pmids))
         counts = np.diff(rows.context_offsets)
-        self.context_counts.append(counts)
+        self.context_counts.append(counts.astype(np.int32))
         t0 = time.perf_counter()
         self.contaminated.append(self._contamination(rows, counts))
         t1 = time.perf_counter()
@@ -176,6 +176,7 @@ class Population:
         order = np.lexsort((ids, -secondary, -primary))
         rank = np.empty(n, dtype=np.int64)
         rank[order] = np.arange(n)
+        del order
         removed: dict[str, int] = dict.fromkeys(REASONS, 0)
         contaminated = _cat(self.contaminated, np.int8)
         removed["contamination_pmid"] = int((contaminated == 1).sum())
@@ -221,19 +222,31 @@ class Population:
 
     def _cross_split(self, pmids: npt.NDArray[np.int64], split: npt.NDArray[np.int8],
                      active: npt.NDArray[np.bool_]) -> npt.NDArray[np.bool_]:
-        """Rows with a context that is the source of an active row in another split."""
+        """Rows with a context that is the source of an active row in another split,
+        checked :data:`CHUNK_ROWS` rows at a time (the temporary arrays of a million rows'
+        contexts at once would take more memory than the plan itself)."""
         counts = _cat(self.context_counts, np.int64)
-        flat = _cat(self.context_pmids, np.int64)
+        flat = _cat(self.context_pmids, _widest(self.context_pmids))
         out = np.zeros(len(pmids), dtype=np.bool_)
         if not len(flat):
             return out
-        owner = np.repeat(np.arange(len(pmids)), counts)
+        offsets = np.zeros(len(counts) + 1, dtype=np.int64)
+        np.cumsum(counts, out=offsets[1:])
         sources = np.unique(pmids[active])
         s = self.settings
-        foreign = (np.isin(flat, sources) & (flat != pmids[owner])
-                   & (split_index(flat, s.seed, s.split_ratios) != split[owner]))
-        out[np.unique(owner[foreign])] = True
+        for lo in range(0, len(pmids), CHUNK_ROWS):
+            hi = min(lo + CHUNK_ROWS, len(pmids))
+            part = flat[offsets[lo]:offsets[hi]]
+            owner = np.repeat(np.arange(lo, hi), counts[lo:hi])
+            foreign = (np.isin(part, sources) & (part != pmids[owner])
+                       & (split_index(part.astype(np.int64), s.seed, s.split_ratios)
+                          != split[owner]))
+            out[owner[foreign]] = True
         return out
+
+
+CHUNK_ROWS = 1 << 16
+"""Rows whose contexts are checked for cross-split leakage at once."""
 
 
 def _cat(parts: list[Any], dtype: Any) -> Any:
@@ -242,6 +255,18 @@ def _cat(parts: list[Any], dtype: Any) -> Any:
     out = np.concatenate(parts).astype(dtype, copy=False) if parts else np.zeros(0, dtype)
     parts.clear()
     return out
+
+
+def _narrow(pmids: npt.NDArray[np.int64]) -> npt.NDArray[np.integer[Any]]:
+    """``pmids`` as 32-bit integers when they all fit (every PMID so far does): the
+    context PMIDs are the plan's largest column."""
+    if not len(pmids) or (pmids.min() >= 0 and pmids.max() < 2**31):
+        return pmids.astype(np.int32)
+    return pmids
+
+
+def _widest(parts: list[Any]) -> Any:
+    return np.result_type(*parts) if parts else np.int64
 
 
 def _names(table: dict[str, int]) -> list[str]:

@@ -27,6 +27,7 @@ import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from meshdistill.export.memory import release_freed
 from meshdistill.export.schemas import SCHEMAS
 from meshdistill.export.settings import SPLITS
 
@@ -158,7 +159,7 @@ def file_digest(fs: Any, path: str) -> tuple[int, str]:
     return size, digest.hexdigest()
 
 
-PENDING_WRITES = 3
+PENDING_WRITES = 2
 """Tables queued for the writer thread at most (each a batch of one format)."""
 
 
@@ -196,6 +197,7 @@ class ShardSet:
     def _write(parts: list[tuple[ShardWriter, pa.Table]]) -> None:
         for writer, part in parts:
             writer.write(part)
+        release_freed()  # Arrow's allocator keeps a heap per thread: this one's too
 
     def _drain(self) -> None:
         while self._pending:
