@@ -343,7 +343,7 @@ _SHIFT = np.uint64(64 - _FILTER_BITS)
 
 
 def _bitmap(hashes: np.ndarray) -> np.ndarray:
-    """A one-hash Bloom filter of ``hashes`` over their top 24 bits (2 MB)."""
+    """A one-hash Bloom filter of ``hashes`` over their top 24 bits (16 MB of bytes)."""
     bits = np.zeros(1 << _FILTER_BITS, dtype=np.bool_)
     bits[(hashes >> _SHIFT).astype(np.int64)] = True
     return bits
