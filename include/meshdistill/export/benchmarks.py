@@ -307,7 +307,7 @@ class ContaminationIndex:
             owner = np.repeat(np.arange(rows), tokens.lengths)
             best = _merge(best, _first(rows, owner, self._runs[1].lookup(tokens.hashes)))
         starts, owner = r.windows(2)
-        candidate = self._pairs[(r.raw(starts, 2) >> _SHIFT).astype(np.int64)]
+        candidate = _in_bitmap(self._pairs, r.raw(starts, 2))
         starts, owner = starts[candidate], owner[candidate]
         ends = tokens.offsets[owner + 1]
         for k, table in self._runs.items():
@@ -343,10 +343,17 @@ _SHIFT = np.uint64(64 - _FILTER_BITS)
 
 
 def _bitmap(hashes: np.ndarray) -> np.ndarray:
-    """A one-hash Bloom filter of ``hashes`` over their top 24 bits (16 MB of bytes)."""
+    """A one-hash Bloom filter of ``hashes`` over their top 24 bits, packed eight to a
+    byte (2 MB; :func:`_in_bitmap` reads it)."""
     bits = np.zeros(1 << _FILTER_BITS, dtype=np.bool_)
     bits[(hashes >> _SHIFT).astype(np.int64)] = True
-    return bits
+    return np.packbits(bits, bitorder="little")
+
+
+def _in_bitmap(bitmap: np.ndarray, hashes: np.ndarray) -> np.ndarray:
+    """Whether each of ``hashes`` may be in the filter ``bitmap``."""
+    at = (hashes >> _SHIFT).astype(np.int64)
+    return ((bitmap[at >> 3] >> (at & 7).astype(np.uint8)) & 1).astype(np.bool_)
 
 
 @dataclass(frozen=True)
