@@ -4,15 +4,18 @@ from __future__ import annotations
 
 from typing import Any
 
+import fsspec
 import numpy as np
+import pyarrow as pa
 import pytest
 from datasketch import MinHash
 from meshdistill.export import dedup, plan
 from meshdistill.export.benchmarks import Benchmark, ContaminationIndex
 from meshdistill.export.dedup import MinHasher, NearDuplicates, band_layout
 from meshdistill.export.plan import Population, Rows
+from meshdistill.export.schemas import SCHEMAS
 from meshdistill.export.settings import FORMATS, ExportSettings
-from meshdistill.export.shards import shard_names
+from meshdistill.export.shards import ShardSet, shard_names
 from meshdistill.export.splits import split_index
 from meshdistill.export.text import Tokens, normalize_text, word_ngrams, words
 from pydantic import ValidationError
@@ -235,3 +238,18 @@ def test_candidates_verified_in_chunks_give_the_same_duplicates(
     chunked, chunked_pairs = found()
     assert pairs == chunked_pairs > 3
     assert np.array_equal(whole, chunked) and whole.sum() > 0
+
+
+def test_shard_set_takes_rows_grouped_by_split() -> None:
+    fs = fsspec.filesystem("memory")
+    table = pa.Table.from_pylist([{"instruction": f"q{i}", "input": "", "output": "a",
+                                   "metadata": None} for i in range(3)],
+                                 schema=SCHEMAS["alpaca"])
+    totals = {"train": 2, "validation": 0, "test": 1}
+    with ShardSet(fs, "/grouped", ["alpaca"], ["jsonl"], totals, 10) as shards:
+        with pytest.raises(ValueError, match="not grouped by split"):
+            shards.write("alpaca", np.array([0, 2, 0], dtype=np.int8), table)
+        shards.write("alpaca", np.array([0, 0, 2], dtype=np.int8), table)
+        written = shards.close()
+    assert {(s.split, s.rows) for s in written} == {("train", 2), ("test", 1)}
+    assert fs.cat("/grouped/alpaca/test-00000-of-00001.jsonl").count(b'"q2"') == 1

@@ -72,10 +72,10 @@ class Pool:
 
     def texts(self, n: int, messages: Sequence[Sequence[Segment]]) -> pa.StringArray:
         """``n * len(messages)`` strings, row by row: row ``i``'s message ``m`` is the
-        concatenation of ``messages[m]``'s segments for row ``i``."""
-        segments = [(m, s) for m, segs in enumerate(messages) for s in segs]
+        concatenation of ``messages[m]``'s segments (at least one) for row ``i``."""
+        segments = [s for segs in messages for s in segs]
         lengths = np.ones((len(segments), n), dtype=np.int64)
-        for k, (_, seg) in enumerate(segments):
+        for k, seg in enumerate(segments):
             if isinstance(seg, Joined):
                 count = np.diff(seg.offsets)
                 lengths[k] = np.where(count > 0, 2 * count - 1, 1)
@@ -85,17 +85,16 @@ class Pool:
         row_start: Ids = np.zeros(n + 1, dtype=np.int64)
         np.cumsum(per_row, out=row_start[1:])
         refs = np.empty(int(row_start[-1]), dtype=np.int64)
-        first_of: dict[int, int] = {}
-        for k, (m, seg) in enumerate(segments):
-            first_of.setdefault(m, k)
+        for k, seg in enumerate(segments):
             at = row_start[:-1] + within[k]
             if isinstance(seg, Joined):
                 _fill_joined(refs, at, seg)
             else:
                 refs[at] = seg
+        first_segment = np.cumsum([0, *map(len, messages[:-1])])  # of each message
         bounds = np.empty(n * len(messages) + 1, dtype=np.int64)
-        for m in range(len(messages)):
-            bounds[m:-1:len(messages)] = row_start[:-1] + within[first_of[m]]
+        for m, k in enumerate(first_segment.tolist()):
+            bounds[m:-1:len(messages)] = row_start[:-1] + within[k]
         bounds[-1] = len(refs)
         taken = self._pooled().take(pa.array(refs))
         offsets = np.frombuffer(taken.buffers()[1], dtype=np.int32)[

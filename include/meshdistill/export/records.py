@@ -192,9 +192,8 @@ class ItemBatch:
         pool = self.pool = Pool()
         blocks = pool.add(pc.binary_join_element_wise(
             "[PMID ", texts.column("pmid").cast(pa.string()), "] ", texts.column("title"),
-            "\n", texts.column("abstract"), "").combine_chunks() if texts.num_rows else
-            pa.array([], pa.string()))
-        self.contexts = Joined(blocks[self.shown_article] if len(blocks) else blocks,
+            "\n", texts.column("abstract"), "").combine_chunks())
+        self.contexts = Joined(blocks[self.shown_article],
                                np.asarray(self.shown_offsets, dtype=np.int64),
                                pool.literal("\n\n"), pool.literal("(none)"))
         self.answer_ids = pool.add(self.assistant)

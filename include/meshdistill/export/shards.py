@@ -177,16 +177,14 @@ class ShardSet:
         self._pending: deque[Future[None]] = deque()
 
     def write(self, fmt: str, split_of_rows: np.ndarray, table: pa.Table) -> None:
-        """Queue ``table``'s rows for their splits (``split_of_rows``: index per row; rows
-        grouped by split are cut by slicing, others filtered)."""
+        """Queue ``table``'s rows for their splits (``split_of_rows``: index per row, in
+        split order, as ``run._kept_batches`` yields them: each split's rows are a slice)."""
+        if (np.diff(split_of_rows) < 0).any():
+            raise ValueError(f"{fmt}: rows are not grouped by split")
+        bounds = np.searchsorted(split_of_rows, np.arange(len(SPLITS) + 1))
         parts = []
-        grouped = not (np.diff(split_of_rows) < 0).any()
-        bounds = np.searchsorted(split_of_rows, np.arange(len(SPLITS) + 1)) if grouped else None
         for i, split in enumerate(SPLITS):
-            if bounds is not None:
-                part = table.slice(int(bounds[i]), int(bounds[i + 1] - bounds[i]))
-            else:
-                part = table.filter(pa.array(split_of_rows == i))
+            part = table.slice(int(bounds[i]), int(bounds[i + 1] - bounds[i]))
             if part.num_rows:
                 parts += [(w, part) for w in self.by_key[(fmt, split)]]
         self._pending.append(self._pool.submit(self._write, parts))
