@@ -17,6 +17,7 @@ from meshdistill_airflow import (
     database_url,
     fail_fast,
     llm_config,
+    mapped_results,
     run_subtrees,
 )
 from meshdistill_airflow.params import model_params
@@ -102,7 +103,7 @@ def distill() -> None:
     @task(outlets=[QA])
     def summary(results: list[dict[str, Any]]) -> dict[str, Any]:
         context = get_current_context()
-        out = pipeline.log_summary(pipeline.summarize_runs(results))
+        out = pipeline.log_summary(pipeline.summarize_runs(mapped_results(results)))
         context["outlet_events"][QA].extra = {
             "run_id": context["run_id"], "subtrees": list(out["subtrees"]),
             **{s: out["totals"][s] for s in ("accepted", "rejected", "failed", "deferred")}}

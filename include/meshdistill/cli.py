@@ -163,7 +163,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
              "budget_usd": args.budget_usd, "budget_tokens": args.budget_tokens}
     values = {k: v for k, v in given.items() if v is not None}  # None: the default
     request, settings = pipeline.distill_request(values), pipeline.distill_settings(values)
-    llm = pipeline.llm_for(request, base_url=args.base_url, max_concurrency=args.concurrency)
+    llm = pipeline.llm_for(request, base_url=args.base_url, max_concurrency=args.concurrency,
+                           timeout=args.timeout, max_output_tokens=args.max_output_tokens)
     shares = pipeline.budget_shares(request.budget_usd, request.budget_tokens, len(subtrees))
     run_id = args.run_id or f"cli-{time.strftime('%Y%m%dT%H%M%S')}"
     summaries = [
@@ -376,6 +377,10 @@ def build_parser() -> argparse.ArgumentParser:
     di.add_argument("--model", help="model name (or MESHDISTILL_LLM_MODEL)")
     di.add_argument("--concurrency", type=int,
                     help=f"requests in flight (default {DEFAULT_CONCURRENCY})")
+    di.add_argument("--timeout", type=float,
+                    help="seconds per request (default 60; a small local server needs more)")
+    di.add_argument("--max-output-tokens", type=int,
+                    help="cap on every call's output tokens (default: each stage's own)")
     di.add_argument("--processes", type=int, default=DEFAULTS.processes,
                     help=f"worker processes per subtree (default {DEFAULTS.processes}); the "
                          "--concurrency cap and the budget are split evenly between them")

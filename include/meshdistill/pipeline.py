@@ -251,16 +251,18 @@ def budget_shares(budget_usd: float | None, budget_tokens: int | None,
 
 STORED_COUNTS = ("articles", "candidates", *TERMINAL, "preference_pairs")
 """The per-subtree counts a distill run leaves in the database."""
-SUMMARY_COUNTS = (*STORED_COUNTS, "llm_new_calls", "llm_cached")
+SUMMARY_COUNTS = (*STORED_COUNTS, "llm_new_calls", "llm_cached", "llm_tokens")
 """The per-subtree counts of a distill run, in the order the summary table shows them."""
-_HEADINGS = {"preference_pairs": "pairs", "llm_new_calls": "new calls", "llm_cached": "cached"}
+_HEADINGS = {"preference_pairs": "pairs", "llm_new_calls": "new calls", "llm_cached": "cached",
+             "llm_tokens": "tokens"}
 
 
 def summarize_runs(results: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """Per-subtree counts and totals of :func:`distill_subtree` summaries.
 
     ``llm_new_calls`` are the answers the run asked the LLM for (cache misses);
-    ``llm_cached`` those it took from the ``llm_call`` cache.
+    ``llm_cached`` those it took from the ``llm_call`` cache; ``llm_tokens`` the input and
+    output tokens the new calls used, as the server reported them (failed calls included).
     """
     per: dict[str, dict[str, Any]] = {}
     for r in results:
@@ -268,6 +270,7 @@ def summarize_runs(results: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         per[r["subtree"]] = {
             **{k: r[k] for k in ("articles", "candidates", *TERMINAL, "preference_pairs")},
             "llm_new_calls": llm.get("misses", 0), "llm_cached": llm.get("hits", 0),
+            "llm_tokens": llm.get("tokens_in", 0) + llm.get("tokens_out", 0),
             "backend": r.get("backend"), "model": r.get("model"),
         }
     totals = {k: sum(row.get(k) or 0 for row in per.values()) for k in SUMMARY_COUNTS}

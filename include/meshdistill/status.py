@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Connection
 
-from meshdistill.distill.candidates import TERMINAL
+from meshdistill.distill.candidates import TERMINAL, reason_keys
 from meshdistill.distill.items import qa_counts
 from meshdistill.llm.cache import usage
 from meshdistill.mesh.load import mesh_counts
@@ -62,7 +63,9 @@ def status(conn: Connection) -> dict[str, Any]:
 
 def distilled_since(conn: Connection, since: datetime) -> dict[str, Any]:
     """Candidates, states and preference pairs per subtree written (or rewritten) since
-    ``since``, the LLM calls stored since, and one accepted item as an example."""
+    ``since``, why candidates were rejected or failed (``reasons``, counted as a run
+    counts them), the LLM calls stored since and their tokens, and one accepted item as
+    an example."""
     subtrees: dict[str, dict[str, int]] = {}
     for subtree, state, n in conn.exec_driver_sql(
         "SELECT subtree, state, count(*) FROM qa_item "
@@ -81,15 +84,24 @@ def distilled_since(conn: Connection, since: datetime) -> dict[str, Any]:
     for row in subtrees.values():
         for state in TERMINAL:
             row.setdefault(state, 0)
-    calls = conn.exec_driver_sql(
-        "SELECT count(*) FROM llm_call WHERE created_at >= %(t)s", {"t": since}
-    ).scalar_one()
+    reasons: Counter[str] = Counter()
+    for stage, reason, n in conn.exec_driver_sql(
+        "SELECT stage, reason, count(*) FROM qa_item WHERE updated_at >= %(t)s "
+        "AND state IN ('rejected', 'failed') GROUP BY stage, reason", {"t": since}
+    ):
+        for key in reason_keys(stage, reason):
+            reasons[key] += n
+    calls, tokens = conn.exec_driver_sql(
+        "SELECT count(*), coalesce(sum(tokens_in + tokens_out), 0) FROM llm_call "
+        "WHERE created_at >= %(t)s", {"t": since}
+    ).one()
     example = conn.exec_driver_sql(
         "SELECT subtree, source_pmid, qtype, question, answer FROM qa_item "
         "WHERE updated_at >= %(t)s AND state = 'accepted' "
         "ORDER BY subtree, source_pmid DESC, profile, ordinal LIMIT 1", {"t": since}
     ).first()
-    out: dict[str, Any] = {"subtrees": subtrees, "new_llm_calls": int(calls)}
+    out: dict[str, Any] = {"subtrees": subtrees, "new_llm_calls": int(calls),
+                           "new_llm_tokens": int(tokens), "reasons": dict(reasons.most_common())}
     if example:
         out["example"] = dict(zip(("subtree", "pmid", "qtype", "question", "answer"),
                                   example, strict=True))

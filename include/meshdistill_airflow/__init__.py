@@ -117,8 +117,9 @@ def llm_config() -> LLMConfig | None:
     host = the OpenAI-compatible base URL (``https://api.openai.com/v1``; a bare host
     gets the connection's schema, default https, and port), password = API key, extra
     JSON = ``model``, ``organization``, ``max_concurrency``, ``timeout``,
-    ``max_attempts``, ``backend``. Unknown extra keys are a ConfigError. The key is
-    kept out of logs: Airflow masks connection passwords and ``LLMConfig`` hides it.
+    ``max_attempts``, ``max_output_tokens``, ``client_process``, ``backend``. Unknown
+    extra keys are a ConfigError. The key is kept out of logs: Airflow masks connection
+    passwords and ``LLMConfig`` hides it.
     """
     conn = _connection("meshdistill_llm")
     if conn is None:
@@ -128,6 +129,19 @@ def llm_config() -> LLMConfig | None:
         scheme = conn.schema if conn.schema in ("http", "https") else "https"
         host = f"{scheme}://{host}{f':{conn.port}' if conn.port else ''}"
     return LLMConfig.from_extra(host, conn.password, dict(conn.extra_dejson or {}))
+
+
+def mapped_results(value: Any) -> list[dict[str, Any]]:
+    """The return values of a mapped task group's instances, as a list.
+
+    Airflow 3 hands the consumer of a mapped task group's output the bare return value,
+    not a one-item list, when the mapping made a single instance (a ``distill`` run over
+    one subtree; apache/airflow#49714 is the family of bugs); iterating that dict would
+    give its keys.
+    """
+    if isinstance(value, dict):
+        return [value]
+    return list(value)
 
 
 def asset_subtrees(context: Any, asset: Asset) -> list[str]:

@@ -186,3 +186,13 @@ def test_export_shards_follows_distill_and_updates_the_exports_asset(dagbag: Dag
     assert dag.params["split_ratios"] == [0.9, 0.05, 0.05]
     assert dag.params["formats"] == ["sft", "prompt_completion", "dpo", "alpaca", "sharegpt",
                                      "qca"]
+
+
+def test_mapped_results_are_a_list_for_one_instance_or_many() -> None:
+    """Airflow gives the consumer of a one-instance mapped task group its bare value."""
+    from meshdistill_airflow import mapped_results
+
+    one = {"subtree": "C04", "accepted": 1}
+    assert mapped_results(one) == [one]
+    assert mapped_results([one, {"subtree": "C14"}]) == [one, {"subtree": "C14"}]
+    assert mapped_results(iter([one])) == [one]

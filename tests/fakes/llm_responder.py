@@ -13,12 +13,18 @@ the prompt would, reading what it needs from the rendered prompt text (the struc
 Deterministic (the same body gives the same text) and robust to JSON mode (the schema
 instruction appended to the system message) and to repair rounds (later messages are
 ignored: the first system and user messages carry the prompt).
+
+``weak_responder`` is the same model with the questions a small model often writes
+(:func:`weak_question`: words of the prompt and of the abstract in no order), their
+evidence still quoted verbatim, so they reach retrieval and the later stages.
 """
 
 from __future__ import annotations
 
 import json
+import random
 import re
+import zlib
 from typing import Any
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9(\[])|\n+")
@@ -28,6 +34,7 @@ _ABSTRACT = re.compile(r"^Abstract \(PMID (\d+)\):\n", re.MULTILINE)
 _CONTEXT = re.compile(r"^\[PMID (\d+)\] [^\n]*\n", re.MULTILINE)
 _QTYPE = re.compile(r"^Question type: (\w+)$", re.MULTILINE)
 _QUESTION = re.compile(r"^Question: (.*)$", re.MULTILINE)
+_WORD = re.compile(r"[A-Za-z][A-Za-z0-9-]+")
 _SCORES = {"groundedness": 4, "relevance": 4, "clarity": 4, "informativeness": 4,
            "safety": 4}
 
@@ -44,7 +51,22 @@ def sentences(text: str) -> list[str]:
     return usable or ([text.strip()] if text.strip() else [])
 
 
-def _generate(system: str, user: str) -> dict[str, Any]:
+def weak_question(prompt: str, abstract: str, seed: int) -> str:
+    """12 to 24 words drawn from ``prompt`` and ``abstract`` (about half from each),
+    shuffled, ending in a question mark: the output of a model too small to follow the
+    prompt. The prompt's words are common ones ("questions", "abstract", "evidence"),
+    which is what makes such questions expensive to retrieve for."""
+    rng = random.Random(seed)
+    prompt_words, abstract_words = _WORD.findall(prompt), _WORD.findall(abstract)
+    n = rng.randint(12, 24)
+    from_abstract = min(len(abstract_words), rng.randint(n // 3, 2 * n // 3))
+    words = rng.sample(abstract_words, from_abstract) + (
+        rng.sample(prompt_words, min(len(prompt_words), n - from_abstract)))
+    rng.shuffle(words)
+    return " ".join(words).capitalize() + "?"
+
+
+def _generate(system: str, user: str, *, weak: bool = False) -> dict[str, Any]:
     match = _N_TYPES.search(system)
     n, types = (int(match[1]), match[2].split(", ")) if match else (1, ["factoid"])
     found = _ABSTRACT.search(user)
@@ -63,9 +85,13 @@ def _generate(system: str, user: str) -> dict[str, Any]:
                 "summary": "Summarize what is known about"}.get(kind, "What about")
         if general:
             stem = f"For students: {stem[0].lower()}{stem[1:]}"
+        question = f"{stem} {topic} (item {i + 1})?"
+        if weak:
+            question = weak_question(system, abstract, zlib.crc32(
+                f"{general} {i} {abstract}".encode()))
         questions.append({
             "type": kind,
-            "question": f"{stem} {topic} (item {i + 1})?",
+            "question": question,
             "answer_hint": "yes" if kind == "yesno" else None,
             "evidence": evidence,
         })
@@ -91,7 +117,7 @@ def _answer(user: str) -> dict[str, Any]:
     }
 
 
-def realistic_responder(body: dict[str, Any]) -> str:
+def realistic_responder(body: dict[str, Any], *, weak: bool = False) -> str:
     """The assistant message content for one chat-completions request body."""
     system, user = _first(body, "system"), _first(body, "user")
     if "You are a strict reviewer" in system:
@@ -99,7 +125,12 @@ def realistic_responder(body: dict[str, Any]) -> str:
     elif "You answer biomedical questions" in system:
         out = _answer(user)
     elif "questions" in system and "Abstract (PMID" in user:
-        out = _generate(system, user)
+        out = _generate(system, user, weak=weak)
     else:
         out = {}
     return json.dumps(out)
+
+
+def weak_responder(body: dict[str, Any]) -> str:
+    """:func:`realistic_responder` whose questions are :func:`weak_question`s."""
+    return realistic_responder(body, weak=True)

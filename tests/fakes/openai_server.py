@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import json
 import math
@@ -28,6 +29,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
+import httpx
 import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -46,6 +48,7 @@ class RecordedRequest:
     fault: str | None = None
     path: str = "/v1/chat/completions"
     content_type: str | None = None  # the request's Content-Type header
+    usage: dict[str, Any] | None = None  # the ``usage`` of a 200 chat completion sent back
 
     @property
     def response_format(self) -> str | None:
@@ -165,8 +168,11 @@ class FakeOpenAI:
       instance of that schema, as llama.cpp's servers do.
     - Embeddings are ``float`` or ``base64`` encoded, of the request's ``dimensions`` or
       ``embedding_dim``.
+    - ``upstream``: an OpenAI-compatible base URL (a real model server) that answers every
+      chat request no fault or refusal above answered, its reply passed back as it is:
+      a recording, fault-injecting proxy in front of a real server.
     - ``max_in_flight``: the most requests handled at once; ``requests``: every request
-      (arrival time, body, status, fault).
+      (arrival time, body, status, fault, and the ``usage`` of each completion sent back).
     """
 
     def __init__(
@@ -178,6 +184,7 @@ class FakeOpenAI:
         reject_schema_in_json_mode: bool = False,
         model: str = "fake-model",
         embedding_dim: int = 256,
+        upstream: str | None = None,
     ) -> None:
         self.responder = responder or default_responder
         self.latency = latency
@@ -185,6 +192,7 @@ class FakeOpenAI:
         self.reject_schema_in_json_mode = reject_schema_in_json_mode
         self.model = model
         self.embedding_dim = embedding_dim
+        self.upstream = upstream
         self.requests: list[RecordedRequest] = []
         self.in_flight = 0
         self.max_in_flight = 0
@@ -278,6 +286,9 @@ class FakeOpenAI:
             with self._lock:
                 self.in_flight -= 1
         record.status = response.status_code
+        if path == "/v1/chat/completions" and response.status_code == 200:
+            with contextlib.suppress(ValueError, AttributeError):
+                record.usage = json.loads(response.body).get("usage")
         return response
 
     async def _common_fault(self, fault: _Fault | None) -> Response | None:
@@ -308,6 +319,11 @@ class FakeOpenAI:
             content = "Sure! Here is the JSON: {not json"
         elif fault and fault.kind == "schema_invalid":
             content = json.dumps({"unexpected": "field"})
+        elif self.upstream is not None:
+            async with httpx.AsyncClient(base_url=self.upstream, timeout=None) as client:
+                reply = await client.post("/chat/completions", json=body)
+            return Response(reply.content, reply.status_code,
+                            media_type=reply.headers.get("content-type"))
         else:
             content = self.responder(body)
         prompt = " ".join(str(m.get("content", "")) for m in body.get("messages", []))

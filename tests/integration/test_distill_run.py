@@ -347,34 +347,37 @@ def test_openai_run_with_faults_completes_and_a_rerun_finishes_the_failed(
     # one request per round, plus one per fault that was not on a call's last attempt
     assert len(reqs) == misses + repairs + len(faulted) - 1
     assert faulty.max_in_flight <= concurrency + injected["hang"]  # a hung handler lingers
-    # The repaired call (injected invalid JSON) succeeded; it is in the cache.
-    assert summary["llm"]["stored"] == misses - 2
+    # The repaired call (injected invalid JSON) succeeded and is in the cache; so is the
+    # poisoned answer, the model's own unusable reply. The server error is not.
+    assert summary["llm"]["stored"] == misses - 1
     assert len(llm_keys(distill_url)) == summary["llm"]["stored"]
 
-    # Rerun of the same DAG run, the faults gone: the failed calls (not cached) are made
-    # again; nothing that succeeded is asked again.
-    poisoned = faulty.poison_500 | faulty.poison_json
+    # Rerun of the same DAG run, the faults gone: the call the server failed is made
+    # again; the model's unusable answer is replayed from the cache, like every answer
+    # that succeeded, and its candidate fails the same way without a request.
+    server_failed = set(faulty.poison_500)
     faulty.poison_500.clear()
     faulty.poison_json.clear()
     before, keys = snapshot(distill_url), llm_keys(distill_url)
     faulty.reset_stats()
     again = distill(distill_url, "oa-1", config, grader)
     rows2 = check_reconciled(distill_url, again)
-    assert again["failed"] == 0 and again["deferred"] == 0
+    assert again["failed"] == 1 and again["deferred"] == 0
+    assert again["reasons"] == {**again["reasons"], "answer: invalid_output": 1}
     assert {r["source_pmid"] for r in rows2} == {r["source_pmid"] for r in rows}
     assert len(faulty.requests) == again["llm"]["misses"] == again["llm"]["stored"]
     assert again["llm"]["hits"] == len(keys)
     assert len(llm_keys(distill_url)) == len(keys) + again["llm"]["stored"]
     first_round = {_messages(r) for r in reqs}
     repeated = [r for r in faulty.requests if _messages(r) in first_round]
-    assert {FaultyOpenAI._user(r.body) for r in repeated} == poisoned
+    assert {FaultyOpenAI._user(r.body) for r in repeated} == server_failed
     for key, (item_id, state) in before.items():
         if state != "failed":
             assert snapshot(distill_url)[key] == (item_id, state)
-    formerly_failed = {(r["source_pmid"], r["profile"], r["ordinal"]) for r in failed}
     after = {(r["source_pmid"], r["profile"], r["ordinal"]): r for r in rows2}
-    for key in formerly_failed:
-        assert after[key]["state"] in ("accepted", "rejected")
+    for r in failed:
+        state = after[(r["source_pmid"], r["profile"], r["ordinal"])]["state"]
+        assert state in ({"failed"} if r["stage"] == "answer" else {"accepted", "rejected"})
     # the general profile's generation now produced questions
     assert sum(1 for r in rows2 if r["source_pmid"] == gen_failed["source_pmid"]
                and r["profile"] == "general") == SETTINGS["questions_per_article"]

@@ -15,6 +15,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import pytest
+from meshdistill.errors import ConfigError
 from meshdistill.llm.backend import (
     FailureKind,
     LLMBackend,
@@ -153,12 +154,37 @@ def test_failures_are_returned_not_cached_and_retried_next_run(
     assert len(rows(database_url)) == 1
 
 
-def test_invalid_output_failures_are_not_cached(database_url: str, server: FakeOpenAI) -> None:
+def test_an_unusable_answer_is_cached_and_replayed_without_a_request(
+    database_url: str, server: FakeOpenAI
+) -> None:
+    """The model's own invalid reply (after its repair) is its answer to that request:
+    stored with the failure, replayed as the same failure, tokens counted once."""
     server.fail_next(2, "schema_invalid")
     failed = run(openai_backend(server), database_url, [request(0)])[0]
-    assert failed.failure is FailureKind.INVALID_OUTPUT and rows(database_url) == []
-    assert run(openai_backend(server), database_url, [request(0)])[0].ok
-    assert len(rows(database_url)) == 1
+    assert failed.failure is FailureKind.INVALID_OUTPUT and failed.attempts == 2
+    [row] = rows(database_url)
+    assert row["failure"] == "invalid_output" and row["output"] is None
+    assert row["error"] == failed.error and row["tokens_in"] == failed.tokens_in > 0
+    replayed = run(openai_backend(server), database_url, [request(0)])[0]
+    assert len(server.requests) == 2, "the replay made a request"
+    assert is_cached(replayed) and replayed.failure is FailureKind.INVALID_OUTPUT
+    assert replayed.error == failed.error and replayed.output is None
+    assert run(openai_backend(server), database_url, [request(1)])[0].ok
+    assert len(rows(database_url)) == 2
+
+
+def test_an_output_cap_is_sent_stored_and_keyed(database_url: str, server: FakeOpenAI
+                                                 ) -> None:
+    capped = run(openai_backend(server), database_url, [request(0)], max_output_tokens=300)[0]
+    assert capped.ok and server.requests[-1].body["max_tokens"] == 300
+    [row] = rows(database_url)
+    assert row["params"]["max_tokens"] == 300
+    # Without the cap it is another request: asked again, stored beside the first.
+    full = run(openai_backend(server), database_url, [request(0)])[0]
+    assert full.ok and not is_cached(full) and server.requests[-1].body["max_tokens"] == 2048
+    assert len(rows(database_url)) == 2
+    with pytest.raises(ConfigError, match="at least 16"):
+        CachedBackend(openai_backend(server), database_url, max_output_tokens=8)
 
 
 def test_concurrent_identical_requests_share_one_call_and_one_row(

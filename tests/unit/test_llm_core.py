@@ -6,7 +6,13 @@ from typing import Any
 
 import pytest
 from meshdistill.llm import prompts
-from meshdistill.llm.backend import LLMParams, cache_key
+from meshdistill.llm.backend import (
+    MODEL_ANSWER_FAILURES,
+    FailureKind,
+    LLMParams,
+    LLMResult,
+    cache_key,
+)
 from meshdistill.llm.inputs import ArticleInput, GenerateInput, MeshHeading
 from meshdistill.llm.schemas import Answer, GeneratedQuestions, Judgement
 from meshdistill.llm.stages import generate_request
@@ -104,3 +110,37 @@ def test_request_cache_key_covers_params_and_schema() -> None:
     assert a.cache_key("m") != generate_request(inp, LLMParams(temperature=0.1)).cache_key("m")
     assert a.cache_key("m") != a.cache_key("other-model")
     assert a.key_params()["output"] == "GeneratedQuestions" and len(a.key_params()["schema"]) == 16
+
+
+@pytest.mark.parametrize(("failure", "cacheable"), [
+    (None, True),
+    (FailureKind.INVALID_OUTPUT, True),
+    (FailureKind.REFUSED, True),
+    (FailureKind.SERVER_ERROR, False),
+    (FailureKind.RATE_LIMITED, False),
+    (FailureKind.TIMEOUT, False),
+    (FailureKind.CONNECTION, False),
+    (FailureKind.REQUEST_REJECTED, False),
+    (FailureKind.UNSUPPORTED, False),
+])
+def test_only_outputs_and_the_models_own_failures_are_cacheable(
+    failure: FailureKind | None, cacheable: bool
+) -> None:
+    request = generate_request(GenerateInput(ARTICLE, "domain", 1))
+    output = None if failure else GeneratedQuestions.model_validate({"questions": [{
+        "type": "yesno", "question": "Does aspirin lower risk?", "answer_hint": None,
+        "evidence": "Aspirin lowered risk by 20%."}]})
+    result = LLMResult.for_request(request, "openai", "m", output=output, failure=failure)
+    assert result.cacheable is cacheable
+    assert (failure in MODEL_ANSWER_FAILURES) is (cacheable and failure is not None)
+
+
+def test_an_output_cap_is_a_parameter_of_the_request() -> None:
+    request = generate_request(GenerateInput(ARTICLE, "domain", 1))
+    assert request.params.max_tokens == 2048
+    assert request.capped(None) is request and request.capped(4096) is request
+    capped = request.capped(512)
+    assert capped.params.max_tokens == 512 and capped.messages == request.messages
+    assert capped.params.temperature == request.params.temperature
+    assert capped.cache_key("m") != request.cache_key("m")
+    assert capped.cache_key("m") == request.capped(512).cache_key("m")

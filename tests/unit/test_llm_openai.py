@@ -18,10 +18,16 @@ from typing import Any
 import pytest
 from meshdistill.errors import ConfigError
 from meshdistill.llm.backend import FailureKind, LLMRequest, LLMResult, complete_all
-from meshdistill.llm.inputs import ArticleInput, JudgeInput, MeshHeading, Passage
+from meshdistill.llm.inputs import (
+    ArticleInput,
+    GenerateInput,
+    JudgeInput,
+    MeshHeading,
+    Passage,
+)
 from meshdistill.llm.openai_backend import OpenAIBackend
-from meshdistill.llm.schemas import Judgement, Question, QuestionType
-from meshdistill.llm.stages import judge_request
+from meshdistill.llm.schemas import GeneratedQuestions, Judgement, Question, QuestionType
+from meshdistill.llm.stages import generate_request, judge_request
 
 from tests.fakes.openai_server import FakeOpenAI, example_from_schema
 
@@ -117,8 +123,35 @@ def test_each_refusal_of_json_schema_moves_to_json_mode_with_the_schema(shape: s
         assert b.structured_outputs is False and b.response_format == "json_object+schema"
         assert server.statuses == [int(shape), 200, 200]  # the refusal is not retried
         fmt = server.requests[1].body["response_format"]
-        assert fmt == {"type": "json_object", "schema": Judgement.model_json_schema()}
+        assert fmt == {"type": "json_object", "schema": without_length_bounds(
+            Judgement.model_json_schema())}
         assert first.response_format == second.response_format == "json_object"
+
+
+def without_length_bounds(node: Any) -> Any:
+    if isinstance(node, dict):
+        return {k: without_length_bounds(v) for k, v in node.items()
+                if k not in ("maxLength", "maxItems")}
+    return [without_length_bounds(v) for v in node] if isinstance(node, list) else node
+
+
+def test_the_schema_beside_json_mode_has_no_bounds_a_grammar_unrolls() -> None:
+    """llama.cpp turns ``maxLength: 600`` into 600 nested grammar rules, refuses the
+    grammar and aborts; structure, types, enums and minimum lengths stay constrained."""
+    with FakeOpenAI(reject_json_schema="500") as server:
+        b = backend(server)
+        result = run(b, generate_request(GenerateInput(
+            article=ArticleInput(pmid="1", title="T", abstract="An abstract."),
+            profile="domain", n_questions=1, types=(QuestionType.YESNO,))))
+        sent = server.requests[-1].body["response_format"]["schema"]
+    full = GeneratedQuestions.model_json_schema()
+    text = json.dumps(full)
+    assert '"maxLength"' in text and '"maxItems"' in text  # what there is to take out
+    assert sent == without_length_bounds(full)
+    sent_text = json.dumps(sent)
+    assert '"maxLength"' not in sent_text and '"maxItems"' not in sent_text
+    assert '"minLength": 8' in sent_text and '"enum"' in sent_text
+    assert result.ok, result.error
 
 
 def test_a_server_refusing_the_schema_in_json_mode_gets_plain_json_mode() -> None:

@@ -40,7 +40,7 @@ def test_budget_shares_add_up_and_never_exceed_the_budget() -> None:
 def _summary(subtree: str, **counts: Any) -> dict[str, Any]:
     base = {"subtree": subtree, "articles": 2, "candidates": 8, "accepted": 5, "rejected": 2,
             "failed": 1, "deferred": 0, "preference_pairs": 3, "backend": "offline",
-            "model": "m", "llm": {"misses": 12, "hits": 4}}
+            "model": "m", "llm": {"misses": 12, "hits": 4, "tokens_in": 900, "tokens_out": 100}}
     return base | counts
 
 
@@ -48,22 +48,25 @@ def test_summarize_runs_totals_each_count() -> None:
     out = pipeline.summarize_runs([_summary("C04"), _summary("C14.280", accepted=1,
                                                             deferred=4, llm={})])
     assert out["subtrees"]["C04"]["llm_new_calls"] == 12
+    assert out["subtrees"]["C04"]["llm_tokens"] == 1000
     assert out["subtrees"]["C14.280"]["llm_cached"] == 0
+    assert out["subtrees"]["C14.280"]["llm_tokens"] == 0
     assert out["totals"] == {"articles": 4, "candidates": 16, "accepted": 6, "rejected": 4,
                              "failed": 2, "deferred": 4, "preference_pairs": 6,
-                             "llm_new_calls": 12, "llm_cached": 4}
+                             "llm_new_calls": 12, "llm_cached": 4, "llm_tokens": 1000}
 
 
 def test_summary_table_lines_up_and_marks_unknown_counts() -> None:
     rows = pipeline.summarize_runs([_summary("C04"), _summary("C14.280")])["subtrees"]
-    rows["C14.280"].pop("llm_cached")
+    rows["C14.280"].pop("llm_tokens")
     lines = pipeline.summary_table(rows)
     assert len(lines) == 4  # header, two subtrees, total
     assert len({len(line) for line in lines}) == 1  # columns line up
     assert lines[0].split()[:3] == ["subtree", "articles", "candidates"]
-    assert lines[1].split() == ["C04", "2", "8", "5", "2", "1", "0", "3", "12", "4"]
+    assert lines[1].split() == ["C04", "2", "8", "5", "2", "1", "0", "3", "12", "4", "1000"]
     assert lines[2].split()[-1] == "-"
-    assert lines[3].split() == ["total", "4", "16", "10", "4", "2", "0", "6", "24", "4"]
+    assert lines[3].split() == ["total", "4", "16", "10", "4", "2", "0", "6", "24", "8",
+                                "1000"]
     assert len(pipeline.summary_table({"C04": rows["C04"]})) == 2  # no total for one
     stored = pipeline.summary_table(rows, pipeline.STORED_COUNTS)
     assert stored[0].split()[-1] == "pairs" and stored[1].split()[-1] == "3"

@@ -98,6 +98,15 @@ class Candidate:
         return True
 
 
+_REASON_HEAD = re.compile(r"\s*(?:[0-9.]+\s*<.*|:.*)$")
+
+
+def reason_keys(stage: str, reason: str | None) -> list[str]:
+    """One ``"stage: what"`` per part of a rejection or failure reason, its figures
+    dropped (``"judge: clarity"`` for ``"clarity 2 < 3"``): what runs count by."""
+    return [f"{stage}: {_REASON_HEAD.sub('', part)}" for part in (reason or "").split("; ")]
+
+
 def evidence_in(evidence: str, text: str, *, normalized: bool = False) -> bool:
     """True when ``evidence`` occurs in ``text`` up to case and whitespace.
 

@@ -4,8 +4,9 @@ Which articles a run takes (``select_sources``), in this order, up to the limit:
 
 0. articles this same run already wrote items for: re-running a DAG run (a retry, a
    cleared task) takes exactly the articles it took before, so it makes no new calls;
-1. articles with a failed or deferred candidate: a run after a budget stop or an outage
-   finishes that work first;
+1. articles with a deferred candidate, or one failed by the server or the network (not by
+   the model's own unusable answer, which the cache replays: ``MODEL_ANSWER_FAILURES``):
+   a run after a budget stop or an outage finishes that work first;
 2. articles never distilled for this subtree and model, newest PMID first;
 3. with ``redo``, also articles already settled (to apply new thresholds; their LLM calls
    come from the cache).
@@ -22,8 +23,10 @@ from sqlalchemy import Connection, text
 from meshdistill.distill.candidates import normalize
 from meshdistill.distill.grade import Headings
 from meshdistill.distill.retrieve import RETRIEVABLE
+from meshdistill.llm.backend import MODEL_ANSWER_FAILURES
 from meshdistill.llm.inputs import ArticleInput, MeshHeading, Passage
 
+_MODEL_ANSWERS = "(" + ", ".join(f"'{k}'" for k in sorted(MODEL_ANSWER_FAILURES)) + ")"
 _SELECT = f"""
     WITH cand AS (
         SELECT a.pmid,
@@ -33,7 +36,8 @@ _SELECT = f"""
                               AND q.run_id = :run_id) THEN 0
                  WHEN EXISTS (SELECT 1 FROM qa_item q WHERE q.subtree = :subtree
                               AND q.model = :model AND q.source_pmid = a.pmid
-                              AND q.state IN ('failed', 'deferred')) THEN 1
+                              AND (q.state = 'deferred' OR (q.state = 'failed'
+                                   AND q.reason NOT IN {_MODEL_ANSWERS}))) THEN 1
                  WHEN NOT EXISTS (SELECT 1 FROM qa_item q WHERE q.subtree = :subtree
                               AND q.model = :model AND q.source_pmid = a.pmid) THEN 2
                  ELSE 3

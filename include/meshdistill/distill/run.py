@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -35,6 +34,7 @@ from meshdistill.distill.candidates import (
     choose_contexts,
     evidence_in,
     preference_pairs,
+    reason_keys,
 )
 from meshdistill.distill.corpus import ArticleRecord, load_articles, select_sources
 from meshdistill.distill.grade import MeshGrader
@@ -51,10 +51,6 @@ if TYPE_CHECKING:
     from meshdistill.llm.embeddings import OpenAIEmbedder
 
 log = logging.getLogger(__name__)
-
-# What a reason says without its figures: "clarity 2 < 3" -> "clarity", for counting.
-_REASON_HEAD = re.compile(r"\s*(?:[0-9.]+\s*<.*|:.*)$")
-
 
 @dataclass
 class RunStats:
@@ -73,8 +69,7 @@ class RunStats:
             assert c.state is not None
             self.states[c.state] += 1
             if c.state in ("rejected", "failed"):
-                for part in (c.reason or "").split("; "):
-                    self.reasons[f"{c.stage}: {_REASON_HEAD.sub('', part)}"] += 1
+                self.reasons.update(reason_keys(c.stage, c.reason))
 
     @property
     def candidates(self) -> int:

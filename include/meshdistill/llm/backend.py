@@ -20,7 +20,7 @@ import functools
 import hashlib
 import json
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
 
@@ -51,6 +51,13 @@ class FailureKind(StrEnum):
     CONNECTION = "connection"  # could not reach the server, after all attempts
     REQUEST_REJECTED = "request_rejected"  # 4xx other than 429: retrying cannot help
     UNSUPPORTED = "unsupported"  # the backend cannot serve this request
+
+
+MODEL_ANSWER_FAILURES = frozenset({FailureKind.INVALID_OUTPUT, FailureKind.REFUSED})
+"""Failures that are the model's own answer to the request, as repeatable as a valid one:
+the ``llm_call`` cache keeps them, and a run does not take their articles up again (only
+another model, prompt version or parameters would answer differently). Every other
+failure is the server's or the network's, worth trying again later."""
 
 
 @dataclass(frozen=True)
@@ -122,6 +129,13 @@ class LLMRequest(Generic[T]):
             "schema": schema_digest(self.output_model),
         }
 
+    def capped(self, max_tokens: int | None) -> LLMRequest[T]:
+        """This request with ``max_tokens`` lowered to ``max_tokens`` (itself when it is
+        None or not lower). The cap is a parameter like any other, in the cache key."""
+        if max_tokens is None or max_tokens >= self.params.max_tokens:
+            return self
+        return replace(self, params=replace(self.params, max_tokens=max_tokens))
+
     def cache_key(self, model: str) -> str:
         # Memoised on the instance (the request is frozen, so the key cannot change): the
         # cache wrapper and the backend behind it both need it, and hashing the messages
@@ -166,6 +180,12 @@ class LLMResult(Generic[T]):
     @property
     def ok(self) -> bool:
         return self.output is not None
+
+    @property
+    def cacheable(self) -> bool:
+        """Whether the ``llm_call`` cache may keep this result: an output, or the model's
+        own unusable answer (:data:`MODEL_ANSWER_FAILURES`)."""
+        return self.ok or self.failure in MODEL_ANSWER_FAILURES
 
     @classmethod
     def for_request(cls, request: LLMRequest[T], backend: str, model: str,

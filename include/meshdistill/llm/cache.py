@@ -28,7 +28,8 @@ from psycopg2.extras import Json, execute_values
 from pydantic import ValidationError
 from sqlalchemy import Connection, Engine, text
 
-from meshdistill.llm.backend import LLMBackend, LLMRequest, LLMResult, T
+from meshdistill.errors import ConfigError
+from meshdistill.llm.backend import FailureKind, LLMBackend, LLMRequest, LLMResult, T
 from meshdistill.llm.backend import start as start_backend
 from meshdistill.llm.budget import (
     Budget,
@@ -47,11 +48,11 @@ In = TypeVar("In")
 Out = TypeVar("Out")
 
 _SELECT = ("SELECT cache_key, backend, model, prompt_version, params, output, raw, "
-           "tokens_in, tokens_out, latency_ms FROM llm_call")
+           "tokens_in, tokens_out, latency_ms, failure, error FROM llm_call")
 _LOOKUP_SQL = f"{_SELECT} WHERE cache_key = ANY(%s)"  # columns in _Row's field order
 _INSERT_COLUMNS = ("cache_key", "stage", "backend", "model", "prompt_version", "params",
                    "output", "raw", "tokens_in", "tokens_out", "cost_usd", "latency_ms",
-                   "attempts")  # the keys of _row_of, in this order
+                   "attempts", "failure", "error")  # the keys of _row_of, in this order
 _JSON_COLUMNS = frozenset({"params", "output"})
 _INSERT_SQL, _UPSERT_SQL = (
     upsert_sql("llm_call", _INSERT_COLUMNS, ("cache_key",), update=update,
@@ -130,6 +131,8 @@ class _Row:
     tokens_in: int
     tokens_out: int
     latency_ms: int
+    failure: str | None
+    error: str | None
 
 
 _Lookups = _GroupRunner[str, "_Row | None"]
@@ -137,14 +140,18 @@ _Stores = _GroupRunner[tuple[dict[str, Any], bool], bool]
 
 
 def _row_of(result: LLMResult[Any], cost: float) -> dict[str, Any]:
-    assert result.output is not None
+    """The ``llm_call`` row of a :attr:`~LLMResult.cacheable` result (a failure: output
+    JSON ``null``, its kind and error kept)."""
+    assert result.cacheable
     return {
         "cache_key": result.cache_key, "stage": str(result.stage), "backend": result.backend,
-        "model": result.model, "prompt_version": result.prompt_version,
-        "params": result.params, "output": result.output.model_dump(mode="json"),
+        "model": result.model, "prompt_version": result.prompt_version, "params": result.params,
+        "output": None if result.output is None else result.output.model_dump(mode="json"),
         "raw": result.raw_text, "tokens_in": result.tokens_in, "tokens_out": result.tokens_out,
         "cost_usd": round(cost, 6), "latency_ms": round(result.latency_ms),
         "attempts": result.attempts,
+        "failure": None if result.failure is None else str(result.failure),
+        "error": result.error,
     }
 
 
@@ -170,6 +177,9 @@ class CachedBackend:
 
     ``engine_or_url`` is an Engine, a database URL or None (the configured database);
     URLs go through :func:`meshdistill.store.db.get_engine`, which migrates to head.
+    ``max_output_tokens`` lowers every request's ``max_tokens`` before it is keyed and
+    sent (:meth:`LLMRequest.capped`): a small local model that loops inside a string then
+    holds its server for that many tokens, not for the stage's own limit.
     """
 
     def __init__(
@@ -180,7 +190,11 @@ class CachedBackend:
         budget: Budget | None = None,
         pricing: Pricing | None = None,
         db_threads: int = 4,
+        max_output_tokens: int | None = None,
     ) -> None:
+        if max_output_tokens is not None and max_output_tokens < 16:
+            raise ConfigError(f"max_output_tokens must be at least 16, got {max_output_tokens}")
+        self.max_output_tokens = max_output_tokens
         if isinstance(engine_or_url, Engine):
             self.engine = engine_or_url
         else:
@@ -198,8 +212,10 @@ class CachedBackend:
         self._inflight: dict[tuple[int, str], asyncio.Task[Any]] = {}
         self._loop_runners: dict[int, tuple[_Lookups, _Stores]] = {}
         self._stats_lock = threading.Lock()
+        # tokens_in/tokens_out: what the backend reported for the calls this instance
+        # made (failed ones too); cache hits cost nothing and add nothing.
         self.stats = {"hits": 0, "misses": 0, "shared": 0, "deferred": 0, "stored": 0,
-                      "failed": 0}
+                      "failed": 0, "tokens_in": 0, "tokens_out": 0}
 
     def __repr__(self) -> str:
         return f"CachedBackend({self.inner!r}, budget={self.budget!r})"
@@ -317,14 +333,16 @@ class CachedBackend:
             return 0.0
         return self.pricing.cost_usd(model, tokens_in, tokens_out)
 
-    def _count(self, name: str) -> None:
+    def _count(self, name: str, n: int = 1) -> None:
         with self._stats_lock:
-            self.stats[name] += 1
+            self.stats[name] += n
 
     # -- the interface -----------------------------------------------------------------------
 
     async def complete(self, request: LLMRequest[T]) -> LLMResult[T]:
-        """Cached output, a deferral, or the inner backend's result (stored when ok)."""
+        """Cached output, a deferral, or the inner backend's result (stored when
+        :attr:`~LLMResult.cacheable`)."""
+        request = request.capped(self.max_output_tokens)
         key = request.cache_key(self.model)
         slot = (id(asyncio.get_running_loop()), key)
         task = self._inflight.get(slot)
@@ -338,16 +356,19 @@ class CachedBackend:
         return cast(LLMResult[T], await asyncio.shield(task))
 
     def _from_row(self, request: LLMRequest[T], row: _Row) -> CachedResult[T] | None:
-        try:
-            output = request.output_model.model_validate(row.output)
-        except ValidationError as exc:
-            log.warning("cached llm_call %s no longer validates as %s; calling again: %s",
-                        row.cache_key[:12], request.output_model.__name__, exc)
-            return None
+        output: T | None = None
+        if row.failure is None:
+            try:
+                output = request.output_model.model_validate(row.output)
+            except ValidationError as exc:
+                log.warning("cached llm_call %s no longer validates as %s; calling again: %s",
+                            row.cache_key[:12], request.output_model.__name__, exc)
+                return None
         return CachedResult(
             stage=request.stage, prompt_version=row.prompt_version, cache_key=row.cache_key,
             backend=row.backend, model=row.model, output=output, raw_text=row.raw,
-            tokens_in=row.tokens_in, tokens_out=row.tokens_out,
+            failure=None if row.failure is None else FailureKind(row.failure),
+            error=row.error, tokens_in=row.tokens_in, tokens_out=row.tokens_out,
             latency_ms=float(row.latency_ms), attempts=0, params=dict(row.params),
         )
 
@@ -372,11 +393,14 @@ class CachedBackend:
                 # the request may have reached the server: keep the estimate as spent
                 self.budget.settle(reservation, reservation.tokens, reservation.usd)
             raise
+        self._count("tokens_in", result.tokens_in)
+        self._count("tokens_out", result.tokens_out)
         cost = self.cost_of(result.model, result.tokens_in, result.tokens_out)
         if reservation is not None and self.budget is not None:
             self.budget.settle(reservation, result.tokens_in + result.tokens_out, cost)
-        if not result.ok or is_deferred(result):
+        if not result.ok:
             self._count("failed")
+        if is_deferred(result) or not result.cacheable:
             return result
         row_values = _row_of(result, cost) | {"cache_key": key}  # the key we look up by
         if await self._runners()[1]((row_values, stale)):

@@ -2,7 +2,8 @@
 
 Settings come, in order, from the caller (CLI flags, DAG Params), the Airflow connection
 ``meshdistill_llm`` (read by the DAG glue and passed in here: host = base URL, password =
-API key, extra ``model``/``organization``/``max_concurrency``/``timeout``) and the
+API key, extra ``model``/``organization``/``max_concurrency``/``timeout``/
+``max_attempts``/``max_output_tokens``) and the
 environment (``MESHDISTILL_LLM_BACKEND``, ``MESHDISTILL_LLM_MODEL``, ``OPENAI_BASE_URL``,
 ``OPENAI_API_KEY``, ``OPENAI_ORG_ID``). The key is never logged; repr hides it.
 """
@@ -40,6 +41,8 @@ class LLMConfig:
     max_concurrency: int | None = None
     timeout: float | None = None
     max_attempts: int | None = None
+    # None: each stage's own max_tokens; else at most this many output tokens per call
+    max_output_tokens: int | None = None
     # None: MESHDISTILL_LLM_CLIENT_PROCESS (default on); see meshdistill.llm.client_process
     client_process: bool | None = None
 
@@ -74,7 +77,7 @@ class LLMConfig:
                    extra: dict[str, Any]) -> LLMConfig:
         """From an Airflow connection's parts (no Airflow import here)."""
         allowed = {"backend", "model", "organization", "max_concurrency", "timeout",
-                   "max_attempts", "client_process"}
+                   "max_attempts", "max_output_tokens", "client_process"}
         unknown = set(extra) - allowed
         if unknown:
             raise ConfigError(f"unknown keys in the meshdistill_llm connection extra: "
@@ -110,4 +113,5 @@ def cached_backend(config: LLMConfig, engine: Engine, *, budget_usd: float | Non
 
     budget = (Budget(usd=budget_usd, tokens=budget_tokens)
               if budget_usd is not None or budget_tokens is not None else None)
-    return CachedBackend(make_backend(config), engine, budget=budget)
+    return CachedBackend(make_backend(config), engine, budget=budget,
+                         max_output_tokens=config.max_output_tokens)

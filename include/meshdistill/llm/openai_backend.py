@@ -26,7 +26,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import openai
 import pydantic_core
@@ -138,6 +138,28 @@ def _output_schema(model: type[BaseModel]) -> dict[str, Any]:
     (it is only ever serialised).
     """
     return model.model_json_schema()
+
+
+_EXPANDED_BOUNDS = frozenset({"maxLength", "maxItems"})
+"""Schema bounds that a grammar-constraining server unrolls into one rule per repetition:
+llama.cpp's converter refuses a ``maxLength`` in the hundreds ("number of rules ...
+exceeds sane defaults"), and its server process then aborts."""
+
+
+@functools.cache
+def _grammar_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """The schema sent beside JSON mode: the output schema without
+    :data:`_EXPANDED_BOUNDS`. The server still constrains the structure, types and enums;
+    the lengths are checked here when the reply is validated (and repaired once)."""
+
+    def strip(node: Any) -> Any:
+        if isinstance(node, dict):
+            return {k: strip(v) for k, v in node.items() if k not in _EXPANDED_BOUNDS}
+        if isinstance(node, list):
+            return [strip(v) for v in node]
+        return node
+
+    return cast(dict[str, Any], strip(_output_schema(model)))
 
 
 def _strip_fences(text: str) -> str:
@@ -288,7 +310,7 @@ class OpenAIBackend:
         else:
             response_format = {"type": "json_object"}
             if shape == "json_object+schema":
-                response_format["schema"] = schema
+                response_format["schema"] = _grammar_schema(request.output_model)
             messages = [dict(m) for m in messages]
             system = next((m for m in messages if m["role"] == "system"), None)
             if system is None:
