@@ -6,9 +6,11 @@ answer) in its own process. Same runs: the pipeline (``SubtreeDistiller`` over C
 bare ``AsyncOpenAI().chat.completions.create`` loop under ``asyncio.Semaphore(32)``
 replaying the pipeline's very bodies; the LLM layer (the pipeline's requests, grouped as
 sent, through a fresh ``CachedBackend(OpenAIBackend)``), to split the gap between client
-stack and distillation. Requests are counted by the server. Target: the pipeline's rate
-without its prepare step >= 90% of the bare loop's, runs pooled, server ``max_in_flight``
-<= 32 (ideal 640 req/s). Part 2: the ``offline`` backend over every C04 article of
+stack and distillation. Requests are counted by the server. Part 1 runs twice in one
+invocation: the server's model writes well-formed questions (``realistic_responder``),
+then weak ones (``weak_responder``: words of the prompt and the abstract in no order,
+which stress retrieval). Target, for each: the pipeline's rate without its prepare step
+>= 90% of the bare loop's, runs pooled, server ``max_in_flight`` <= 32 (ideal 640 req/s). Part 2: the ``offline`` backend over every C04 article of
 pubmed20n0014, cold cache, then all cached. Database: as ``bench_load.py``. Options:
 ``--help``; figures: ``bench/README.md``. Exit status 1 when a target is missed.
 """
@@ -52,13 +54,14 @@ BENCH_MODEL = "bench-model"
 
 # -- the server, in its own process --------------------------------------------------------
 
-def _serve(conn: Any, latency: float) -> None:
+def _serve(conn: Any, latency: float, questions: str) -> None:
     """Child process: run FakeOpenAI and answer commands on ``conn``."""
     sys.path.insert(0, str(REPO))
-    from tests.fakes.llm_responder import realistic_responder
+    from tests.fakes.llm_responder import realistic_responder, weak_responder
     from tests.fakes.openai_server import FakeOpenAI
 
-    server = FakeOpenAI(realistic_responder, latency=latency).start()
+    responder = weak_responder if questions == "weak" else realistic_responder
+    server = FakeOpenAI(responder, latency=latency).start()
     samples: list[int] = []
     sampling = threading.Event()
 
@@ -97,10 +100,10 @@ def _serve(conn: Any, latency: float) -> None:
 
 
 class ServerProcess:
-    def __init__(self, latency: float) -> None:
+    def __init__(self, latency: float, questions: str) -> None:
         ctx = mp.get_context("spawn")
         self._conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_serve, args=(child, latency), daemon=True)
+        self.proc = ctx.Process(target=_serve, args=(child, latency, questions), daemon=True)
         self.proc.start()
         self.url: str = self._conn.recv()
 
@@ -519,17 +522,19 @@ def drop_fts(engine: Any) -> None:
 # -- part 1 --------------------------------------------------------------------------------
 
 
-def part1(url: str, args: argparse.Namespace) -> bool:
+def part1(url: str, args: argparse.Namespace, questions: str) -> bool:
     from meshdistill import aio
     from meshdistill.distill.settings import DistillSettings
     from meshdistill.distill.workers import split_evenly
     from meshdistill.store.db import get_engine
 
     engine = get_engine(url)
-    print(f"\n== Part 1: request rate, {SUBTREE}, {args.articles} articles, server latency "
-          f"{LATENCY * 1000:.0f} ms, cap {CAP} (ideal {CAP / LATENCY:.0f} requests/s) ==")
-    print("server: FakeOpenAI in its own process, responder: "
-          "tests/fakes/llm_responder.realistic_responder")
+    print(f"\n== Part 1 ({questions} questions): request rate, {SUBTREE}, {args.articles} "
+          f"articles, server latency {LATENCY * 1000:.0f} ms, cap {CAP} (ideal "
+          f"{CAP / LATENCY:.0f} requests/s) ==")
+    print("server: FakeOpenAI in its own process, responder: tests/fakes/llm_responder."
+          + ("weak_responder (words of the prompt and the abstract in no order)"
+             if questions == "weak" else "realistic_responder"))
     if args.stub_retrieval:
         print("DIAGNOSTIC: retrieval SQL replaced by a fixed neighbour list")
     settings = DistillSettings(max_articles=args.articles,
@@ -537,7 +542,7 @@ def part1(url: str, args: argparse.Namespace) -> bool:
     if args.articles_in_flight != DistillSettings().articles_in_flight:
         print(f"articles_in_flight = {args.articles_in_flight} "
               f"(default {DistillSettings().articles_in_flight})")
-    server = ServerProcess(LATENCY)
+    server = ServerProcess(LATENCY, questions)
     pooled: Counter[str] = Counter()  # requests and seconds summed over the runs
     ratios: list[float] = []
     capped_all = True
@@ -765,7 +770,8 @@ def part1(url: str, args: argparse.Namespace) -> bool:
         verdict = "PASS" if final >= args.target and capped_all else "FAIL"
         if args.profile or args.stub_retrieval:
             verdict += " (profiled or stubbed: not representative)"
-        print(f"\n== over {args.runs} run(s), requests and seconds pooled ==\n"
+        print(f"\n== {questions} questions, over {args.runs} run(s), requests and seconds "
+              "pooled ==\n"
               f"{label}: {p_rate:.0f} req/s; bare SDK loop {b_rate:.0f} req/s; strict "
               f"reference (aiohttp on uvloop) {t_rate:.0f} req/s\n"
               f"pipeline / bare {final:.1%} (target {args.target:.0%}; per run: "
@@ -852,6 +858,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--articles", type=int, default=300, help="part 1: C04 articles")
     ap.add_argument("--runs", type=int, default=3, help="part 1 repetitions (pooled)")
+    ap.add_argument("--questions", choices=("both", "well-formed", "weak"), default="both",
+                    help="part 1: what the server's model writes (both: one part 1 each)")
     ap.add_argument("--target", type=float, default=0.9, help="pipeline/bare rate")
     from meshdistill.distill.settings import DistillSettings
 
@@ -883,7 +891,11 @@ def main(argv: list[str] | None = None) -> int:
     with fresh_database(admin) as url:
         load_corpus(url)
         if not args.skip_rate:
-            ok = part1(url, args)
+            kinds = ("well-formed", "weak") if args.questions == "both" else (args.questions,)
+            verdicts = [part1(url, args, kind) for kind in kinds]
+            ok = all(verdicts)
+            print("\n" + "; ".join(f"{kind} questions: {'PASS' if v else 'FAIL'}"
+                                   for kind, v in zip(kinds, verdicts, strict=True)))
         if not args.skip_offline:
             part2(url, args)
     return 0 if ok else 1

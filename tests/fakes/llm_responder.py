@@ -52,13 +52,14 @@ def sentences(text: str) -> list[str]:
 
 
 def weak_question(prompt: str, abstract: str, seed: int) -> str:
-    """12 to 24 words drawn from ``prompt`` and ``abstract`` (about half from each),
-    shuffled, ending in a question mark: the output of a model too small to follow the
-    prompt. The prompt's words are common ones ("questions", "abstract", "evidence"),
-    which is what makes such questions expensive to retrieve for."""
+    """10 to 150 words drawn from ``prompt`` and ``abstract`` (a third to two thirds from
+    the abstract), shuffled, ending in a question mark: the output of a model too small to
+    follow the prompt, from a terse jumble to a ramble. The prompt's words are common ones
+    ("questions", "abstract", "evidence") and long questions have many words: what makes
+    such questions expensive to retrieve for."""
     rng = random.Random(seed)
     prompt_words, abstract_words = _WORD.findall(prompt), _WORD.findall(abstract)
-    n = rng.randint(12, 24)
+    n = rng.randint(10, 150)
     from_abstract = min(len(abstract_words), rng.randint(n // 3, 2 * n // 3))
     words = rng.sample(abstract_words, from_abstract) + (
         rng.sample(prompt_words, min(len(prompt_words), n - from_abstract)))

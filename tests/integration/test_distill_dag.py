@@ -232,13 +232,14 @@ def test_distill_with_a_real_local_model(db_connection: str, tmp_path: Path) -> 
             run, states = _test_run(conf, when)
             seconds = time.perf_counter() - started
             first = list(proxy.requests)
+            summary = _summary(run)  # the rerun's summary replaces it (same run id)
             proxy.reset_stats()
             again_run, again_states = _test_run(conf, when)
             rerun_requests = list(proxy.requests)
         finally:
             os.environ.pop("AIRFLOW_CONN_MESHDISTILL_LLM", None)
     assert run.state == "success", states
-    s = _summary(run)["subtrees"]["C04"]
+    s = summary["subtrees"]["C04"]
     stored = _stored(db_connection, run.run_id)
     assert s["backend"] == "openai" and s["model"] == model.alias
     assert s["articles"] == 3

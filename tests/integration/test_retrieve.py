@@ -12,7 +12,13 @@ import uuid
 from collections.abc import Callable, Iterator
 
 import pytest
-from meshdistill.distill.retrieve import ContextHit, refresh_index, retrieve, retrieve_many
+from meshdistill.distill.retrieve import (
+    CANDIDATE_CAP,
+    ContextHit,
+    refresh_index,
+    retrieve,
+    retrieve_many,
+)
 from meshdistill.mesh.subtree import subtree_descriptor_uis
 from meshdistill.pubmed.files import load_files
 from meshdistill.store.db import get_engine
@@ -273,6 +279,53 @@ def test_generated_questions_find_their_source(conn: Connection) -> None:
 def test_candidate_budget_validated(conn: Connection) -> None:
     with pytest.raises(ValueError):
         retrieve(conn, "cancer", 1, candidate_budget=-1)
+    with pytest.raises(ValueError, match="candidate_cap"):
+        retrieve(conn, "cancer", 1, candidate_cap=0)
+
+
+COMMON = "Patients study results treatment were analysed in the cells of the group?"
+
+
+def _df(conn: Connection, question: str) -> list[int]:
+    return [int(n) for (n,) in conn.execute(text(
+        "SELECT coalesce(d.ndoc, 0) FROM unnest(tsvector_to_array(to_tsvector("
+        "'english', :q))) l LEFT JOIN lexeme_df d ON d.lexeme = l ORDER BY 1"), {"q": question})]
+
+
+@pytest.mark.parametrize("cap", [1, 7, 40])
+def test_no_question_ranks_more_than_the_cap(conn: Connection, cap: int) -> None:
+    """However common a question's words, it ranks at most ``candidate_cap`` candidates:
+    asked for more hits than the cap, it gets at most the cap (and its source)."""
+    assert min(_df(conn, COMMON)) > CANDIDATE_CAP  # every word matches more than the cap
+    source = _sample(conn, 1, seed=3)[0][0]
+    hits = retrieve(conn, COMMON, source, k=100, candidate_cap=cap)
+    others = [h for h in hits if not h.is_source]
+    assert 1 <= len(others) <= cap
+    assert sum(h.is_source for h in hits) == 1
+    # No cap but the budget's own: the same question ranks its whole candidate set.
+    full = retrieve(conn, COMMON, source, k=100, candidate_budget=None)
+    assert len([h for h in full if not h.is_source]) == 100
+
+
+def test_a_question_of_common_words_takes_articles_sharing_its_two_rarest(
+    conn: Connection
+) -> None:
+    """When even the rarest word is over the budget, the candidates hold the two rarest
+    words together, and each hit's score is still the exhaustive search's."""
+    rarest = conn.execute(text(
+        "SELECT l FROM unnest(tsvector_to_array(to_tsvector('english', :q))) l "
+        "JOIN lexeme_df d ON d.lexeme = l ORDER BY d.ndoc, l LIMIT 2"),
+        {"q": COMMON}).scalars().all()
+    hits = retrieve_many(conn, [(COMMON, 1)], k=20)[0]
+    assert hits, "no candidate at all"
+    pmids = [h.pmid for h in hits if not h.is_source]
+    holding = set(conn.execute(text(
+        "SELECT pmid FROM article_fts WHERE pmid = ANY(:p) AND fts @@ CAST(:q AS tsquery)"),
+        {"p": pmids, "q": " & ".join(rarest)}).scalars())
+    assert holding == set(pmids)
+    exhaustive = {h.pmid: h.score for h in retrieve_many(
+        conn, [(COMMON, 1)], k=5000, candidate_budget=None)[0]}
+    assert all(h.score == exhaustive[h.pmid] for h in hits if not h.is_source)
 
 
 def test_refresh_index_follows_changes(conn: Connection) -> None:

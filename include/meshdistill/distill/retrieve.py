@@ -7,11 +7,13 @@ is appended with its own score and true rank, because the grader must see the ab
 the question was written from; an unretrievable source is not returned. The question's
 lexemes are ORed (a natural question rarely has all its words in one abstract); the
 candidates are the articles holding its rarest lexemes, up to a postings budget
-(:data:`CANDIDATE_BUDGET`), ranked over all its lexemes, so a hit's score is the one the
-exhaustive search gives it. All questions of a batch go in one statement. The vectors
-live in ``article_fts`` and the document frequencies in ``lexeme_df``, both kept by
-:func:`refresh_index`, which the distill step calls once before retrieving, outside the
-load path. Why each choice, with its measurements: ``docs/retrieval.md``.
+(:data:`CANDIDATE_BUDGET`), or holding its two rarest when even the rarest is common, and
+never more than :data:`CANDIDATE_CAP`: no question's words can make it rank more. They are
+ranked over all its lexemes, so a hit's score is the one the exhaustive search gives it.
+All questions of a batch go in one statement. The vectors live in ``article_fts`` and
+the document frequencies in ``lexeme_df``, both kept by :func:`refresh_index`, which the
+distill step calls once before retrieving, outside the load path. Why each choice, with
+its measurements: ``docs/retrieval.md``.
 """
 
 from __future__ import annotations
@@ -39,33 +41,54 @@ RANK_NORMALIZATION = 1 | 32
 CANDIDATE_BUDGET = 100
 """Default postings budget: the rarest lexemes of a question whose document frequencies
 add up to at most this many articles choose the candidates (``docs/retrieval.md``)."""
+QUERY_LEXEMES = 24
+"""The most lexemes of a question that retrieval uses, its rarest first: ranking costs
+grow with them, and a well-formed question has fewer (a median of 10 for titles, 16 for
+generated questions; a 200-word ramble has over 100)."""
+CANDIDATE_CAP = 200
+"""The most candidates a question ranks (its source aside), whatever its words: the
+bound on a question's cost however common its words and however large the corpus."""
 
 _REFRESH_LOCK = 0x6D64_6674  # pg_advisory_xact_lock key of refresh_index ("mdft")
 
 # One quoted tsquery operand per lexeme: a lexeme may contain quotes, backslashes, '&'.
 _OPERAND = r"'''' || replace(replace(l, '\', '\\'), '''', '''''') || ''''"
 
-# Per question: ``q``, all its lexemes ORed (ranking), and ``candidates``, its rarest
-# lexemes ORed (matching). Lexemes are taken by ascending document frequency (unknown
-# ones count 0) while the frequencies taken add up to at most :budget; every lexeme up to
-# and including the first that occurs at all is always taken, so ``candidates`` is empty
-# only when ``q`` is. Both NULL when the question has no lexeme (empty or stop words
-# only), which matches nothing and scores NULL (read as 0 for the source).
+# A question is its QUERY_LEXEMES rarest lexemes that occur in the corpus, then unknown
+# ones (which match nothing). Per question: ``q``, those lexemes ORed (ranking), and
+# ``candidates`` (matching).
+# Lexemes are taken by ascending document frequency (unknown ones count 0) while the
+# frequencies taken add up to at most :budget; every lexeme up to and including the first
+# that occurs at all is always taken, and ``candidates`` is the OR of those taken. When
+# that first occurring lexeme alone is over the budget (all the question's words are
+# common), ``candidates`` is instead the AND of the two rarest occurring lexemes: the
+# articles sharing two of its least common words, as an article shares every word of its
+# title. A question with a single occurring lexeme keeps the OR. ``candidates`` is empty
+# only when ``q`` is; both NULL when the question has no lexeme (empty or stop words
+# only), which matches nothing and scores NULL (read as 0 for the source). A NULL
+# :budget takes every lexeme (the exhaustive search).
 _QUERIES = f"""
-    SELECT string_agg({_OPERAND}, ' | ' ORDER BY l)::tsquery AS q,
-           string_agg({_OPERAND}, ' | ' ORDER BY l) FILTER (
-               WHERE CAST(:budget AS bigint) IS NULL
-                  OR taken = 0 OR taken + df <= CAST(:budget AS bigint)
-           )::tsquery AS candidates
+    SELECT string_agg(op, ' | ' ORDER BY l)::tsquery AS q,
+           (CASE WHEN bool_or(occurs = 1 AND df > CAST(:budget AS bigint))
+                      AND count(*) FILTER (WHERE occurs <= 2) = 2
+                 THEN string_agg(op, ' & ' ORDER BY l) FILTER (WHERE occurs <= 2)
+                 ELSE string_agg(op, ' | ' ORDER BY l) FILTER (
+                          WHERE CAST(:budget AS bigint) IS NULL
+                             OR taken = 0 OR taken + df <= CAST(:budget AS bigint))
+            END)::tsquery AS candidates
     FROM (
-        SELECT l, df,
+        SELECT l, df, {_OPERAND} AS op,
                coalesce(sum(df) OVER (ORDER BY df, l
                                       ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING),
-                        0) AS taken
+                        0) AS taken,
+               CASE WHEN df > 0
+                    THEN row_number() OVER (PARTITION BY df > 0 ORDER BY df, l) END AS occurs
         FROM (SELECT l, coalesce(d.ndoc, 0) AS df
               FROM unnest(tsvector_to_array(
                        to_tsvector('english'::regconfig, {{question}}))) AS l
-              LEFT JOIN lexeme_df d ON d.lexeme = l) x
+              LEFT JOIN lexeme_df d ON d.lexeme = l
+              ORDER BY coalesce(d.ndoc, 0) = 0, coalesce(d.ndoc, 0), l
+              LIMIT {QUERY_LEXEMES}) x
     ) y
 """
 
@@ -181,11 +204,13 @@ def _sql(subtree: bool) -> str:
                        ORDER BY c.score DESC, c.is_source DESC, c.pmid
                    ) AS rank
             FROM (
-                SELECT a.pmid,
+                SELECT f.pmid,
                        coalesce(ts_rank_cd({fts}, t.q, {RANK_NORMALIZATION}), 0) AS score,
-                       a.pmid = i.source AS is_source
-                FROM article_fts f JOIN article a ON a.pmid = f.pmid
-                WHERE {RETRIEVABLE} AND {fts} @@ t.candidates {restriction}
+                       f.pmid = i.source AS is_source
+                FROM (SELECT f.pmid, f.fts
+                      FROM article_fts f JOIN article a ON a.pmid = f.pmid
+                      WHERE {RETRIEVABLE} AND {fts} @@ t.candidates {restriction}
+                      LIMIT CAST(:cap AS bigint)) f
                 UNION
                 -- The source, matched or not (UNION drops the duplicate when it matched).
                 SELECT a.pmid,
@@ -207,19 +232,23 @@ def retrieve_many(
     *,
     subtree_uis: Sequence[str] | None = None,
     candidate_budget: int | None = CANDIDATE_BUDGET,
+    candidate_cap: int = CANDIDATE_CAP,
 ) -> list[list[ContextHit]]:
     """Hits for many ``(question, source_pmid)`` pairs, in the order given, in one statement.
 
     Each list follows :func:`retrieve`'s contract. One round trip for the whole batch:
     the per-question work is the same, but the planning and the client/server exchanges
-    are paid once (see the queries/s printed by the tests). ``candidate_budget`` bounds
-    the candidates by document frequency (``docs/retrieval.md``); ``None`` ranks every
-    article that shares a lexeme with the question (slow: the exact candidate set).
+    are paid once (see the queries/s printed by the tests). ``candidate_budget`` chooses
+    the candidates by document frequency, at most ``candidate_cap`` of them
+    (``docs/retrieval.md``); a ``None`` budget ranks every article that shares a lexeme
+    with the question, with no cap (slow: the exact candidate set, for calibration).
     """
     if k < 1:
         raise ValueError(f"k must be at least 1, got {k}")
     if candidate_budget is not None and candidate_budget < 0:
         raise ValueError(f"candidate_budget must be >= 0 or None, got {candidate_budget}")
+    if candidate_cap < 1:
+        raise ValueError(f"candidate_cap must be at least 1, got {candidate_cap}")
     results: list[list[ContextHit]] = [[] for _ in items]
     if not items:
         return results
@@ -228,6 +257,7 @@ def retrieve_many(
         "sources": [int(s) for _, s in items],
         "k": k,
         "budget": candidate_budget,
+        "cap": None if candidate_budget is None else candidate_cap,  # LIMIT NULL: none
     }
     if subtree_uis is not None:
         params["uis"] = list(subtree_uis)
@@ -253,12 +283,13 @@ def retrieve(
     *,
     subtree_uis: Sequence[str] | None = None,
     candidate_budget: int | None = CANDIDATE_BUDGET,
+    candidate_cap: int = CANDIDATE_CAP,
 ) -> list[ContextHit]:
     """The ``k`` best context abstracts for ``question``, plus its source if they miss it.
 
     Candidates are the active articles with an abstract that contain one of the
-    question's rarest lexemes (chosen by ``candidate_budget``, see ``docs/retrieval.md``;
-    with ``None``, any of its lexemes) and, with ``subtree_uis``, carry one of those
+    question's rarest lexemes (chosen by ``candidate_budget``, at most ``candidate_cap``
+    of them, see ``docs/retrieval.md``; with ``None``, any of its lexemes, uncapped) and, with ``subtree_uis``, carry one of those
     headings; and the source article itself whatever it matches. The result is the top
     ``k`` candidates by score, best first; when the source is not among them it is
     appended with its own score and true rank, so the list holds ``k`` hits, or ``k + 1``
@@ -272,4 +303,5 @@ def retrieve(
         k,
         subtree_uis=subtree_uis,
         candidate_budget=candidate_budget,
+        candidate_cap=candidate_cap,
     )[0]
