@@ -2,17 +2,18 @@
 
 Part 1: a local OpenAI-compatible server (``tests/fakes/openai_server.py``, 50 ms per
 answer) in its own process. Same runs: the pipeline (``SubtreeDistiller`` over C04,
-``--articles``, ``openai`` backend capped at 32, empty ``llm_call`` cache); the baseline, a
-bare ``AsyncOpenAI().chat.completions.create`` loop under ``asyncio.Semaphore(32)``
+``--articles``, ``openai`` backend capped at 32, empty ``llm_call`` cache); the baseline,
+a bare ``AsyncOpenAI().chat.completions.create`` loop under ``asyncio.Semaphore(32)``
 replaying the pipeline's very bodies; the LLM layer (the pipeline's requests, grouped as
 sent, through a fresh ``CachedBackend(OpenAIBackend)``), to split the gap between client
 stack and distillation. Requests are counted by the server. Part 1 runs twice in one
 invocation: the server's model writes well-formed questions (``realistic_responder``),
 then weak ones (``weak_responder``: words of the prompt and the abstract in no order,
-which stress retrieval). Target, for each: the pipeline's rate without its prepare step
->= 90% of the bare loop's, runs pooled, server ``max_in_flight`` <= 32 (ideal 640 req/s). Part 2: the ``offline`` backend over every C04 article of
-pubmed20n0014, cold cache, then all cached. Database: as ``bench_load.py``. Options:
-``--help``; figures: ``bench/README.md``. Exit status 1 when a target is missed.
+which stress retrieval). Target, for each: the pipeline's rate without its prepare step >=
+90% of the bare loop's, runs pooled, server ``max_in_flight`` <= 32 (ideal 640 req/s).
+Part 2: the ``offline`` backend over every C04 article of pubmed20n0014, cold cache, then
+all cached. Database: as ``bench_load.py``. Options: ``--help``; figures:
+``bench/README.md``. Exit status 1 when a target is missed.
 """
 
 from __future__ import annotations

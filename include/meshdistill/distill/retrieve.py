@@ -289,13 +289,14 @@ def retrieve(
 
     Candidates are the active articles with an abstract that contain one of the
     question's rarest lexemes (chosen by ``candidate_budget``, at most ``candidate_cap``
-    of them, see ``docs/retrieval.md``; with ``None``, any of its lexemes, uncapped) and, with ``subtree_uis``, carry one of those
-    headings; and the source article itself whatever it matches. The result is the top
-    ``k`` candidates by score, best first; when the source is not among them it is
-    appended with its own score and true rank, so the list holds ``k`` hits, or ``k + 1``
-    when the source had to be added (fewer when fewer candidates exist: an empty or
-    stop-word-only question returns the source alone). Exactly one hit has ``is_source``
-    set unless the source is not retrievable itself (see the module docstring).
+    of them, see ``docs/retrieval.md``; with ``None``, any of its lexemes, uncapped)
+    and, with ``subtree_uis``, carry one of those headings; and the source article
+    itself whatever it matches. The result is the top ``k`` candidates by score, best
+    first; when the source is not among them it is appended with its own score and true
+    rank, so the list holds ``k`` hits, or ``k + 1`` when the source had to be added
+    (fewer when fewer candidates exist: an empty or stop-word-only question returns the
+    source alone). Exactly one hit has ``is_source`` set unless the source is not
+    retrievable itself (see the module docstring).
     """
     return retrieve_many(
         conn,
