@@ -53,6 +53,7 @@ bench: install
 	$(BIN)/python bench/bench_retrieve.py
 	$(BIN)/python bench/bench_distill.py
 	$(BIN)/python bench/bench_export.py
+	$(BIN)/python bench/bench_scale.py
 
 # Regenerate the full lock from a clean install of requirements*.txt.
 lock:

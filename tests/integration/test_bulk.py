@@ -43,6 +43,7 @@ TRICKY = [
     "vertical\x0btab and form\x0cfeed and bell\x07",
     'quotes " and \' and ``',
     "NF-κB, 13C, ≥65 years, 日本語, 🧬",
+    "κB\tα\\β\nγ\r– and a tab, a backslash, a newline among non-ASCII letters",
     "\u00a0non-breaking\u2009thin\u200bzero-width",
     "x" * 100_000,
 ]

@@ -50,7 +50,7 @@ _STAGING = {
     "stage_heading_name": "ui text, name text",
     "stage_deleted": "seq integer, pmid bigint",
     "stage_retraction": "pmid bigint, notice_pmid bigint",
-    "stage_changed": "pmid bigint PRIMARY KEY",
+    "stage_changed": "pmid bigint PRIMARY KEY, existed boolean NOT NULL",
 }
 
 
@@ -283,16 +283,20 @@ def _merge(conn: Connection, result: LoadResult, source: str) -> None:
                     content_hash = EXCLUDED.content_hash, ingested_at = now()
                 WHERE a.content_hash IS DISTINCT FROM EXCLUDED.content_hash
                   AND a.status <> 'deleted'
-                RETURNING pmid
+                RETURNING pmid, xmax <> 0 AS existed  -- xmax 0: a new row, not an update
             )
-            INSERT INTO stage_changed SELECT pmid FROM up
+            INSERT INTO stage_changed SELECT pmid, existed FROM up
             """
         ),
         {"source": source},
     ).rowcount
     conn.exec_driver_sql(
         """
-        DELETE FROM article_mesh WHERE pmid IN (SELECT pmid FROM stage_changed);
+        -- Only updated articles have links to replace. An array, not IN (subquery): a
+        -- semi-join plans as a scan of all of article_mesh, whose cost grows with the
+        -- corpus on every batch (0.5 s per batch at 350,000 articles).
+        DELETE FROM article_mesh
+        WHERE pmid = ANY(ARRAY(SELECT pmid FROM stage_changed WHERE existed));
         WITH heading AS (
             SELECT l.pmid, m->>0 AS ui, (m->>1)::boolean AS major, m->2 AS qualifiers
             FROM stage_article l
@@ -322,7 +326,7 @@ def _merge(conn: Connection, result: LoadResult, source: str) -> None:
                 WHERE a.status <> 'deleted'
                 RETURNING pmid
             ), unlinked AS (
-                DELETE FROM article_mesh WHERE pmid IN (SELECT pmid FROM gone)
+                DELETE FROM article_mesh WHERE pmid = ANY(ARRAY(SELECT pmid FROM gone))
             )
             SELECT count(*) FROM gone
             """

@@ -14,20 +14,29 @@ from typing import Any
 
 from sqlalchemy import Connection
 
-_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
 # One encoder for every call: json.dumps with non-default options builds a new encoder
 # object per call, which dominated bulk loads.
 _JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
 
 
+def _escaped(value: str) -> str:
+    # Four C-level replaces, each a scan that returns the string itself when the
+    # character is absent. ``str.translate`` with a table takes a slow path for any
+    # non-ASCII string: 72 µs against 2.3 µs for a 2,000-character abstract holding one
+    # en dash, which made it a fifth of a bulk load's client time.
+    return (value.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n")
+            .replace("\r", "\\r"))
+
+
 def copy_text(value: str | None) -> str:
     """A text field in COPY's text format."""
-    return "\\N" if value is None else value.translate(_ESCAPES)
+    return "\\N" if value is None else _escaped(value)
 
 
 def copy_json(value: Any) -> str:
-    """A JSON field in COPY's text format."""
-    return _JSON.encode(value).translate(_ESCAPES)
+    """A JSON field in COPY's text format. JSON text holds no raw tab, newline or carriage
+    return (the encoder escapes control characters), so only backslashes are doubled."""
+    return _JSON.encode(value).replace("\\", "\\\\")
 
 
 def copy_value(value: Any) -> str:
@@ -38,7 +47,7 @@ def copy_value(value: Any) -> str:
         return "t" if value else "f"
     if isinstance(value, (list, dict)):
         return copy_json(value)
-    return str(value).translate(_ESCAPES)
+    return _escaped(str(value))
 
 
 def copy_rows(
