@@ -34,11 +34,13 @@ the stored rows. Runs after `pubmed_ingest` (asset `meshdistill://articles`) on 
 subtrees it ingested, or by hand with the form (whose subtrees win). `validate` checks the
 subtrees and the LLM; `subtree` (mapped, one per tree number) runs in the **`{LLM_POOL}`**
 pool, each task keeping at most `max_concurrency` requests in flight (32 by default);
-`summary` logs the per-subtree table and updates `meshdistill://qa`. The Airflow run id
-is the pipeline's: a cleared task or run redoes its articles from the `llm_call` cache,
-with no new calls and no duplicate rows. LLM: connection `meshdistill_llm` (host = base
-URL, password = key, extra = `model`, `max_concurrency`, `timeout`, ...); database:
-`meshdistill_db`. Steps and modules: `docs/architecture.md`.
+`summary` logs the per-subtree table (with the tokens the server reported) and updates
+`meshdistill://qa`. The Airflow run id is the pipeline's: a cleared task or run redoes its
+articles from the `llm_call` cache (which keeps the model's unusable answers too), with no
+new calls and no duplicate rows. LLM: connection `meshdistill_llm` (host = base URL,
+password = key, extra = `model`, `max_concurrency`, `timeout`, `max_output_tokens`, ...;
+a small local server wants `{{"max_concurrency": 2, "timeout": 300, "max_output_tokens":
+1024}}`); database: `meshdistill_db`. Steps and modules: `docs/architecture.md`.
 """
 
 

@@ -13,6 +13,11 @@ class ConfigError(MeshDistillError):
     """Configuration is missing or contradictory."""
 
 
+class NothingToExportError(MeshDistillError):
+    """No accepted item or preference pair passes an export's filters: retrying cannot
+    help until more is distilled or the filters change."""
+
+
 class UnknownSubtreeError(MeshDistillError):
     """A tree-number prefix that matches no MeSH tree number."""
 

@@ -30,6 +30,7 @@ from meshdistill.config import POOLS as POOLS
 from meshdistill.errors import (
     ConfigError,
     MeshSourceError,
+    NothingToExportError,
     PubmedParseError,
     UnknownSubtreeError,
     WindowTooLargeError,
@@ -60,6 +61,7 @@ SUBTREE_PATTERN = PREFIX_RE.pattern
 PERMANENT_ERRORS: tuple[type[Exception], ...] = (
     ConfigError,
     MeshSourceError,
+    NothingToExportError,
     PubmedParseError,
     UnknownSubtreeError,
     WindowTooLargeError,

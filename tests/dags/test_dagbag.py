@@ -196,3 +196,10 @@ def test_mapped_results_are_a_list_for_one_instance_or_many() -> None:
     assert mapped_results(one) == [one]
     assert mapped_results([one, {"subtree": "C14"}]) == [one, {"subtree": "C14"}]
     assert mapped_results(iter([one])) == [one]
+
+
+def test_an_export_with_nothing_to_write_fails_without_retries() -> None:
+    from meshdistill.errors import NothingToExportError
+    from meshdistill_airflow import PERMANENT_ERRORS
+
+    assert NothingToExportError in PERMANENT_ERRORS

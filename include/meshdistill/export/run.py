@@ -30,7 +30,7 @@ from sqlalchemy import Engine, text
 
 from meshdistill import __version__
 from meshdistill.config import REPO
-from meshdistill.errors import MeshDistillError
+from meshdistill.errors import MeshDistillError, NothingToExportError
 from meshdistill.export.benchmarks import Benchmark, ContaminationIndex
 from meshdistill.export.card import CardStats, render_card, render_plots
 from meshdistill.export.memory import release_freed
@@ -281,7 +281,7 @@ def run_export(engine: Engine, settings: ExportSettings, *, fs: Any, root: str,
                 timings["plan_pairs"] = rate.done(pairs.seen)
                 timings.update({f"plan_pairs.{k}": v for k, v in pairs.seconds.items()})
             if not (items and len(items.ids)) and not (pairs and len(pairs.ids)):
-                raise MeshDistillError(
+                raise NothingToExportError(
                     "nothing to export: no accepted item or preference pair matches "
                     f"subtrees {list(settings.subtrees) or 'all'}, types "
                     f"{[t.value for t in settings.question_types]} and the minimum scores "
