@@ -27,6 +27,8 @@ import re
 import zlib
 from typing import Any
 
+from meshdistill.llm.schemas import Question
+
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9(\[])|\n+")
 _N_TYPES = re.compile(
     r"Write exactly (\d+) questions, using only these types: ([a-z]+(?:, [a-z]+)*)")
@@ -35,6 +37,10 @@ _CONTEXT = re.compile(r"^\[PMID (\d+)\] [^\n]*\n", re.MULTILINE)
 _QTYPE = re.compile(r"^Question type: (\w+)$", re.MULTILINE)
 _QUESTION = re.compile(r"^Question: (.*)$", re.MULTILINE)
 _WORD = re.compile(r"[A-Za-z][A-Za-z0-9-]+")
+# The schema's limit on a question's length, so that weak questions pass validation and
+# reach retrieval.
+_QUESTION_CHARS = next(m.max_length for m in Question.model_fields["question"].metadata
+                       if getattr(m, "max_length", None))
 _SCORES = {"groundedness": 4, "relevance": 4, "clarity": 4, "informativeness": 4,
            "safety": 4}
 
@@ -51,12 +57,13 @@ def sentences(text: str) -> list[str]:
     return usable or ([text.strip()] if text.strip() else [])
 
 
-def weak_question(prompt: str, abstract: str, seed: int) -> str:
+def weak_question(prompt: str, abstract: str, seed: int, max_chars: int | None = None) -> str:
     """10 to 150 words drawn from ``prompt`` and ``abstract`` (a third to two thirds from
     the abstract), shuffled, ending in a question mark: the output of a model too small to
     follow the prompt, from a terse jumble to a ramble. The prompt's words are common ones
     ("questions", "abstract", "evidence") and long questions have many words: what makes
-    such questions expensive to retrieve for."""
+    such questions expensive to retrieve for. ``max_chars`` keeps whole words up to that
+    length (question mark included), as a model held to the schema's limit would."""
     rng = random.Random(seed)
     prompt_words, abstract_words = _WORD.findall(prompt), _WORD.findall(abstract)
     n = rng.randint(10, 150)
@@ -64,6 +71,14 @@ def weak_question(prompt: str, abstract: str, seed: int) -> str:
     words = rng.sample(abstract_words, from_abstract) + (
         rng.sample(prompt_words, min(len(prompt_words), n - from_abstract)))
     rng.shuffle(words)
+    if max_chars is not None:
+        kept, length = [], 0
+        for w in words:
+            if length + len(w) + 1 >= max_chars:
+                break
+            kept.append(w)
+            length += len(w) + 1
+        words = kept or words[:1]
     return " ".join(words).capitalize() + "?"
 
 
@@ -89,7 +104,7 @@ def _generate(system: str, user: str, *, weak: bool = False) -> dict[str, Any]:
         question = f"{stem} {topic} (item {i + 1})?"
         if weak:
             question = weak_question(system, abstract, zlib.crc32(
-                f"{general} {i} {abstract}".encode()))
+                f"{general} {i} {abstract}".encode()), max_chars=_QUESTION_CHARS)
         questions.append({
             "type": kind,
             "question": question,
