@@ -141,6 +141,23 @@ def test_baseline_load(ingested: Ingested) -> None:
     assert first.after.article_mesh == 288_334
 
 
+def test_long_abstracts_are_stored_with_lz4_where_the_server_has_it(
+    ingested: Ingested
+) -> None:
+    """The loader's transaction compresses with lz4 (``use_lz4``); a server without it
+    keeps pglz, and the load works the same."""
+    with connect(ingested.url) as conn:
+        has_lz4 = conn.execute(text(
+            "SELECT 'lz4' = ANY(enumvals) FROM pg_settings "
+            "WHERE name = 'default_toast_compression'")).scalar_one()
+        methods = dict(conn.execute(text(
+            "SELECT pg_column_compression(abstract), count(*) FROM article "
+            "WHERE pg_column_compression(abstract) IS NOT NULL GROUP BY 1")).all())
+        default = conn.execute(text("SHOW default_toast_compression")).scalar_one()
+    assert sum(methods.values()) > 1_000  # long abstracts are compressed at all
+    assert set(methods) == ({"lz4"} if has_lz4 else {default})
+
+
 def test_reloads_change_nothing(ingested: Ingested) -> None:
     """The must-show: a second load of the same file leaves every count and every row as
     it was (not even ``ingested_at`` moves: unchanged records are not rewritten)."""
