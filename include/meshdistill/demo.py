@@ -21,6 +21,7 @@ import contextlib
 import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -91,6 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--llm", choices=LLM_CHOICES, default="offline",
                     help="the model distill uses (default offline)")
     llm = ap.parse_args(argv).llm
+    # A SIGTERM (a killed `make`) ends the demo through SystemExit, so the stack still
+    # stops the local model server instead of leaving it running.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     with contextlib.ExitStack() as stack:
         return _demo(llm, stack)
 
