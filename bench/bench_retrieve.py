@@ -26,6 +26,7 @@ import random
 import re
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -109,16 +110,22 @@ def questions(conn: Connection, n: int, seed: int = 14
     ).all()
     rng = random.Random(seed)
     sample = rng.sample(rows, n)
-    pmids = [r[0] for r in sample]
-    titles = [(r[1], pmids[i - 1]) for i, r in enumerate(sample)]
     generated = []
     for pmid, _, abstract in sample:
         sentences = [s for s in re.split(r"(?<=[.!?])\s+", abstract) if len(s.split()) >= 6]
         s = rng.choice(sentences or [abstract]).strip().rstrip(".!? ")
         generated.append((f"In neoplasms, is there evidence that {s[:1].lower()}{s[1:]}?", pmid))
-    weak = [(weak_question(PROMPT, abstract, seed * 1_000_003 + i), pmid)
-            for i, (pmid, _, abstract) in enumerate(sample)]
-    return pmids, titles, generated, weak
+    titles, weak = titles_and_weak(sample, seed * 1_000_003)
+    return [r[0] for r in sample], titles, generated, weak
+
+
+def titles_and_weak(sample: Sequence[Sequence[Any]], weak_seed: int) -> tuple[Items, Items]:
+    """For ``(pmid, title, abstract)`` rows: each title with the previous row's article as
+    source, and a weak question about each abstract (seed ``weak_seed + i``) with its own
+    article as source."""
+    titles = [(r[1], sample[i - 1][0]) for i, r in enumerate(sample)]
+    weak = [(weak_question(PROMPT, r[2], weak_seed + i), r[0]) for i, r in enumerate(sample)]
+    return titles, weak
 
 
 def ranked_candidates(conn: Connection, items: Items, budget: int | None) -> list[int]:

