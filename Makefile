@@ -2,6 +2,7 @@
 #   make demo   the whole pipeline on an embedded PostgreSQL, then a summary
 #               (LLM=local: a real small model on this machine; see README)
 #   make test   install, lint (ruff), type-check (mypy) and run the test suite
+#   make up     Airflow with the UI and the dashboard on this machine; make down stops it
 SHELL := /bin/bash
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
@@ -12,7 +13,7 @@ export AIRFLOW__CORE__LOAD_EXAMPLES := False
 export AIRFLOW__CORE__DAGS_FOLDER := $(CURDIR)/dags
 export AIRFLOW__CORE__PLUGINS_FOLDER := $(CURDIR)/plugins
 
-.PHONY: install test lint typecheck pytest demo bench lock clean
+.PHONY: install test lint typecheck pytest demo up down bench lock clean
 
 REQUIREMENTS := -r requirements.txt -r requirements-dev.txt -r requirements-local.txt
 
@@ -45,6 +46,15 @@ test: lint typecheck pytest
 LLM ?= offline
 demo: install
 	$(BIN)/python -m meshdistill.demo --llm $(LLM)
+
+# Airflow with the UI on http://127.0.0.1:8080 (MESHDISTILL_AIRFLOW_PORT), LocalExecutor;
+# EXECUTOR=celery: CeleryExecutor on Redis with two workers. `make down` stops it all.
+EXECUTOR ?= local
+up: install
+	$(BIN)/python -m meshdistill_airflow.local up --executor $(EXECUTOR)
+
+down:
+	$(BIN)/python -m meshdistill_airflow.local down
 
 bench: install
 	$(BIN)/python bench/bench_parse.py

@@ -539,10 +539,12 @@ def part1(url: str, args: argparse.Namespace, questions: str) -> bool:
     if args.stub_retrieval:
         print("DIAGNOSTIC: retrieval SQL replaced by a fixed neighbour list")
     settings = DistillSettings(max_articles=args.articles,
-                               articles_in_flight=args.articles_in_flight)
-    if args.articles_in_flight != DistillSettings().articles_in_flight:
-        print(f"articles_in_flight = {args.articles_in_flight} "
-              f"(default {DistillSettings().articles_in_flight})")
+                               articles_in_flight=args.articles_in_flight,
+                               retrievals_in_flight=args.retrievals_in_flight)
+    for name in ("articles_in_flight", "retrievals_in_flight"):
+        if getattr(settings, name) != getattr(DistillSettings(), name):
+            print(f"{name} = {getattr(settings, name)} "
+                  f"(default {getattr(DistillSettings(), name)})")
     server = ServerProcess(LATENCY, questions)
     pooled: Counter[str] = Counter()  # requests and seconds summed over the runs
     ratios: list[float] = []
@@ -867,6 +869,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--articles-in-flight", type=int,
                     default=DistillSettings().articles_in_flight,
                     help="part 1: DistillSettings.articles_in_flight")
+    ap.add_argument("--retrievals-in-flight", type=int,
+                    default=DistillSettings().retrievals_in_flight,
+                    help="part 1: DistillSettings.retrievals_in_flight")
     ap.add_argument("--offline-articles", type=int, default=None,
                     help="part 2 limit (default: all)")
     ap.add_argument("--processes", type=int, default=1,

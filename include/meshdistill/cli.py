@@ -301,10 +301,15 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"exports: {ex['count']}" + (f", latest {latest['id']} ({latest['items']} "
                                             f"items, {latest['pairs']} pairs) at "
                                             f"{latest['location']}" if latest else ""))
-        for prefix, st in data.get("subtrees", {}).items():
+        for prefix, st in data["subtrees"].items():
+            rate = st["acceptance_rate"]
             print(
-                f"  {prefix:<8} {st['name'] or '':<40} {st['active_articles']:>7} articles, "
-                f"{st['with_abstract']:>6} with abstract, {st['as_major_topic']:>6} as major topic"
+                f"  {prefix:<8} {st['name'] or '(not in MeSH)':<32} {st['active_articles']:>7} "
+                f"articles ({st['with_abstract']} with abstract), watermark "
+                f"{st['watermark'] or '-'}; {st['candidates']} candidates: "
+                f"{st['accepted']} accepted ({'-' if rate is None else f'{rate:.0%}'}), "
+                f"{st['rejected']} rejected, {st['failed']} failed, {st['deferred']} deferred; "
+                f"LLM {st['llm']['calls']} calls, {st['llm']['tokens']} tokens"
             )
     return 0
 
@@ -435,7 +440,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex.set_defaults(func=cmd_export)
 
     st = sub.add_parser("status", help="what the pipeline database holds")
-    st.add_argument("--subtree", action="append", help="also count active articles under it")
+    st.add_argument("--subtree", action="append",
+                    help="also report this subtree (every ingested or distilled one is)")
     st.add_argument("--json", action="store_true")
     st.set_defaults(func=cmd_status)
     return p

@@ -173,7 +173,7 @@ def distill_subtree(
 
     async def run() -> dict[str, Any]:
         backend = cached_backend(llm or LLMConfig(), engine, budget_usd=budget_usd,
-                                 budget_tokens=budget_tokens)
+                                 budget_tokens=budget_tokens, subtree=prefix)
         async with backend:
             return await distill_subtree_async(engine, prefix, backend, validated, run_id)
 
@@ -360,14 +360,23 @@ def export_shards(settings: ExportSettings, *, fs: Any = None, root: str | None 
 
 def status_report(subtrees: Sequence[str] = (), database_url: str | None = None
                   ) -> dict[str, Any]:
-    """``meshdistill status --json``: the database's counts, and each subtree's articles."""
-    from meshdistill.status import status
+    """``meshdistill status --json``: the database's counts, and per subtree (each one
+    ingested or distilled, and ``subtrees``) :func:`meshdistill.status.subtree_report`."""
+    from meshdistill.status import status, subtree_report
 
     with connect(database_url) as conn:
         data = status(conn)
-        if subtrees:
-            data["subtrees"] = {p: subtree_stats(conn, p) for p in subtrees}
+        data["subtrees"] = subtree_report(conn, subtrees)
     return data
+
+
+def accepted_items(*, subtree: str | None = None, qtype: str | None = None, limit: int = 20,
+                   database_url: str | None = None) -> list[dict[str, Any]]:
+    """The most recent accepted items (:func:`meshdistill.status.accepted_items`)."""
+    from meshdistill.status import accepted_items as query
+
+    with connect(database_url) as conn:
+        return query(conn, subtree=subtree, qtype=qtype, limit=limit)
 
 
 def database_now(database_url: str | None = None) -> datetime:

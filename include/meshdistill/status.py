@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
@@ -10,8 +11,13 @@ from sqlalchemy import Connection
 
 from meshdistill.distill.candidates import TERMINAL, reason_keys
 from meshdistill.distill.items import qa_counts
+from meshdistill.errors import UnknownSubtreeError
 from meshdistill.llm.cache import usage
 from meshdistill.mesh.load import mesh_counts
+from meshdistill.mesh.subtree import subtree_stats
+
+TOP_REASONS = 5
+"""How many rejection/failure reasons a subtree's report lists, most frequent first."""
 
 
 def status(conn: Connection) -> dict[str, Any]:
@@ -120,3 +126,85 @@ def exports(conn: Connection) -> dict[str, Any]:
         "formats": row[3].get("formats", {}), "items": row[3].get("items", 0),
         "pairs": row[3].get("pairs", 0)}
     return {"count": int(count), "latest": latest}
+
+
+def subtree_report(conn: Connection, requested: Sequence[str] = ()) -> dict[str, Any]:
+    """Per MeSH subtree: articles, ingestion watermark, candidates by state, acceptance
+    rate, top rejection reasons, preference pairs and the LLM calls its runs paid for.
+
+    Covers every subtree with a watermark or a distilled item, and ``requested``. The
+    acceptance rate is accepted over settled candidates (deferred ones are not settled
+    yet); None before any is settled. ``meshdistill status --json`` and the Airflow
+    dashboard both read this, so they cannot disagree.
+    """
+    prefixes = dict.fromkeys(requested)
+    for (prefix,) in conn.exec_driver_sql(
+            "SELECT subtree FROM ingest_watermark UNION SELECT DISTINCT subtree FROM qa_item "
+            "ORDER BY 1"):
+        prefixes.setdefault(prefix)
+    states: dict[str, dict[str, int]] = {}
+    for prefix, state, n in conn.exec_driver_sql(
+            "SELECT subtree, state, count(*) FROM qa_item GROUP BY subtree, state"):
+        states.setdefault(prefix, {})[state] = int(n)
+    reasons: dict[str, Counter[str]] = {}
+    for prefix, stage, reason, n in conn.exec_driver_sql(
+            "SELECT subtree, stage, reason, count(*) FROM qa_item "
+            "WHERE state IN ('rejected', 'failed') GROUP BY subtree, stage, reason"):
+        for key in reason_keys(stage, reason):
+            reasons.setdefault(prefix, Counter())[key] += int(n)
+    pairs: dict[str, int] = dict(conn.exec_driver_sql(
+        "SELECT subtree, count(*) FROM preference_pair GROUP BY subtree").all())
+    llm = {r[0]: r[1:] for r in conn.exec_driver_sql(
+        "SELECT subtree, count(*), coalesce(sum(tokens_in + tokens_out), 0), "
+        "coalesce(sum(cost_usd), 0) FROM llm_call WHERE subtree IS NOT NULL GROUP BY subtree")}
+    watermarks: dict[str, list[dict[str, Any]]] = {}
+    for prefix, source, mark, last in conn.exec_driver_sql(
+            "SELECT subtree, source, watermark, last_count FROM ingest_watermark "
+            "ORDER BY subtree, source"):
+        watermarks.setdefault(prefix, []).append(
+            {"source": source, "watermark": mark.isoformat(), "last_count": last})
+    out: dict[str, Any] = {}
+    for prefix in prefixes:
+        try:
+            row: dict[str, Any] = subtree_stats(conn, prefix)
+        except UnknownSubtreeError:  # a subtree of an older MeSH release
+            row = {"subtree": prefix, "name": None, "descriptors": 0, "active_articles": 0,
+                   "with_abstract": 0, "as_major_topic": 0}
+        counts = {state: states.get(prefix, {}).get(state, 0) for state in TERMINAL}
+        settled = counts["accepted"] + counts["rejected"] + counts["failed"]
+        calls, tokens, cost = llm.get(prefix, (0, 0, 0))
+        marks = watermarks.get(prefix, [])
+        row.update(
+            watermarks=marks,
+            watermark=max((m["watermark"] for m in marks), default=None),
+            candidates=sum(counts.values()), **counts,
+            acceptance_rate=round(counts["accepted"] / settled, 4) if settled else None,
+            top_reasons=dict(reasons.get(prefix, Counter()).most_common(TOP_REASONS)),
+            preference_pairs=int(pairs.get(prefix, 0)),
+            llm={"calls": int(calls), "tokens": int(tokens), "cost_usd": float(cost)},
+        )
+        out[prefix] = row
+    return out
+
+
+def accepted_items(conn: Connection, *, subtree: str | None = None, qtype: str | None = None,
+                   limit: int = 20) -> list[dict[str, Any]]:
+    """A sample of accepted items, newest first: question, answer, evidence, scores and
+    the context PMIDs, optionally of one subtree and one question type."""
+    rows = conn.exec_driver_sql(
+        "SELECT subtree, source_pmid, qtype, profile, question, answer, label, evidence, "
+        "retrieval_score, hierarchy_score, blend_score, judgement, contexts, updated_at "
+        "FROM qa_item WHERE state = 'accepted' "
+        "AND (%(s)s::text IS NULL OR subtree = %(s)s) "
+        "AND (%(t)s::text IS NULL OR qtype = %(t)s) "
+        "ORDER BY updated_at DESC, id DESC LIMIT %(n)s",
+        {"s": subtree, "t": qtype, "n": limit}).mappings().all()
+    return [{
+        **{k: r[k] for k in ("subtree", "qtype", "profile", "question", "answer", "label",
+                             "evidence", "judgement")},
+        "pmid": r["source_pmid"],
+        "scores": {k: None if r[f"{k}_score"] is None else round(float(r[f"{k}_score"]), 4)
+                   for k in ("retrieval", "hierarchy", "blend")},
+        "context_pmids": [c.get("pmid") for c in (r["contexts"] or [])],
+        "updated_at": r["updated_at"].isoformat(),
+    } for r in rows]

@@ -56,8 +56,8 @@ def _worker(database_url: str, subtree: str, llm: Any, settings: DistillSettings
 
     async def go() -> dict[str, Any]:
         async with cached_backend(replace(llm, max_concurrency=concurrency), engine,
-                                  budget_usd=budget_usd, budget_tokens=budget_tokens
-                                  ) as backend:
+                                  budget_usd=budget_usd, budget_tokens=budget_tokens,
+                                  subtree=subtree) as backend:
             distiller = SubtreeDistiller(engine, subtree, backend, settings, run_id)
             distiller.label = label
             read = await distiller.run_pmids(pmids)

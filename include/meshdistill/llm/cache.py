@@ -52,7 +52,7 @@ _SELECT = ("SELECT cache_key, backend, model, prompt_version, params, output, ra
 _LOOKUP_SQL = f"{_SELECT} WHERE cache_key = ANY(%s)"  # columns in _Row's field order
 _INSERT_COLUMNS = ("cache_key", "stage", "backend", "model", "prompt_version", "params",
                    "output", "raw", "tokens_in", "tokens_out", "cost_usd", "latency_ms",
-                   "attempts", "failure", "error")  # the keys of _row_of, in this order
+                   "attempts", "failure", "error", "subtree")  # _row_of's keys, in order
 _JSON_COLUMNS = frozenset({"params", "output"})
 _INSERT_SQL, _UPSERT_SQL = (
     upsert_sql("llm_call", _INSERT_COLUMNS, ("cache_key",), update=update,
@@ -139,9 +139,9 @@ _Lookups = _GroupRunner[str, "_Row | None"]
 _Stores = _GroupRunner[tuple[dict[str, Any], bool], bool]
 
 
-def _row_of(result: LLMResult[Any], cost: float) -> dict[str, Any]:
+def _row_of(result: LLMResult[Any], cost: float, subtree: str | None) -> dict[str, Any]:
     """The ``llm_call`` row of a :attr:`~LLMResult.cacheable` result (a failure: output
-    JSON ``null``, its kind and error kept)."""
+    JSON ``null``, its kind and error kept), paid for by ``subtree``'s run."""
     assert result.cacheable
     return {
         "cache_key": result.cache_key, "stage": str(result.stage), "backend": result.backend,
@@ -151,7 +151,7 @@ def _row_of(result: LLMResult[Any], cost: float) -> dict[str, Any]:
         "cost_usd": round(cost, 6), "latency_ms": round(result.latency_ms),
         "attempts": result.attempts,
         "failure": None if result.failure is None else str(result.failure),
-        "error": result.error,
+        "error": result.error, "subtree": subtree,
     }
 
 
@@ -179,7 +179,8 @@ class CachedBackend:
     URLs go through :func:`meshdistill.store.db.get_engine`, which migrates to head.
     ``max_output_tokens`` lowers every request's ``max_tokens`` before it is keyed and
     sent (:meth:`LLMRequest.capped`): a small local model that loops inside a string then
-    holds its server for that many tokens, not for the stage's own limit.
+    holds its server for that many tokens, not for the stage's own limit. ``subtree``
+    is recorded on every call this backend stores (who paid for it).
     """
 
     def __init__(
@@ -191,10 +192,12 @@ class CachedBackend:
         pricing: Pricing | None = None,
         db_threads: int = 4,
         max_output_tokens: int | None = None,
+        subtree: str | None = None,
     ) -> None:
         if max_output_tokens is not None and max_output_tokens < 16:
             raise ConfigError(f"max_output_tokens must be at least 16, got {max_output_tokens}")
         self.max_output_tokens = max_output_tokens
+        self.subtree = subtree
         if isinstance(engine_or_url, Engine):
             self.engine = engine_or_url
         else:
@@ -402,7 +405,8 @@ class CachedBackend:
             self._count("failed")
         if is_deferred(result) or not result.cacheable:
             return result
-        row_values = _row_of(result, cost) | {"cache_key": key}  # the key we look up by
+        # the key we look up by
+        row_values = _row_of(result, cost, self.subtree) | {"cache_key": key}
         if await self._runners()[1]((row_values, stale)):
             self._count("stored")
         return result

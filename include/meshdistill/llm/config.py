@@ -106,12 +106,14 @@ def make_backend(config: LLMConfig) -> LLMBackend:
 
 
 def cached_backend(config: LLMConfig, engine: Engine, *, budget_usd: float | None = None,
-                   budget_tokens: int | None = None) -> CachedBackend:
-    """The configured backend behind the ``llm_call`` cache and the run budget."""
+                   budget_tokens: int | None = None, subtree: str | None = None
+                   ) -> CachedBackend:
+    """The configured backend behind the ``llm_call`` cache and the run budget; the calls
+    it stores are recorded as ``subtree``'s."""
     from meshdistill.llm.budget import Budget
     from meshdistill.llm.cache import CachedBackend
 
     budget = (Budget(usd=budget_usd, tokens=budget_tokens)
               if budget_usd is not None or budget_tokens is not None else None)
     return CachedBackend(make_backend(config), engine, budget=budget,
-                         max_output_tokens=config.max_output_tokens)
+                         max_output_tokens=config.max_output_tokens, subtree=subtree)

@@ -31,6 +31,8 @@ two-letter entry terms ('T', 'Ca') would match ordinary words and initials."""
 
 def _fold(token: str) -> str:
     """Lower-case and strip accents, so 'Sjögren' matches 'sjogren'."""
+    if token.isascii():  # most words: nothing to decompose, and casefold() == lower()
+        return token.lower()
     decomposed = unicodedata.normalize("NFKD", token.casefold())
     return "".join(c for c in decomposed if not unicodedata.combining(c))
 

@@ -21,14 +21,22 @@ def pgdata_dir(home: Path) -> Path:
     return home / "pgdata"
 
 
-def start(home: Path) -> str:
-    """Start (or find running) the embedded server and return a SQLAlchemy URL for it."""
-    # XDG_RUNTIME_DIR unset makes platformdirs warn on every start; pgserver only needs a
-    # writable runtime directory for its lock files.
+def _runtime_dir(home: Path) -> None:
+    """XDG_RUNTIME_DIR unset makes platformdirs warn whenever pgserver is imported;
+    pgserver only needs a writable runtime directory for its lock files."""
     run_dir = home / "run"
     run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     run_dir.chmod(0o700)
     os.environ.setdefault("XDG_RUNTIME_DIR", str(run_dir))
+
+
+def start(home: Path, database: str = DATABASE_NAME) -> str:
+    """Start (or find running) the embedded server and return a SQLAlchemy URL for
+    ``database`` on it, created when missing (``make up`` keeps Airflow's own metadata
+    in a second database beside the pipeline's)."""
+    if not database.isidentifier():
+        raise ValueError(f"not a plain database name: {database!r}")
+    _runtime_dir(home)
     # pgserver logs every command line and its full output at INFO.
     logging.getLogger("pgserver").setLevel(logging.WARNING)
     import pgserver  # imported lazily: it is only needed when no DSN is configured
@@ -41,13 +49,11 @@ def start(home: Path) -> str:
         # stopped since (``db down``, a restart), start it again through that handle.
         with server._lock:
             server.ensure_postgres_running()
-    exists = server.psql(
-        f"SELECT 1 FROM pg_database WHERE datname = '{DATABASE_NAME}';"
-    )
+    exists = server.psql(f"SELECT 1 FROM pg_database WHERE datname = '{database}';")
     if "(1 row)" not in exists:
-        server.psql(f"CREATE DATABASE {DATABASE_NAME};")
-        log.info("created database %s in embedded PostgreSQL at %s", DATABASE_NAME, pgdata)
-    uri: str = server.get_uri(DATABASE_NAME)
+        server.psql(f"CREATE DATABASE {database};")
+        log.info("created database %s in embedded PostgreSQL at %s", database, pgdata)
+    uri: str = server.get_uri(database)
     return uri.replace("postgresql://", "postgresql+psycopg2://", 1)
 
 
@@ -56,6 +62,7 @@ def stop(home: Path) -> bool:
     pgdata = pgdata_dir(home)
     if not (pgdata / "postmaster.pid").exists():
         return False
+    _runtime_dir(home)
     import pgserver
 
     pg_ctl = Path(pgserver.__file__).parent / "pginstall" / "bin" / "pg_ctl"

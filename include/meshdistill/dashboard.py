@@ -1,0 +1,77 @@
+"""The dashboard's pages and plots, from :func:`meshdistill.status.subtree_report` figures.
+
+Plain functions of the report (no database, no web framework): the Airflow plugin
+serves them, and ``meshdistill status --json`` carries the very same figures. Pages are
+Jinja templates with autoescaping, since questions and answers are model output.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+from jinja2 import Environment, PackageLoader, select_autoescape
+
+_TEMPLATES = Environment(loader=PackageLoader("meshdistill", "templates"),
+                         autoescape=select_autoescape(default=True), trim_blocks=True,
+                         lstrip_blocks=True)
+_TEMPLATES.filters["pct"] = lambda v: "–" if v is None else f"{v:.0%}"
+_TEMPLATES.filters["num"] = lambda v: f"{v:,}"
+
+
+def overview_page(status: dict[str, Any]) -> str:
+    """Per subtree: articles, watermark, candidates by state, acceptance, top reasons,
+    LLM calls, tokens and cost; the latest export; the plots."""
+    return _TEMPLATES.get_template("dashboard.html").render(
+        status=status, subtrees=status["subtrees"], latest=status["exports"]["latest"])
+
+
+def items_page(items: list[dict[str, Any]], subtrees: list[str], qtypes: list[str],
+               subtree: str | None, qtype: str | None) -> str:
+    """Sample accepted items with their scores, evidence and answer, with the filter form."""
+    return _TEMPLATES.get_template("items.html").render(
+        items=items, subtrees=subtrees, qtypes=qtypes, subtree=subtree, qtype=qtype)
+
+
+def subtree_plot(subtrees: dict[str, dict[str, Any]]) -> bytes:
+    """PNG: candidates by state and acceptance rate per subtree, beside LLM tokens and cost
+    per subtree (what a person compares at a glance rather than in the table)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    names = list(subtrees)
+    fig = Figure(figsize=(10, 3.6), dpi=100, layout="constrained")
+    states, cost = fig.subplots(1, 2)
+    if not names:
+        for ax in (states, cost):
+            ax.text(0.5, 0.5, "nothing ingested or distilled yet", ha="center", va="center")
+            ax.set_axis_off()
+    else:
+        bottom = [0] * len(names)
+        colours = {"accepted": "#2e7d32", "rejected": "#ef6c00", "failed": "#c62828",
+                   "deferred": "#9e9e9e"}
+        for state, colour in colours.items():
+            values = [subtrees[n][state] for n in names]
+            states.bar(names, values, bottom=bottom, color=colour, label=state)
+            bottom = [b + v for b, v in zip(bottom, values, strict=True)]
+        for i, n in enumerate(names):
+            rate = subtrees[n]["acceptance_rate"]
+            if rate is not None:
+                states.annotate(f"{rate:.0%}", (i, bottom[i]), ha="center", va="bottom",
+                                fontsize=9)
+        states.set_title("Candidates by state (accepted share on top)")
+        states.legend(fontsize=8, loc="upper right")
+        tokens = [subtrees[n]["llm"]["tokens"] for n in names]
+        cost.bar(names, tokens, color="#1565c0")
+        cost.set_title("LLM tokens paid per subtree")
+        cost.set_ylabel("tokens")
+        for i, n in enumerate(names):
+            usd = subtrees[n]["llm"]["cost_usd"]
+            cost.annotate(f"${usd:.2f}", (i, tokens[i]), ha="center", va="bottom", fontsize=9)
+        for ax in (states, cost):
+            ax.tick_params(axis="x", rotation=30)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()

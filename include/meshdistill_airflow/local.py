@@ -1,0 +1,281 @@
+"""A local Airflow for meshdistill: ``make up`` and ``make down``.
+
+``python -m meshdistill_airflow.local up|down|status``. ``up`` starts Airflow's
+api-server (UI and REST API), scheduler, dag-processor and triggerer as background
+processes, with the LocalExecutor (``--executor celery``: the CeleryExecutor on Redis and
+two Celery workers with distinct hostnames). Airflow's metadata lives in its own
+database, ``airflow``, on the embedded PostgreSQL (or ``MESHDISTILL_AIRFLOW_DATABASE_URL``);
+the pipeline keeps its own (``MESHDISTILL_DATABASE_URL`` or the embedded ``meshdistill``),
+given to the tasks as the ``meshdistill_db`` connection. The pools ``ncbi`` and ``llm``
+are created, the login is the simple auth manager's ``admin`` with a generated password,
+and the URL and the login are printed. Everything ``up`` starts is recorded under
+``$AIRFLOW_HOME/local/`` (process ids, logs, generated keys), so ``down`` stops exactly
+that, the embedded PostgreSQL included when ``up`` started it. Settings:
+``docs/operations.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from meshdistill.config import POOLS, Settings
+from meshdistill.store import embedded
+from meshdistill.store.db import normalize_url
+
+METADATA_DATABASE = "airflow"
+USER = "admin"
+DEFAULT_PORT = 8080
+CELERY_WORKERS = ("worker1", "worker2")
+COMPONENTS = ("api-server", "scheduler", "dag-processor", "triggerer")
+SIMPLE_AUTH = "airflow.api_fastapi.auth.managers.simple.simple_auth_manager.SimpleAuthManager"
+
+
+@dataclass(frozen=True)
+class LocalAirflow:
+    """Where one local Airflow keeps its state, and how it is reached."""
+
+    home: Path  # AIRFLOW_HOME
+    repo: Path  # dags/ and plugins/ are read from here
+    port: int = DEFAULT_PORT
+    executor: str = "local"
+
+    @property
+    def state(self) -> Path:
+        return self.home / "local"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _secret(self, name: str, make: Any = lambda: secrets.token_urlsafe(32)) -> str:
+        """A generated key kept in the state folder (mode 600), the same on every start."""
+        path = self.state / "secrets" / name
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            path.write_text(make())
+            path.chmod(0o600)
+        return path.read_text().strip()
+
+    def password(self) -> str:
+        return str(json.loads(self.passwords_file.read_text())[USER])
+
+    @property
+    def passwords_file(self) -> Path:
+        return self.state / "secrets" / "passwords.json"
+
+    def environment(self, metadata_url: str, pipeline_url: str) -> dict[str, str]:
+        """The environment every Airflow process of this instance runs with."""
+        if not self.passwords_file.exists():
+            self._secret("passwords.json", lambda: json.dumps({USER: secrets.token_urlsafe(12)}))
+        from cryptography.fernet import Fernet
+
+        env = dict(os.environ)
+        env.update({
+            "AIRFLOW_HOME": str(self.home),
+            "AIRFLOW__CORE__DAGS_FOLDER": str(self.repo / "dags"),
+            "AIRFLOW__CORE__PLUGINS_FOLDER": str(self.repo / "plugins"),
+            "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+            "AIRFLOW__CORE__EXECUTOR": ("CeleryExecutor" if self.executor == "celery"
+                                        else "LocalExecutor"),
+            "AIRFLOW__CORE__AUTH_MANAGER": SIMPLE_AUTH,
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"{USER}:admin",
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(self.passwords_file),
+            "AIRFLOW__CORE__FERNET_KEY": self._secret(
+                "fernet_key", lambda: Fernet.generate_key().decode()),
+            "AIRFLOW__API_AUTH__JWT_SECRET": self._secret("jwt_secret"),
+            "AIRFLOW__API__SECRET_KEY": self._secret("api_secret_key"),
+            "AIRFLOW__API__PORT": str(self.port),
+            "AIRFLOW__API__HOST": "127.0.0.1",
+            "AIRFLOW__API__BASE_URL": self.url,
+            "AIRFLOW__API__WORKERS": "1",  # a laptop's UI; each worker holds the whole app
+            "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{self.url}/execution/",
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": metadata_url,
+            "AIRFLOW__SCHEDULER__ENABLE_HEALTH_CHECK": "True",
+            "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "30",
+            "AIRFLOW_CONN_MESHDISTILL_DB": pipeline_url,
+        })
+        if self.executor == "celery":
+            broker = os.environ.get("MESHDISTILL_CELERY_BROKER_URL", "redis://127.0.0.1:6379/0")
+            env.update({
+                "AIRFLOW__CELERY__BROKER_URL": broker,
+                "AIRFLOW__CELERY__RESULT_BACKEND": "db+" + metadata_url.replace(
+                    "postgresql+psycopg2://", "postgresql://", 1),
+                "AIRFLOW__CELERY__WORKER_CONCURRENCY": "4",
+            })
+        return env
+
+
+def _databases(settings: Settings, metadata: str | None, pipeline: str | None
+               ) -> tuple[str, str, bool]:
+    """(metadata URL, pipeline URL, whether the embedded server holds either): the given
+    ones, else ``MESHDISTILL_AIRFLOW_DATABASE_URL`` and ``MESHDISTILL_DATABASE_URL``, else
+    databases on the embedded PostgreSQL."""
+    metadata = metadata or os.environ.get("MESHDISTILL_AIRFLOW_DATABASE_URL")
+    pipeline = pipeline or settings.database_url
+    metadata_url = (normalize_url(metadata) if metadata
+                    else embedded.start(settings.home, METADATA_DATABASE))
+    pipeline_url = normalize_url(pipeline) if pipeline else embedded.start(settings.home)
+    return metadata_url, pipeline_url, not (metadata and pipeline)
+
+
+def _airflow(env: dict[str, str], *args: str) -> str:
+    """Run one ``airflow`` CLI command to completion; its output, or a clear error."""
+    done = subprocess.run([str(Path(sys.executable).parent / "airflow"), *args], env=env,
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"airflow {' '.join(args)} failed ({done.returncode}):\n"
+                           f"{(done.stderr or done.stdout)[-3000:]}")
+    return done.stdout
+
+
+def _pids(la: LocalAirflow) -> dict[str, int]:
+    path = la.state / "pids.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _commands(la: LocalAirflow) -> dict[str, list[str]]:
+    airflow = str(Path(sys.executable).parent / "airflow")
+    commands = {name: [airflow, name] for name in COMPONENTS}
+    if la.executor == "celery":
+        for worker in CELERY_WORKERS:
+            commands[f"celery-{worker}"] = [
+                airflow, "celery", "worker", "--celery-hostname", f"{worker}@%h",
+                "--concurrency", "4", "--skip-serve-logs"]
+    return commands
+
+
+def health(la: LocalAirflow) -> dict[str, Any] | None:
+    """The api-server's ``/api/v2/monitor/health``, or None while it does not answer."""
+    try:
+        with urllib.request.urlopen(f"{la.url}/api/v2/monitor/health", timeout=5) as r:
+            data: dict[str, Any] = json.load(r)
+            return data
+    except (urllib.error.URLError, OSError, ValueError):
+        return None
+
+
+def _healthy(data: dict[str, Any] | None) -> bool:
+    if not data:
+        return False
+    parts = ("metadatabase", "scheduler", "triggerer", "dag_processor")
+    return all((data.get(p) or {}).get("status") == "healthy" for p in parts)
+
+
+def up(la: LocalAirflow, settings: Settings, *, metadata_url: str | None = None,
+       pipeline_url: str | None = None, timeout: float = 240.0) -> dict[str, Any]:
+    """Start the instance (a no-op for what already runs) and wait until every component
+    reports healthy; returns the URL, the user and the process ids."""
+    la.state.mkdir(parents=True, exist_ok=True)
+    (la.state / "logs").mkdir(exist_ok=True)
+    metadata_url, pipeline_url, uses_embedded = _databases(settings, metadata_url,
+                                                           pipeline_url)
+    env = la.environment(metadata_url, pipeline_url)
+    _airflow(env, "db", "migrate")
+    for name, (slots, description) in POOLS.items():
+        _airflow(env, "pools", "set", name, str(slots), description)
+    pids = {k: v for k, v in _pids(la).items() if _alive(v)}
+    for name, command in _commands(la).items():
+        if name in pids:
+            continue
+        log = (la.state / "logs" / f"{name}.log").open("ab")
+        pids[name] = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                      stdin=subprocess.DEVNULL, start_new_session=True,
+                                      cwd=la.repo).pid
+    (la.state / "pids.json").write_text(json.dumps(pids, indent=1))
+    (la.state / "instance.json").write_text(json.dumps(
+        {"url": la.url, "executor": la.executor, "embedded_postgres": uses_embedded,
+         "meshdistill_home": str(settings.home)}, indent=1))
+    deadline = time.monotonic() + timeout
+    data = health(la)
+    while not _healthy(data):
+        dead = [n for n, p in pids.items() if not _alive(p)]
+        if dead:
+            raise RuntimeError(f"{', '.join(dead)} exited; see {la.state / 'logs'}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"Airflow not healthy after {timeout:.0f} s: {data}; "
+                               f"see {la.state / 'logs'}")
+        time.sleep(2)
+        data = health(la)
+    return {"url": la.url, "user": USER, "pids": pids, "executor": la.executor}
+
+
+def down(la: LocalAirflow, settings: Settings, timeout: float = 30.0) -> list[str]:
+    """Stop every process ``up`` started (each with its children), then the embedded
+    PostgreSQL if ``up`` used it; returns what was stopped."""
+    pids = _pids(la)
+    for pid in pids.values():
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while any(_alive(p) for p in pids.values()) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    for pid in pids.values():
+        if _alive(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
+    stopped = list(pids)
+    (la.state / "pids.json").unlink(missing_ok=True)
+    info = la.state / "instance.json"
+    embedded_used = info.exists() and json.loads(info.read_text()).get("embedded_postgres")
+    if embedded_used and embedded.stop(settings.home):
+        stopped.append("embedded PostgreSQL")
+    return stopped
+
+
+def from_env(executor: str | None = None) -> LocalAirflow:
+    home = Path(os.environ.get("AIRFLOW_HOME") or "~/airflow").expanduser().resolve()
+    return LocalAirflow(
+        home=home, repo=Path(__file__).resolve().parents[2],
+        port=int(os.environ.get("MESHDISTILL_AIRFLOW_PORT") or DEFAULT_PORT),
+        executor=executor or os.environ.get("MESHDISTILL_AIRFLOW_EXECUTOR") or "local")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m meshdistill_airflow.local",
+                                 description=__doc__.splitlines()[0])
+    ap.add_argument("action", choices=("up", "down", "status"))
+    ap.add_argument("--executor", choices=("local", "celery"), default=None)
+    args = ap.parse_args(argv)
+    la, settings = from_env(args.executor), Settings.from_env()
+    if args.action == "down":
+        stopped = down(la, settings)
+        print(f"stopped: {', '.join(stopped)}" if stopped else "nothing was running")
+        return 0
+    if args.action == "status":
+        data = health(la)
+        print(json.dumps(data, indent=1) if data else f"no Airflow answers at {la.url}")
+        return 0 if _healthy(data) else 1
+    print(f"starting Airflow ({la.executor} executor) under {la.home} ...", flush=True)
+    out = up(la, settings)
+    print(f"Airflow is up: {out['url']}\n"
+          f"  login: {out['user']} / {la.password()}  (kept in {la.passwords_file})\n"
+          f"  components: {', '.join(out['pids'])}; logs in {la.state / 'logs'}\n"
+          f"  DAGs start paused: unpause them in the UI. Stop everything with `make down`.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
