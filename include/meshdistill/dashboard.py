@@ -34,8 +34,8 @@ def items_page(items: list[dict[str, Any]], subtrees: list[str], qtypes: list[st
 
 
 def subtree_plot(subtrees: dict[str, dict[str, Any]]) -> bytes:
-    """PNG: candidates by state and acceptance rate per subtree, beside LLM tokens and cost
-    per subtree (what a person compares at a glance rather than in the table)."""
+    """PNG: candidates by state and acceptance rate per subtree, beside the LLM calls (with
+    tokens and cost) each subtree's runs paid for (what a person compares at a glance rather than in the table)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -62,14 +62,17 @@ def subtree_plot(subtrees: dict[str, dict[str, Any]]) -> bytes:
                 states.annotate(f"{rate:.0%}", (i, bottom[i]), ha="center", va="bottom",
                                 fontsize=9)
         states.set_title("Candidates by state (accepted share on top)")
-        states.legend(fontsize=8, loc="upper right")
-        tokens = [subtrees[n]["llm"]["tokens"] for n in names]
-        cost.bar(names, tokens, color="#1565c0")
-        cost.set_title("LLM tokens paid per subtree")
-        cost.set_ylabel("tokens")
+        states.set_ylim(0, max(bottom) * 1.3 or 1)  # room for the shares and the legend
+        states.legend(fontsize=8, loc="upper center", ncols=4, frameon=False)
+        calls = [subtrees[n]["llm"]["calls"] for n in names]
+        cost.bar(names, calls, color="#1565c0")
+        cost.set_title("LLM calls paid per subtree (tokens, cost)")
+        cost.set_ylabel("calls")
+        cost.set_ylim(0, max(calls) * 1.3 or 1)
         for i, n in enumerate(names):
-            usd = subtrees[n]["llm"]["cost_usd"]
-            cost.annotate(f"${usd:.2f}", (i, tokens[i]), ha="center", va="bottom", fontsize=9)
+            llm = subtrees[n]["llm"]
+            cost.annotate(f"{llm['tokens']:,} tok\n${llm['cost_usd']:.2f}", (i, calls[i]),
+                          ha="center", va="bottom", fontsize=8)
         for ax in (states, cost):
             ax.tick_params(axis="x", rotation=30)
     buf = io.BytesIO()

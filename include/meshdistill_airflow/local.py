@@ -27,6 +27,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -76,8 +77,10 @@ class LocalAirflow:
     def passwords_file(self) -> Path:
         return self.state / "secrets" / "passwords.json"
 
-    def environment(self, metadata_url: str, pipeline_url: str) -> dict[str, str]:
-        """The environment every Airflow process of this instance runs with."""
+    def environment(self, metadata_url: str, pipeline_url: str,
+                    extra: Mapping[str, str] | None = None) -> dict[str, str]:
+        """The environment every Airflow process of this instance runs with (``extra``
+        last: more connections, say, as ``AIRFLOW_CONN_*`` variables)."""
         if not self.passwords_file.exists():
             self._secret("passwords.json", lambda: json.dumps({USER: secrets.token_urlsafe(12)}))
         from cryptography.fernet import Fernet
@@ -115,6 +118,7 @@ class LocalAirflow:
                     "postgresql+psycopg2://", "postgresql://", 1),
                 "AIRFLOW__CELERY__WORKER_CONCURRENCY": "4",
             })
+        env.update(extra or {})
         return env
 
 
@@ -131,10 +135,10 @@ def _databases(settings: Settings, metadata: str | None, pipeline: str | None
     return metadata_url, pipeline_url, not (metadata and pipeline)
 
 
-def _airflow(env: dict[str, str], *args: str) -> str:
+def airflow_cli(env: Mapping[str, str], *args: str) -> str:
     """Run one ``airflow`` CLI command to completion; its output, or a clear error."""
-    done = subprocess.run([str(Path(sys.executable).parent / "airflow"), *args], env=env,
-                          capture_output=True, text=True)
+    done = subprocess.run([str(Path(sys.executable).parent / "airflow"), *args],
+                          env=dict(env), capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"airflow {' '.join(args)} failed ({done.returncode}):\n"
                            f"{(done.stderr or done.stdout)[-3000:]}")
@@ -185,17 +189,19 @@ def _healthy(data: dict[str, Any] | None) -> bool:
 
 
 def up(la: LocalAirflow, settings: Settings, *, metadata_url: str | None = None,
-       pipeline_url: str | None = None, timeout: float = 240.0) -> dict[str, Any]:
+       pipeline_url: str | None = None, extra_env: Mapping[str, str] | None = None,
+       timeout: float = 240.0) -> dict[str, Any]:
     """Start the instance (a no-op for what already runs) and wait until every component
-    reports healthy; returns the URL, the user and the process ids."""
+    reports healthy; returns the URL, the user, the process ids and the environment the
+    processes run with (for ``airflow`` commands against this instance)."""
     la.state.mkdir(parents=True, exist_ok=True)
     (la.state / "logs").mkdir(exist_ok=True)
     metadata_url, pipeline_url, uses_embedded = _databases(settings, metadata_url,
                                                            pipeline_url)
-    env = la.environment(metadata_url, pipeline_url)
-    _airflow(env, "db", "migrate")
+    env = la.environment(metadata_url, pipeline_url, extra_env)
+    airflow_cli(env, "db", "migrate")
     for name, (slots, description) in POOLS.items():
-        _airflow(env, "pools", "set", name, str(slots), description)
+        airflow_cli(env, "pools", "set", name, str(slots), description)
     pids = {k: v for k, v in _pids(la).items() if _alive(v)}
     for name, command in _commands(la).items():
         if name in pids:
@@ -219,7 +225,7 @@ def up(la: LocalAirflow, settings: Settings, *, metadata_url: str | None = None,
                                f"see {la.state / 'logs'}")
         time.sleep(2)
         data = health(la)
-    return {"url": la.url, "user": USER, "pids": pids, "executor": la.executor}
+    return {"url": la.url, "user": USER, "pids": pids, "executor": la.executor, "env": env}
 
 
 def down(la: LocalAirflow, settings: Settings, timeout: float = 30.0) -> list[str]:

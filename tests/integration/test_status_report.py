@@ -76,6 +76,10 @@ def test_dashboard_pages_show_the_report_and_escape_model_output(distill_url: st
     assert 'data-subtree="C04"' in page and row["name"] in page
     assert f"{row['acceptance_rate']:.0%}" in page
     assert "No export yet" in page
+    latest = {"id": "20261207T000000Z-abcdef", "created_at": "2026-12-07T00:00:00+00:00",
+              "location": "/x", "formats": {}, "items": 1234, "pairs": 56}
+    page = dashboard.overview_page({**status, "exports": {"count": 1, "latest": latest}})
+    assert "<b>20261207T000000Z-abcdef</b>" in page and "1,234 items, 56 pairs" in page
 
     items = accepted_items(subtree="C04", database_url=distill_url)
     assert items and all(i["subtree"] == "C04" for i in items)

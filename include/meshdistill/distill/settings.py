@@ -154,9 +154,12 @@ class DistillRequest(BaseModel):
 
     subtrees: tuple[SubtreePrefix, ...] = Field(
         default=("C04",), min_length=1, title="MeSH subtrees",
-        description="MeSH tree-number prefixes, one task each, e.g. C04 (Neoplasms), "
-        "C14.280 (Heart Diseases); a run triggered by pubmed_ingest takes the subtrees it "
-        "ingested", json_schema_extra=_form(WHAT, examples=[["C04"], ["C04", "C14.280"]]))
+        description="MeSH tree numbers, one per line, one task each: C04 (Neoplasms), "
+        "C14.280 (Heart Diseases), C10 (Nervous System Diseases), F03 (Mental Disorders), "
+        "or a category letter such as C; a run triggered by pubmed_ingest takes the "
+        "subtrees it ingested",
+        # Free text, not ``examples``: the form turns examples into a closed list.
+        json_schema_extra=_form(WHAT))
     backend: Backend | None = Field(
         default=None, title="LLM backend", description="offline (deterministic, no "
         "network) or openai (any OpenAI-compatible server); empty = the meshdistill_llm "

@@ -64,8 +64,8 @@ class ExportSettings(BaseModel):
 
     subtrees: tuple[SubtreePrefix, ...] = Field(
         default=(), title="MeSH subtrees", description="export items distilled over these "
-        "tree-number prefixes or under them, e.g. C04 (Neoplasms), C14.280 (Heart "
-        "Diseases); empty = all", json_schema_extra=_form(WHAT, examples=[["C04"]]))
+        "tree numbers or under them, one per line: C04 (Neoplasms), C14.280 (Heart "
+        "Diseases); empty = all", json_schema_extra=_form(WHAT))
     question_types: tuple[QuestionType, ...] = Field(
         default=tuple(QuestionType), min_length=1, title="Question types",
         description="yesno, factoid, list, summary",
