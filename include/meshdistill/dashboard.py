@@ -35,7 +35,8 @@ def items_page(items: list[dict[str, Any]], subtrees: list[str], qtypes: list[st
 
 def subtree_plot(subtrees: dict[str, dict[str, Any]]) -> bytes:
     """PNG: candidates by state and acceptance rate per subtree, beside the LLM calls (with
-    tokens and cost) each subtree's runs paid for (what a person compares at a glance rather than in the table)."""
+    tokens and cost) each subtree's runs paid for: what a person compares at a glance
+    rather than in the table."""
     import matplotlib
 
     matplotlib.use("Agg")
