@@ -6,9 +6,17 @@ from typing import Any
 
 import pendulum
 from airflow.sdk import ObjectStoragePath, dag, get_current_context, task
+from airflow.sdk.exceptions import AirflowSkipException
 from meshdistill import pipeline
 from meshdistill.export.settings import ExportSettings
-from meshdistill_airflow import DEFAULT_ARGS, EXPORTS, QA, database_url, fail_fast
+from meshdistill_airflow import (
+    DEFAULT_ARGS,
+    EXPORTS,
+    QA,
+    database_url,
+    fail_fast,
+    nothing_new,
+)
 from meshdistill_airflow.params import model_params
 
 DOC = """
@@ -23,7 +31,9 @@ under **Output location** (`MESHDISTILL_HOME/exports` when empty, or any
 `ObjectStoragePath` URL: `s3://…`, `gs://…`, `file://…`; `conn_id` from the URL's
 connection settings), recorded in the `export` table and announced on
 `meshdistill://exports` with its id. Runs after each `distill` run (`meshdistill://qa`)
-with the defaults, or by hand with the form. Details: `docs/export.md`.
+with the defaults, or by hand with the form. A run triggered by `distill` runs that
+accepted nothing new is skipped (the last export already holds everything); a manual run
+with nothing to export fails with the reason. Details: `docs/export.md`.
 """
 
 
@@ -43,6 +53,9 @@ def export_shards() -> None:
     def export(params: dict[str, Any] | None = None) -> dict[str, Any]:
         assert params is not None
         context = get_current_context()
+        skip = nothing_new(context, QA)
+        if skip:
+            raise AirflowSkipException(skip)
         with fail_fast():
             settings = pipeline.export_settings(params)
             where = ObjectStoragePath(settings.out or pipeline.default_export_location())

@@ -146,6 +146,33 @@ def mapped_results(value: Any) -> list[dict[str, Any]]:
     return list(value)
 
 
+def _asset_events(context: Any, asset: Asset) -> list[Any]:
+    """The events of ``asset`` that triggered this run (none for a manual run)."""
+    events = context.get("triggering_asset_events") or {}
+    try:
+        return list(events[asset])
+    except (KeyError, TypeError):
+        return []
+
+
+def nothing_new(context: Any, asset: Asset) -> str | None:
+    """Why an asset-triggered run has nothing to do, or None.
+
+    ``distill`` announces ``meshdistill://qa`` after every run, with how many candidates
+    that run accepted. When every event that triggered this run accepted none (a daily
+    ingestion that found nothing, a rerun of settled articles), an export would only write
+    what the last one wrote.
+    """
+    events = _asset_events(context, asset)
+    if not events:
+        return None
+    counts = [(getattr(e, "extra", None) or {}).get("accepted") for e in events]
+    if all(c == 0 for c in counts):
+        return (f"the {len(events)} distill run(s) that triggered this run accepted no new "
+                "item: nothing new to export")
+    return None
+
+
 def asset_subtrees(context: Any, asset: Asset) -> list[str]:
     """Subtrees named in the ``extra`` of the asset events that triggered this run.
 
@@ -153,13 +180,8 @@ def asset_subtrees(context: Any, asset: Asset) -> list[str]:
     scheduler creates from those events distills what was ingested. Empty for manual
     runs (and events without that key).
     """
-    events = context.get("triggering_asset_events") or {}
-    try:
-        found = events[asset]
-    except (KeyError, TypeError):
-        return []
     subtrees: list[str] = []
-    for event in found:
+    for event in _asset_events(context, asset):
         extra = getattr(event, "extra", None) or {}
         for prefix in extra.get("subtrees") or []:
             if isinstance(prefix, str) and prefix not in subtrees:

@@ -179,6 +179,21 @@ def test_asset_subtrees_reads_the_triggering_events() -> None:
     assert asset_subtrees({}, ARTICLES) == []
 
 
+def test_an_export_triggered_only_by_runs_that_accepted_nothing_has_nothing_new() -> None:
+    from types import SimpleNamespace
+
+    from meshdistill_airflow import QA, nothing_new
+
+    def ctx(*accepted: int | None) -> dict[str, object]:
+        return {"triggering_asset_events": {QA: [
+            SimpleNamespace(extra={} if a is None else {"accepted": a}) for a in accepted]}}
+
+    assert nothing_new({}, QA) is None  # a manual run
+    assert "2 distill run(s)" in (nothing_new(ctx(0, 0), QA) or "")
+    assert nothing_new(ctx(0, 3), QA) is None
+    assert nothing_new(ctx(None), QA) is None  # an event of unknown content: export
+
+
 def test_export_shards_follows_distill_and_updates_the_exports_asset(dagbag: DagBag) -> None:
     dag = dagbag.dags["export_shards"]
     assert "meshdistill://qa" in str(dag.timetable.asset_condition)
