@@ -10,13 +10,11 @@
 # pins of providers the project never uses. On top of it:
 #   1. requirements.txt resolved against constraints.txt, with apache-airflow pinned to
 #      the image's own version: pip sees that version already installed and keeps it
-#      (no reinstall, no accidental up- or downgrade of Airflow);
-#   2. the Celery provider, for the CeleryExecutor of docker-compose.yaml (the DAGs do
-#      not need it, so requirements.txt does not list it; should it ever, keep the two
-#      pins equal or drop this one, else pip reports the conflict and the build stops);
-#   3. the meshdistill package from include/ (editable: in development the include/
+#      (no reinstall, no accidental up- or downgrade of Airflow); the Celery provider
+#      of docker-compose.yaml's CeleryExecutor is one of the requirements;
+#   2. the meshdistill package from include/ (editable: in development the include/
 #      bind mount of docker-compose.yaml replaces the copy and is live);
-#   4. dags/ and plugins/ in AIRFLOW_HOME.
+#   3. dags/ and plugins/ in AIRFLOW_HOME.
 # Nothing secret is read or stored at build time: connections, keys and passwords come
 # from the environment at run time (see docker-compose.yaml and docs/docker.md).
 FROM apache/airflow:slim-3.3.2-python3.11
@@ -36,7 +34,6 @@ WORKDIR /opt/airflow
 COPY --chown=airflow:0 requirements.txt constraints.txt ./
 RUN pip install --no-cache-dir \
         "apache-airflow==${AIRFLOW_VERSION}" \
-        "apache-airflow-providers-celery==3.26.0" \
         -r requirements.txt -c constraints.txt \
     && pip check
 

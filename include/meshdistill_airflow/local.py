@@ -22,6 +22,7 @@ import json
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -40,6 +41,7 @@ METADATA_DATABASE = "airflow"
 USER = "admin"
 DEFAULT_PORT = 8080
 CELERY_WORKERS = ("worker1", "worker2")
+CELERY_CONCURRENCY = 2  # task slots per worker: one per core of a small machine
 COMPONENTS = ("api-server", "scheduler", "dag-processor", "triggerer")
 SIMPLE_AUTH = "airflow.api_fastapi.auth.managers.simple.simple_auth_manager.SimpleAuthManager"
 
@@ -116,7 +118,7 @@ class LocalAirflow:
                 "AIRFLOW__CELERY__BROKER_URL": broker,
                 "AIRFLOW__CELERY__RESULT_BACKEND": "db+" + metadata_url.replace(
                     "postgresql+psycopg2://", "postgresql://", 1),
-                "AIRFLOW__CELERY__WORKER_CONCURRENCY": "4",
+                "AIRFLOW__CELERY__WORKER_CONCURRENCY": str(CELERY_CONCURRENCY),
             })
         env.update(extra or {})
         return env
@@ -160,15 +162,29 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _commands(la: LocalAirflow) -> dict[str, list[str]]:
+def _commands(la: LocalAirflow) -> dict[str, tuple[list[str], dict[str, str]]]:
+    """Each process to start: its command line and what its environment adds."""
     airflow = str(Path(sys.executable).parent / "airflow")
-    commands = {name: [airflow, name] for name in COMPONENTS}
+    commands: dict[str, tuple[list[str], dict[str, str]]] = {
+        name: ([airflow, name], {}) for name in COMPONENTS}
     if la.executor == "celery":
+        host = socket.gethostname()
         for worker in CELERY_WORKERS:
-            commands[f"celery-{worker}"] = [
-                airflow, "celery", "worker", "--celery-hostname", f"{worker}@%h",
-                "--concurrency", "4", "--skip-serve-logs"]
+            # Two workers on one machine: each records its own name on the task instances
+            # it runs (as two machines would), and neither serves logs on the shared port
+            # (the api-server reads them from the common log folder).
+            commands[f"celery-{worker}"] = (
+                [airflow, "celery", "worker", "--celery-hostname", f"{worker}@{host}",
+                 "--concurrency", str(CELERY_CONCURRENCY), "--skip-serve-logs"],
+                {"MESHDISTILL_WORKER_HOSTNAME": f"{worker}@{host}",
+                 "AIRFLOW__CORE__HOSTNAME_CALLABLE":
+                     "meshdistill_airflow.local.worker_hostname"})
     return commands
+
+
+def worker_hostname() -> str:
+    """``[core] hostname_callable`` of the local Celery workers: the worker's own name."""
+    return os.environ.get("MESHDISTILL_WORKER_HOSTNAME") or socket.getfqdn()
 
 
 def health(la: LocalAirflow) -> dict[str, Any] | None:
@@ -179,6 +195,20 @@ def health(la: LocalAirflow) -> dict[str, Any] | None:
             return data
     except (urllib.error.URLError, OSError, ValueError):
         return None
+
+
+def _workers_ready(la: LocalAirflow, offsets: dict[str, int]) -> bool:
+    """Every Celery worker has logged, past ``offsets`` (its log's size when it was
+    started), that it is ready: connected to the broker."""
+    if la.executor != "celery":
+        return True
+    for worker in CELERY_WORKERS:
+        log = la.state / "logs" / f"celery-{worker}.log"
+        with log.open("rb") as fh:
+            fh.seek(offsets.get(f"celery-{worker}", 0))
+            if b" ready." not in fh.read():
+                return False
+    return True
 
 
 def _healthy(data: dict[str, Any] | None) -> bool:
@@ -203,11 +233,14 @@ def up(la: LocalAirflow, settings: Settings, *, metadata_url: str | None = None,
     for name, (slots, description) in POOLS.items():
         airflow_cli(env, "pools", "set", name, str(slots), description)
     pids = {k: v for k, v in _pids(la).items() if _alive(v)}
-    for name, command in _commands(la).items():
+    offsets: dict[str, int] = {}
+    for name, (command, own) in _commands(la).items():
         if name in pids:
             continue
         log = (la.state / "logs" / f"{name}.log").open("ab")
-        pids[name] = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
+        offsets[name] = log.tell()
+        pids[name] = subprocess.Popen(command, env={**env, **own}, stdout=log,
+                                      stderr=subprocess.STDOUT,
                                       stdin=subprocess.DEVNULL, start_new_session=True,
                                       cwd=la.repo).pid
     (la.state / "pids.json").write_text(json.dumps(pids, indent=1))
@@ -216,7 +249,7 @@ def up(la: LocalAirflow, settings: Settings, *, metadata_url: str | None = None,
          "meshdistill_home": str(settings.home)}, indent=1))
     deadline = time.monotonic() + timeout
     data = health(la)
-    while not _healthy(data):
+    while not (_healthy(data) and _workers_ready(la, offsets)):
         dead = [n for n, p in pids.items() if not _alive(p)]
         if dead:
             raise RuntimeError(f"{', '.join(dead)} exited; see {la.state / 'logs'}")

@@ -1,0 +1,70 @@
+"""Scale-out: ``make up EXECUTOR=celery``'s CeleryExecutor on Redis with two workers.
+
+``distill`` over four subtrees runs its mapped tasks on both workers (the hostnames the
+task instances record say which), sharing the ``llm`` pool and the run's budget, and its
+counts reconcile as on one machine.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+
+import pytest
+import redis
+from meshdistill_airflow.local import CELERY_WORKERS
+
+from tests.live_airflow import LiveAirflow, running_airflow
+from tests.support import load_test_corpus
+
+pytestmark = pytest.mark.integration
+
+SUBTREES = ["C04", "C14", "C10", "C06"]
+# A database of its own on the machine's Redis, so a `make up EXECUTOR=celery` beside the
+# tests never shares their queue.
+BROKER = os.environ.get("MESHDISTILL_TEST_CELERY_BROKER_URL", "redis://127.0.0.1:6379/7")
+
+
+@pytest.fixture(scope="module")
+def airflow(make_database: Callable[[], str], tmp_path_factory: pytest.TempPathFactory
+            ) -> Iterator[LiveAirflow]:
+    try:
+        redis.Redis.from_url(BROKER, socket_connect_timeout=3).ping()
+    except redis.exceptions.ConnectionError as exc:
+        pytest.fail(f"the Celery test needs a Redis broker at {BROKER} (set "
+                    f"MESHDISTILL_TEST_CELERY_BROKER_URL): {exc}", pytrace=False)
+    redis.Redis.from_url(BROKER).flushdb()
+    pipeline_url = make_database()
+    load_test_corpus(pipeline_url)
+    home = tmp_path_factory.mktemp("airflow-celery")
+    with running_airflow(home / "airflow", make_database(), pipeline_url, executor="celery",
+                         extra_env={"MESHDISTILL_HOME": str(home / "meshdistill"),
+                                    "MESHDISTILL_CELERY_BROKER_URL": BROKER}) as af:
+        yield af
+
+
+def test_distill_runs_its_mapped_tasks_on_both_workers(airflow: LiveAirflow) -> None:
+    with airflow.client() as api:
+        api.patch("/api/v2/dags/distill", json={"is_paused": False}).raise_for_status()
+        conf = {"subtrees": SUBTREES, "max_articles": 2, "questions_per_article": 2,
+                "backend": "offline", "budget_usd": 1.0}
+        r = api.post("/api/v2/dags/distill/dagRuns", json={"logical_date": None, "conf": conf})
+        r.raise_for_status()
+        run_id = r.json()["dag_run_id"]
+        airflow.wait_for(api, "distill", lambda runs: any(
+            x["dag_run_id"] == run_id and x["state"] == "success" for x in runs),
+            what="the distill run")
+        tis = airflow.task_instances(api, "distill", run_id)
+        mapped = [t for t in tis if t["task_id"] == "subtree.distill"]
+        assert sorted(t["rendered_map_index"] for t in mapped) == sorted(SUBTREES)
+        assert all(t["pool"] == "llm" and t["state"] == "success" for t in mapped)
+        hosts = {t["hostname"] for t in tis}
+        assert {h.split("@")[0] for h in hosts} == set(CELERY_WORKERS), hosts
+        summary = api.get(f"/api/v2/dags/distill/dagRuns/{run_id}/taskInstances/summary/"
+                          "xcomEntries/return_value", params={"deserialize": True}).json()
+        value = summary["value"]
+        assert set(value["subtrees"]) == set(SUBTREES)
+        for row in value["subtrees"].values():
+            assert row["articles"] == 2
+            assert row["candidates"] == sum(row[s] for s in ("accepted", "rejected",
+                                                             "failed", "deferred"))
