@@ -13,7 +13,7 @@ export AIRFLOW__CORE__LOAD_EXAMPLES := False
 export AIRFLOW__CORE__DAGS_FOLDER := $(CURDIR)/dags
 export AIRFLOW__CORE__PLUGINS_FOLDER := $(CURDIR)/plugins
 
-.PHONY: install test lint typecheck pytest demo up down bench lock clean
+.PHONY: install browser test lint typecheck pytest demo up down bench lock clean
 
 REQUIREMENTS := -r requirements.txt -r requirements-dev.txt -r requirements-local.txt
 
@@ -35,8 +35,19 @@ lint: install
 typecheck: install
 	$(BIN)/mypy include/meshdistill include/meshdistill_airflow dags $(wildcard plugins/*.py plugins/*/*.py)
 
+# The browser tests drive Debian's Chromium (Playwright cannot download its own browser
+# here). Installed when missing and this is a root shell with apt; otherwise the tests
+# fail with what to install.
+browser:
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null \
+	  || [ -n "$$MESHDISTILL_CHROMIUM" ] \
+	  || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+	       && { apt-get install -y -qq chromium >/dev/null \
+	            || { apt-get update -qq && apt-get install -y -qq chromium >/dev/null; }; }; } \
+	  || echo "make: no Chromium and none could be installed; the browser tests will fail" >&2
+
 # pytest exits 5 when it collected no tests: that is a failure here, never a pass.
-pytest: install
+pytest: install browser
 	$(BIN)/pytest -q -p no:cacheprovider $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing" >&2; exit 1; fi; exit $$rc
 
