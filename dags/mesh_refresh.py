@@ -5,9 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 import pendulum
-from airflow.sdk import Param, dag, task
+from airflow.sdk import dag, task
 from meshdistill import pipeline
+from meshdistill.mesh.settings import MeshRefreshRequest
 from meshdistill_airflow import DEFAULT_ARGS, database_url, fail_fast
+from meshdistill_airflow.params import model_params
 
 DOC = """
 ### mesh_refresh
@@ -37,21 +39,16 @@ Run it once before `pubmed_ingest`, and again each January for the new MeSH year
     default_args=DEFAULT_ARGS,
     tags=["meshdistill", "mesh"],
     doc_md=DOC,
-    params={
-        "sources": Param([], type="array", items={"type": "string"},
-                         description="URLs or paths of MeSH release files"),
-        "year": Param(None, type=["null", "integer"], description="MeSH year"),
-        "replace": Param(True, type="boolean",
-                         description="remove tree numbers not in this release"),
-    },
+    params=model_params(MeshRefreshRequest, MeshRefreshRequest.FORM),
 )
 def mesh_refresh() -> None:
     @task
     def load_release(params: dict[str, Any] | None = None) -> dict[str, Any]:
         assert params is not None
         with fail_fast():
+            request = pipeline.mesh_refresh_request(params)
             return pipeline.refresh_mesh(
-                params["sources"], year=params["year"], replace=params["replace"],
+                list(request.sources), year=request.year, replace=request.replace,
                 database_url=database_url(),
             )
 

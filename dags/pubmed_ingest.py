@@ -5,18 +5,19 @@ from __future__ import annotations
 from typing import Any
 
 import pendulum
-from airflow.sdk import CronDataIntervalTimetable, Param, dag, get_current_context, task
+from airflow.sdk import CronDataIntervalTimetable, dag, get_current_context, task
 from meshdistill import pipeline
+from meshdistill.pubmed.settings import IngestRequest
 from meshdistill_airflow import (
     ARTICLES,
     DEFAULT_ARGS,
     NCBI_POOL,
-    SUBTREE_PATTERN,
     database_url,
     fail_fast,
     ncbi_credentials,
     window,
 )
+from meshdistill_airflow.params import model_params
 
 DOC = """
 ### pubmed_ingest
@@ -56,32 +57,24 @@ reads to know what to distill.
     default_args=DEFAULT_ARGS,
     tags=["meshdistill", "pubmed", "ingest"],
     doc_md=DOC,
-    params={
-        "subtrees": Param(["C04"], type="array", minItems=1,
-                          items={"type": "string", "pattern": SUBTREE_PATTERN},
-                          description="MeSH tree-number prefixes, e.g. C04 (Neoplasms)"),
-        "source": Param("eutils", enum=["eutils", "files"],
-                        description="E-utilities, or local MEDLINE XML files"),
-        "files": Param([], type="array", items={"type": "string"},
-                       description="baseline/update files when source = files, in order"),
-        "datetype": Param("edat", enum=["edat", "mdat"],
-                          description="window on Entrez date (new) or modification date"),
-    },
+    params=model_params(IngestRequest, IngestRequest.FORM),
 )
 def pubmed_ingest() -> None:
     @task
     def validate_subtrees(params: dict[str, Any] | None = None) -> list[str]:
         assert params is not None
         with fail_fast():
-            return pipeline.validate_subtrees(params["subtrees"], database_url())
+            request = pipeline.ingest_request(params)
+            return pipeline.validate_subtrees(request.subtrees, database_url())
 
     @task
     def load_files(params: dict[str, Any] | None = None) -> dict[str, Any] | None:
         assert params is not None
-        if params["source"] != "files":
-            return None
         with fail_fast():
-            return pipeline.load_pubmed_files(params["files"], database_url())
+            request = pipeline.ingest_request(params)
+            if request.source != "files":
+                return None
+            return pipeline.load_pubmed_files(list(request.files), database_url())
 
     @task(pool=NCBI_POOL, map_index_template="{{ subtree }}", outlets=[ARTICLES])
     def ingest_subtree(subtree: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -90,16 +83,17 @@ def pubmed_ingest() -> None:
         context["subtree"] = subtree  # type: ignore[typeddict-unknown-key]
         # The asset event names its subtree: a `distill` run it triggers distills it.
         context["outlet_events"][ARTICLES].extra = {"subtrees": [subtree]}
-        if params["source"] == "files":
-            return pipeline.subtree_counts(subtree, database_url())
-        start, end = window(context)
         with fail_fast():
+            request = pipeline.ingest_request(params)
+            if request.source == "files":
+                return pipeline.subtree_counts(subtree, database_url())
+            start, end = window(context)
             return pipeline.ingest_subtree_window(
                 subtree,
                 start,
                 end,
                 database_url=database_url(),
-                datetype=params["datetype"],
+                datetype=request.datetype,
                 **ncbi_credentials(),
             )
 

@@ -24,7 +24,9 @@ from meshdistill.distill.settings import DistillRequest, DistillSettings
 from meshdistill.errors import ConfigError, MeshDistillError, UnknownSubtreeError
 from meshdistill.export.settings import ExportSettings
 from meshdistill.llm.config import LLMConfig
+from meshdistill.mesh.settings import MeshRefreshRequest
 from meshdistill.mesh.subtree import get_subtree, subtree_stats
+from meshdistill.pubmed.settings import IngestRequest
 from meshdistill.store.db import connect, get_engine
 
 log = logging.getLogger(__name__)
@@ -202,8 +204,10 @@ def _validated(model: type[_Model], values: Mapping[str, Any],
     except ValidationError as exc:
         problems: dict[str, str] = {}
         for e in exc.errors():
-            field = str(e["loc"][0]) if e["loc"] else model.__name__
-            where = ".".join(map(str, e["loc"])) or field
+            if not e["loc"]:  # a rule across fields: its own words say it all
+                problems.setdefault("", str(e["msg"]).removeprefix("Value error, "))
+                continue
+            field, where = str(e["loc"][0]), ".".join(map(str, e["loc"]))
             # The first problem of each field (a bad item, not also the emptied list).
             problems.setdefault(field, f"{where} = {e['input']!r}: {e['msg']}")
         raise ConfigError(f"invalid {what}: {'; '.join(problems.values())}") from exc
@@ -312,6 +316,17 @@ def log_summary(summary: dict[str, Any]) -> dict[str, Any]:
 
 
 # --- export ---------------------------------------------------------------------------------
+
+
+def ingest_request(values: Mapping[str, Any]) -> IngestRequest:
+    """``pubmed_ingest``'s :class:`IngestRequest` among ``values``, validated like
+    :func:`distill_settings`."""
+    return _validated(IngestRequest, values, "ingest request")
+
+
+def mesh_refresh_request(values: Mapping[str, Any]) -> MeshRefreshRequest:
+    """``mesh_refresh``'s :class:`MeshRefreshRequest` among ``values``, validated."""
+    return _validated(MeshRefreshRequest, values, "MeSH refresh request")
 
 
 def export_settings(values: Mapping[str, Any]) -> ExportSettings:

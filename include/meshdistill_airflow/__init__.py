@@ -36,7 +36,6 @@ from meshdistill.errors import (
     WindowTooLargeError,
 )
 from meshdistill.llm.config import LLMConfig
-from meshdistill.mesh.tree import PREFIX_RE
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +52,6 @@ DEFAULT_ARGS: dict[str, Any] = {
     "max_retry_delay": timedelta(minutes=15),
 }
 
-# A tree-number prefix: a category letter, or a tree number such as C04 or C04.557.337.
-SUBTREE_PATTERN = PREFIX_RE.pattern
 
 
 # Errors no retry can fix (a bad Param, a malformed file): fail the task at once.

@@ -82,10 +82,23 @@ def test_unknown_subtree_fails_validation_before_any_mapping(
 
     load_test_mesh(pipeline_connection)
     dag = DagBag(str(REPO / "dags")).dags["pubmed_ingest"]
-    run = dag.test(run_conf={"source": "files", "files": [], "subtrees": ["C04", "C99"]})
+    run = dag.test(run_conf={"subtrees": ["C04", "C99"]})
     states = {ti.task_id: ti.state for ti in run.get_task_instances() if ti.map_index < 0}
     assert run.state == "failed"
     assert states["validate_subtrees"] == "failed"
+
+
+def test_files_source_without_files_fails_at_once(
+    airflow_metadata: None, pipeline_connection: str
+) -> None:
+    from airflow.dag_processing.dagbag import DagBag
+
+    dag = DagBag(str(REPO / "dags")).dags["pubmed_ingest"]
+    run = dag.test(run_conf={"source": "files", "files": []})
+    states = {ti.task_id: ti.state for ti in run.get_task_instances() if ti.map_index < 0}
+    assert run.state == "failed"
+    assert states["load_files"] == "failed"
+    assert states["validate_subtrees"] == "upstream_failed"
 
 
 def test_pubmed_ingest_from_eutils_uses_the_data_interval_and_connections(

@@ -25,6 +25,25 @@ def test_settings_and_request_take_their_own_keys_and_name_a_bad_field() -> None
         pipeline.distill_request({"subtrees": ["neoplasms"]})
 
 
+def test_ingest_and_mesh_requests_validate_their_forms() -> None:
+    request = pipeline.ingest_request({"subtrees": ["C04", "C14.280"], "datetype": "mdat"})
+    assert (request.subtrees, request.source, request.datetype) == (
+        ("C04", "C14.280"), "eutils", "mdat")
+    files = pipeline.ingest_request({"source": "files", "files": ["a.xml.gz"]})
+    assert files.files == ("a.xml.gz",)
+    with pytest.raises(ConfigError, match=r"^invalid ingest request: source = files needs "
+                                          r"at least one file$"):
+        pipeline.ingest_request({"source": "files", "files": []})
+    with pytest.raises(ConfigError, match="files are only read with source = files"):
+        pipeline.ingest_request({"files": ["a.xml.gz"]})
+    with pytest.raises(ConfigError, match=r"subtrees\.1 = 'heart': String should match"):
+        pipeline.ingest_request({"subtrees": ["C04", "heart"]})
+    mesh = pipeline.mesh_refresh_request({"sources": ["desc2023.xml.gz"], "year": 2023})
+    assert (mesh.sources, mesh.year, mesh.replace) == (("desc2023.xml.gz",), 2023, True)
+    with pytest.raises(ConfigError, match=r"year = 1850: Input should be greater"):
+        pipeline.mesh_refresh_request({"year": 1850})
+
+
 def test_budget_shares_add_up_and_never_exceed_the_budget() -> None:
     assert pipeline.budget_shares(None, None, 3) == [(None, None)] * 3
     shares = pipeline.budget_shares(1.5, 1000, 3)

@@ -10,14 +10,14 @@ what an item *is* (types, counts, thresholds, k) is stored with every item
 
 from __future__ import annotations
 
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from meshdistill.llm.config import Backend
 from meshdistill.llm.schemas import QuestionType
 from meshdistill.llm.stages import GENERATOR_PROFILES
-from meshdistill.mesh.tree import PREFIX_RE
+from meshdistill.mesh.tree import SUBTREES_HELP, SubtreePrefix
 
 DEFAULT_BLEND_WEIGHT = 0.5
 """Weight of the retrieval score in a context's blended score; the rest goes to the
@@ -27,8 +27,6 @@ MeSH-hierarchy score (:func:`meshdistill.distill.grade.blend`, docs/grading.md).
 WHAT, HOW_MUCH, QUALITY, LLM, BUDGET, RUN = (
     "What to distill", "How much", "Quality thresholds", "LLM", "Budget", "How it runs")
 
-SubtreePrefix = Annotated[str, StringConstraints(pattern=PREFIX_RE.pattern)]
-"""A MeSH tree-number prefix: ``C04`` (Neoplasms), ``C14.280`` (Heart Diseases), ``C``."""
 
 
 def _form(section: str, **extra: Any) -> dict[str, Any]:
@@ -154,12 +152,8 @@ class DistillRequest(BaseModel):
 
     subtrees: tuple[SubtreePrefix, ...] = Field(
         default=("C04",), min_length=1, title="MeSH subtrees",
-        description="MeSH tree numbers, one per line, one task each: C04 (Neoplasms), "
-        "C14.280 (Heart Diseases), C10 (Nervous System Diseases), F03 (Mental Disorders), "
-        "or a category letter such as C; a run triggered by pubmed_ingest takes the "
-        "subtrees it ingested",
-        # Free text, not ``examples``: the form turns examples into a closed list.
-        json_schema_extra=_form(WHAT))
+        description=f"{SUBTREES_HELP}; a run triggered by pubmed_ingest takes the "
+        "subtrees it ingested", json_schema_extra=_form(WHAT))
     backend: Backend | None = Field(
         default=None, title="LLM backend", description="offline (deterministic, no "
         "network) or openai (any OpenAI-compatible server); empty = the meshdistill_llm "

@@ -14,8 +14,9 @@ from typing import Any, ClassVar, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from meshdistill.distill.settings import JUDGE_CRITERIA, SubtreePrefix
+from meshdistill.distill.settings import JUDGE_CRITERIA
 from meshdistill.llm.schemas import QuestionType
+from meshdistill.mesh.tree import SubtreePrefix
 
 SPLITS = ("train", "validation", "test")
 DEFAULT_SEED = 20250127

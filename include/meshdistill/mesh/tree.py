@@ -3,9 +3,21 @@
 from __future__ import annotations
 
 import re
+from typing import Annotated
+
+from pydantic import StringConstraints
 
 # A category letter alone ('C'), or a tree number ('C04', 'C04.557.337').
 PREFIX_RE = re.compile(r"^[A-Z](\d{2}(\.\d{3})*)?$")
+
+SubtreePrefix = Annotated[str, StringConstraints(pattern=PREFIX_RE.pattern)]
+"""A MeSH tree-number prefix: ``C04`` (Neoplasms), ``C14.280`` (Heart Diseases), ``C``."""
+
+SUBTREES_HELP = ("MeSH tree numbers, one per line, one task each: C04 (Neoplasms), C14.280 "
+                 "(Heart Diseases), C10 (Nervous System Diseases), F03 (Mental Disorders), "
+                 "or a category letter such as C")
+"""How every form asks for subtrees (free text: the form would make ``examples`` a
+closed list)."""
 
 
 def is_valid_prefix(prefix: str) -> bool:
