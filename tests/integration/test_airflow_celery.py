@@ -60,6 +60,16 @@ def test_distill_runs_its_mapped_tasks_on_both_workers(airflow: LiveAirflow) -> 
         assert all(t["pool"] == "llm" and t["state"] == "success" for t in mapped)
         hosts = {t["hostname"] for t in tis}
         assert {h.split("@")[0] for h in hosts} == set(CELERY_WORKERS), hosts
+        # The run's budget, split before mapping, whichever worker runs each share; and
+        # the llm pool's 4 slots held across both workers.
+        for t in mapped:
+            out = api.get(f"/api/v2/dags/distill/dagRuns/{run_id}/taskInstances/"
+                          f"subtree.distill/xcomEntries/return_value",
+                          params={"map_index": t["map_index"], "deserialize": True}).json()
+            assert out["value"]["budget"]["limit_usd"] == pytest.approx(0.25)
+        spans = [(t["start_date"], t["end_date"]) for t in mapped]
+        most = max(sum(s <= at < e for s, e in spans) for at, _ in spans)
+        assert most <= 4
         summary = api.get(f"/api/v2/dags/distill/dagRuns/{run_id}/taskInstances/summary/"
                           "xcomEntries/return_value", params={"deserialize": True}).json()
         value = summary["value"]
