@@ -2,24 +2,32 @@
 
 ``distill`` over four subtrees runs its mapped tasks on both workers (the hostnames the
 task instances record say which), sharing the ``llm`` pool and the run's budget, and its
-counts reconcile as on one machine.
+counts reconcile as on one machine. A backfill of ``pubmed_ingest`` over the same four
+subtrees, its tasks spread over both workers, keeps to NCBI's 10 requests per second as
+one limit: the local E-utilities server answers 429 past it, and never has to.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable, Iterator
+from datetime import date
 
 import pytest
 import redis
 from meshdistill_airflow.local import CELERY_WORKERS
 
+from tests.fakes.eutils_server import FakeEutils, baseline_corpus, explode_from_mtrees
 from tests.live_airflow import LiveAirflow, running_airflow
 from tests.support import load_test_corpus
 
 pytestmark = pytest.mark.integration
 
 SUBTREES = ["C04", "C14", "C10", "C06"]
+NAMES = ["Neoplasms", "Cardiovascular Diseases", "Nervous System Diseases",
+         "Digestive System Diseases"]
+NCBI_LIMIT = 10  # requests per second with an API key
 # A database of its own on the machine's Redis, so a `make up EXECUTOR=celery` beside the
 # tests never shares their queue.
 BROKER = os.environ.get("MESHDISTILL_TEST_CELERY_BROKER_URL", "redis://127.0.0.1:6379/7")
@@ -37,10 +45,17 @@ def airflow(make_database: Callable[[], str], tmp_path_factory: pytest.TempPathF
     pipeline_url = make_database()
     load_test_corpus(pipeline_url)
     home = tmp_path_factory.mktemp("airflow-celery")
-    with running_airflow(home / "airflow", make_database(), pipeline_url, executor="celery",
-                         extra_env={"MESHDISTILL_HOME": str(home / "meshdistill"),
-                                    "MESHDISTILL_CELERY_BROKER_URL": BROKER}) as af:
-        yield af
+    corpus = baseline_corpus(date(1977, 4, 1), date(1977, 7, 31))
+    with FakeEutils(corpus, explode=explode_from_mtrees(NAMES), rate_limit=NCBI_LIMIT) as fake:
+        ncbi = {"conn_type": "http", "host": fake.base_url, "login": "dev@example.org",
+                "password": "test-key"}
+        with running_airflow(home / "airflow", make_database(), pipeline_url,
+                             executor="celery", extra_env={
+                                 "MESHDISTILL_HOME": str(home / "meshdistill"),
+                                 "MESHDISTILL_CELERY_BROKER_URL": BROKER,
+                                 "AIRFLOW_CONN_MESHDISTILL_NCBI": json.dumps(ncbi)}) as af:
+            af.eutils = fake  # type: ignore[attr-defined]
+            yield af
 
 
 def test_distill_runs_its_mapped_tasks_on_both_workers(airflow: LiveAirflow) -> None:
@@ -78,3 +93,29 @@ def test_distill_runs_its_mapped_tasks_on_both_workers(airflow: LiveAirflow) -> 
             assert row["articles"] == 2
             assert row["candidates"] == sum(row[s] for s in ("accepted", "rejected",
                                                              "failed", "deferred"))
+
+
+def test_ingest_tasks_on_both_workers_share_one_ncbi_limit(airflow: LiveAirflow) -> None:
+    fake: FakeEutils = airflow.eutils  # type: ignore[attr-defined]
+    fake.requests.clear()
+    airflow.cli("backfill", "create", "--dag-id", "pubmed_ingest", "--from-date",
+                "1977-05-02", "--to-date", "1977-05-06",
+                "--dag-run-conf", json.dumps({"subtrees": SUBTREES}))
+    with airflow.client() as api:
+        api.patch("/api/v2/dags/pubmed_ingest", json={"is_paused": False}).raise_for_status()
+        runs = airflow.wait_for(api, "pubmed_ingest", lambda rs: sum(
+            r["run_type"] == "backfill" for r in rs) == 5 and all(
+            r["state"] == "success" for r in rs if r["run_type"] == "backfill"),
+            what="the backfill")
+        tis = [t for r in runs if r["run_type"] == "backfill"
+               for t in airflow.task_instances(api, "pubmed_ingest", r["dag_run_id"])
+               if t["task_id"] == "ingest_subtree"]
+    assert len(tis) == 5 * len(SUBTREES)
+    assert {t["hostname"].split("@")[0] for t in tis} == set(CELERY_WORKERS)
+    requests = list(fake.requests)
+    # One esearch per task and window, an efetch per batch when there were hits.
+    assert len([r for r in requests if r.endpoint == "esearch.fcgi"]) >= len(tis)
+    assert [r.status for r in requests if r.status != 200] == []  # no 429: one limit held
+    times = sorted(r.time for r in requests)
+    busiest = max(sum(t <= u < t + 1.0 for u in times) for t in times)
+    assert busiest <= NCBI_LIMIT
