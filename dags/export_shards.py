@@ -13,9 +13,9 @@ from meshdistill_airflow import (
     DEFAULT_ARGS,
     EXPORTS,
     QA,
+    asset_triggered,
     database_url,
     fail_fast,
-    nothing_new,
 )
 from meshdistill_airflow.params import model_params
 
@@ -31,9 +31,10 @@ under **Output location** (`MESHDISTILL_HOME/exports` when empty, or any
 `ObjectStoragePath` URL: `s3://…`, `gs://…`, `file://…`; `conn_id` from the URL's
 connection settings), recorded in the `export` table and announced on
 `meshdistill://exports` with its id. Runs after each `distill` run (`meshdistill://qa`)
-with the defaults, or by hand with the form. A run triggered by `distill` runs that
-accepted nothing new is skipped (the last export already holds everything); a manual run
-with nothing to export fails with the reason. Details: `docs/export.md`.
+with the defaults, or by hand with the form. A run triggered by `distill` is skipped when
+the latest export with the same settings already holds everything (nothing was distilled
+since it began); a manual run always exports, and fails with the reason when nothing
+matches. Details: `docs/export.md`.
 """
 
 
@@ -53,11 +54,12 @@ def export_shards() -> None:
     def export(params: dict[str, Any] | None = None) -> dict[str, Any]:
         assert params is not None
         context = get_current_context()
-        skip = nothing_new(context, QA)
-        if skip:
-            raise AirflowSkipException(skip)
         with fail_fast():
             settings = pipeline.export_settings(params)
+            if asset_triggered(context, QA):
+                repeat = pipeline.export_up_to_date(settings, database_url())
+                if repeat:
+                    raise AirflowSkipException(repeat)
             where = ObjectStoragePath(settings.out or pipeline.default_export_location())
             out = pipeline.export_shards(settings, fs=where.fs, root=where.path,
                                          database_url=database_url())

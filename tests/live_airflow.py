@@ -8,7 +8,7 @@ import socket
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +30,9 @@ def free_port() -> int:
 @dataclass
 class LiveAirflow:
     instance: local.LocalAirflow
-    env: dict[str, str]
-    password: str
-    pipeline_url: str
+    env: dict[str, str] = field(repr=False)  # keys and the whole environment
+    password: str = field(repr=False)
+    pipeline_url: str = ""
 
     @property
     def url(self) -> str:

@@ -335,6 +335,16 @@ def export_settings(values: Mapping[str, Any]) -> ExportSettings:
     return _validated(ExportSettings, values, "export settings")
 
 
+def export_up_to_date(settings: ExportSettings, database_url: str | None = None
+                      ) -> str | None:
+    """Why exporting with ``settings`` now would repeat the latest such export, or None
+    (:func:`meshdistill.status.export_up_to_date`)."""
+    from meshdistill.status import export_up_to_date as query
+
+    with connect(database_url) as conn:
+        return query(conn, settings.stored())
+
+
 def default_export_location() -> str:
     """Where exports go unless told: ``MESHDISTILL_HOME/exports``."""
     return str(Settings.from_env().home / "exports")
@@ -392,6 +402,13 @@ def accepted_items(*, subtree: str | None = None, qtype: str | None = None, limi
 
     with connect(database_url) as conn:
         return query(conn, subtree=subtree, qtype=qtype, limit=limit)
+
+
+def distilled_subtrees(database_url: str | None = None) -> list[str]:
+    """The subtrees with at least one distilled candidate, sorted."""
+    with connect(database_url) as conn:
+        return [str(r[0]) for r in conn.exec_driver_sql(
+            "SELECT DISTINCT subtree FROM qa_item ORDER BY 1")]
 
 
 def database_now(database_url: str | None = None) -> datetime:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from collections.abc import Sequence
 from datetime import datetime
@@ -167,7 +168,10 @@ def subtree_report(conn: Connection, requested: Sequence[str] = ()) -> dict[str,
     for prefix in prefixes:
         try:
             row: dict[str, Any] = subtree_stats(conn, prefix)
-        except UnknownSubtreeError:  # a subtree of an older MeSH release
+        except UnknownSubtreeError:
+            if prefix in requested:  # a typo: the error names the closest subtrees
+                raise
+            # a subtree of an older MeSH release, still in the distilled rows
             row = {"subtree": prefix, "name": None, "descriptors": 0, "active_articles": 0,
                    "with_abstract": 0, "as_major_topic": 0}
         counts = {state: states.get(prefix, {}).get(state, 0) for state in TERMINAL}
@@ -208,3 +212,25 @@ def accepted_items(conn: Connection, *, subtree: str | None = None, qtype: str |
         "context_pmids": [c.get("pmid") for c in (r["contexts"] or [])],
         "updated_at": r["updated_at"].isoformat(),
     } for r in rows]
+
+
+def export_up_to_date(conn: Connection, params: dict[str, Any]) -> str | None:
+    """Why a new export with ``params`` (:meth:`ExportSettings.stored`) would only repeat
+    the latest one with the same settings, or None.
+
+    That export already holds everything when no candidate was written and no preference
+    pair made after it began (its ``created_at`` is the moment before it read the
+    database). A changed item (a redo that rejects what was accepted) counts as new.
+    """
+    latest = conn.exec_driver_sql(
+        "SELECT id, created_at FROM export WHERE params = %(p)s::jsonb "
+        "ORDER BY created_at DESC LIMIT 1", {"p": json.dumps(params)}).first()
+    if latest is None:
+        return None
+    newest = conn.exec_driver_sql(
+        "SELECT greatest((SELECT max(updated_at) FROM qa_item), "
+        "(SELECT max(created_at) FROM preference_pair))").scalar()
+    if newest is not None and newest >= latest[1]:
+        return None
+    return (f"export {latest[0]} (same settings) already holds every item and preference "
+            "pair: nothing was distilled since it began")

@@ -152,22 +152,9 @@ def _asset_events(context: Any, asset: Asset) -> list[Any]:
         return []
 
 
-def nothing_new(context: Any, asset: Asset) -> str | None:
-    """Why an asset-triggered run has nothing to do, or None.
-
-    ``distill`` announces ``meshdistill://qa`` after every run, with how many candidates
-    that run accepted. When every event that triggered this run accepted none (a daily
-    ingestion that found nothing, a rerun of settled articles), an export would only write
-    what the last one wrote.
-    """
-    events = _asset_events(context, asset)
-    if not events:
-        return None
-    counts = [(getattr(e, "extra", None) or {}).get("accepted") for e in events]
-    if all(c == 0 for c in counts):
-        return (f"the {len(events)} distill run(s) that triggered this run accepted no new "
-                "item: nothing new to export")
-    return None
+def asset_triggered(context: Any, asset: Asset) -> bool:
+    """This run was made by the scheduler from events of ``asset`` (not by hand)."""
+    return bool(_asset_events(context, asset))
 
 
 def asset_subtrees(context: Any, asset: Asset) -> list[str]:

@@ -38,7 +38,10 @@ def _authenticated() -> Any:
 
 
 def create_app() -> FastAPI:
-    app = FastAPI(title="meshdistill dashboard", dependencies=[_authenticated()])
+    # No /docs, /redoc or /openapi.json: FastAPI serves those outside the app's
+    # dependencies, so they would be the only pages without a login.
+    app = FastAPI(title="meshdistill dashboard", dependencies=[_authenticated()],
+                  docs_url=None, redoc_url=None, openapi_url=None)
 
     # Plain ``def`` routes: FastAPI runs them in its thread pool, off the event loop.
     @app.get("/api/status")
@@ -59,7 +62,7 @@ def create_app() -> FastAPI:
     def items(subtree: str | None = None, qtype: str | None = None,
               limit: int = Query(20, ge=1, le=200)) -> str:
         url = database_url()
-        known = list(pipeline.status_report(database_url=url)["subtrees"])
+        known = pipeline.distilled_subtrees(database_url=url)
         found = pipeline.accepted_items(subtree=subtree or None, qtype=qtype or None,
                                         limit=limit, database_url=url)
         return dashboard.items_page(found, known, QTYPES, subtree or None, qtype or None)

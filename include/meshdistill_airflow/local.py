@@ -27,6 +27,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -43,6 +44,7 @@ DEFAULT_PORT = 8080
 CELERY_WORKERS = ("worker1", "worker2")
 CELERY_CONCURRENCY = 2  # task slots per worker: one per core of a small machine
 COMPONENTS = ("api-server", "scheduler", "dag-processor", "triggerer")
+DEFAULT_BROKER = "redis://127.0.0.1:6379/0"
 SIMPLE_AUTH = "airflow.api_fastapi.auth.managers.simple.simple_auth_manager.SimpleAuthManager"
 
 
@@ -68,8 +70,9 @@ class LocalAirflow:
         path = self.state / "secrets" / name
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            path.write_text(make())
-            path.chmod(0o600)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as fh:
+                fh.write(make())
         return path.read_text().strip()
 
     def password(self) -> str:
@@ -113,7 +116,7 @@ class LocalAirflow:
             "AIRFLOW_CONN_MESHDISTILL_DB": pipeline_url,
         })
         if self.executor == "celery":
-            broker = os.environ.get("MESHDISTILL_CELERY_BROKER_URL", "redis://127.0.0.1:6379/0")
+            broker = celery_broker(extra)
             env.update({
                 "AIRFLOW__CELERY__BROKER_URL": broker,
                 "AIRFLOW__CELERY__RESULT_BACKEND": "db+" + metadata_url.replace(
@@ -122,6 +125,13 @@ class LocalAirflow:
             })
         env.update(extra or {})
         return env
+
+
+def celery_broker(extra: Mapping[str, str] | None = None) -> str:
+    """``MESHDISTILL_CELERY_BROKER_URL`` (from ``extra``, else the environment), else
+    the Redis on this machine."""
+    return ((extra or {}).get("MESHDISTILL_CELERY_BROKER_URL")
+            or os.environ.get("MESHDISTILL_CELERY_BROKER_URL") or DEFAULT_BROKER)
 
 
 def _databases(settings: Settings, metadata: str | None, pipeline: str | None
@@ -147,19 +157,26 @@ def airflow_cli(env: Mapping[str, str], *args: str) -> str:
     return done.stdout
 
 
-def _pids(la: LocalAirflow) -> dict[str, int]:
+def _start_time(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (``/proc/<pid>/stat`` field
+    22), or None when no such process runs (a zombie counts as gone). With the pid it
+    names one process: a pid reused after a reboot or a crash has another start time."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) "
+    return None if fields[0] in ("Z", "X") else fields[19]
+
+
+def _records(la: LocalAirflow) -> dict[str, dict[str, Any]]:
     path = la.state / "pids.json"
     return json.loads(path.read_text()) if path.exists() else {}
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+def _running(record: Mapping[str, Any]) -> bool:
+    """The recorded process still runs: same pid, same start time."""
+    return _start_time(int(record["pid"])) == record["start"]
 
 
 def _commands(la: LocalAirflow) -> dict[str, tuple[list[str], dict[str, str]]]:
@@ -218,69 +235,119 @@ def _healthy(data: dict[str, Any] | None) -> bool:
     return all((data.get(p) or {}).get("status") == "healthy" for p in parts)
 
 
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _reachable(url: str) -> bool:
+    """A TCP connection to the host and port of ``url`` (a broker) succeeds."""
+    parts = urllib.parse.urlsplit(url)
+    try:
+        with socket.create_connection((parts.hostname or "127.0.0.1", parts.port or 6379),
+                                      timeout=3):
+            return True
+    except OSError:
+        return False
+
+
 def up(la: LocalAirflow, settings: Settings, *, metadata_url: str | None = None,
        pipeline_url: str | None = None, extra_env: Mapping[str, str] | None = None,
        timeout: float = 240.0) -> dict[str, Any]:
-    """Start the instance (a no-op for what already runs) and wait until every component
+    """Start the instance (what already runs is kept) and wait until every component
     reports healthy; returns the URL, the user, the process ids and the environment the
-    processes run with (for ``airflow`` commands against this instance)."""
+    processes run with (for ``airflow`` commands against this instance).
+
+    Refuses, before starting anything, an instance already running with another executor
+    or port, a port another program holds, and a Celery broker that does not answer. On a
+    failure the processes started stay recorded, so :func:`down` stops them.
+    """
     la.state.mkdir(parents=True, exist_ok=True)
     (la.state / "logs").mkdir(exist_ok=True)
+    info_path = la.state / "instance.json"
+    info = json.loads(info_path.read_text()) if info_path.exists() else {}
+    running = {k: r for k, r in _records(la).items() if _running(r)}
+    if running and (info.get("url"), info.get("executor")) != (la.url, la.executor):
+        raise RuntimeError(f"an instance already runs at {info.get('url')} with the "
+                           f"{info.get('executor')} executor: `make down` first")
+    if "api-server" not in running and not _port_free(la.port):
+        raise RuntimeError(f"port {la.port} is taken (another Airflow?): stop it, or set "
+                           "MESHDISTILL_AIRFLOW_PORT")
+    broker = celery_broker(extra_env)
+    if la.executor == "celery" and not _reachable(broker):
+        raise RuntimeError(f"no Celery broker answers at {broker} (start Redis, or set "
+                           "MESHDISTILL_CELERY_BROKER_URL)")
+    # Stop the embedded server in `down` only if this instance started it.
+    pg_was_up = (embedded.pgdata_dir(settings.home) / "postmaster.pid").exists()
     metadata_url, pipeline_url, uses_embedded = _databases(settings, metadata_url,
                                                            pipeline_url)
+    info = {"url": la.url, "executor": la.executor, "meshdistill_home": str(settings.home),
+            "started_embedded_postgres": bool(info.get("started_embedded_postgres"))
+            or (uses_embedded and not pg_was_up)}
+    info_path.write_text(json.dumps(info, indent=1))
     env = la.environment(metadata_url, pipeline_url, extra_env)
     airflow_cli(env, "db", "migrate")
     for name, (slots, description) in POOLS.items():
         airflow_cli(env, "pools", "set", name, str(slots), description)
-    pids = {k: v for k, v in _pids(la).items() if _alive(v)}
+    records = dict(running)
+    started: dict[str, subprocess.Popen[bytes]] = {}
     offsets: dict[str, int] = {}
     for name, (command, own) in _commands(la).items():
-        if name in pids:
+        if name in records:
             continue
-        log = (la.state / "logs" / f"{name}.log").open("ab")
-        offsets[name] = log.tell()
-        pids[name] = subprocess.Popen(command, env={**env, **own}, stdout=log,
-                                      stderr=subprocess.STDOUT,
-                                      stdin=subprocess.DEVNULL, start_new_session=True,
-                                      cwd=la.repo).pid
-    (la.state / "pids.json").write_text(json.dumps(pids, indent=1))
-    (la.state / "instance.json").write_text(json.dumps(
-        {"url": la.url, "executor": la.executor, "embedded_postgres": uses_embedded,
-         "meshdistill_home": str(settings.home)}, indent=1))
+        with (la.state / "logs" / f"{name}.log").open("ab") as log:
+            offsets[name] = log.tell()
+            proc = subprocess.Popen(command, env={**env, **own}, stdout=log,
+                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    start_new_session=True, cwd=la.repo)
+        started[name] = proc
+        records[name] = {"pid": proc.pid, "start": _start_time(proc.pid)}
+        (la.state / "pids.json").write_text(json.dumps(records, indent=1))
     deadline = time.monotonic() + timeout
     data = health(la)
     while not (_healthy(data) and _workers_ready(la, offsets)):
-        dead = [n for n, p in pids.items() if not _alive(p)]
+        dead = [n for n, p in started.items() if p.poll() is not None]
+        dead += [n for n, r in records.items() if n not in started and not _running(r)]
         if dead:
-            raise RuntimeError(f"{', '.join(dead)} exited; see {la.state / 'logs'}")
+            raise RuntimeError(f"{', '.join(dead)} exited; see {la.state / 'logs'} "
+                               "(`make down` stops the rest)")
         if time.monotonic() > deadline:
-            raise RuntimeError(f"Airflow not healthy after {timeout:.0f} s: {data}; "
-                               f"see {la.state / 'logs'}")
+            raise RuntimeError(f"Airflow not healthy after {timeout:.0f} s: {data}; see "
+                               f"{la.state / 'logs'} (`make down` stops what started)")
         time.sleep(2)
         data = health(la)
+    pids = {k: int(r["pid"]) for k, r in records.items()}
     return {"url": la.url, "user": USER, "pids": pids, "executor": la.executor, "env": env}
 
 
 def down(la: LocalAirflow, settings: Settings, timeout: float = 30.0) -> list[str]:
-    """Stop every process ``up`` started (each with its children), then the embedded
-    PostgreSQL if ``up`` used it; returns what was stopped."""
-    pids = _pids(la)
-    for pid in pids.values():
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pid, signal.SIGTERM)
+    """Stop every process ``up`` started that still runs (each with its children: its
+    process group), then the embedded PostgreSQL if ``up`` started it; returns what was
+    stopped. A recorded pid that now names another process is left alone."""
+    records = {k: r for k, r in _records(la).items() if _running(r)}
+
+    def signal_all(sig: int) -> None:
+        for record in records.values():
+            if _running(record):
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(int(record["pid"]), sig)
+
+    signal_all(signal.SIGTERM)
     deadline = time.monotonic() + timeout
-    while any(_alive(p) for p in pids.values()) and time.monotonic() < deadline:
+    while any(_running(r) for r in records.values()) and time.monotonic() < deadline:
         time.sleep(0.5)
-    for pid in pids.values():
-        if _alive(pid):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(pid, signal.SIGKILL)
-    stopped = list(pids)
+    signal_all(signal.SIGKILL)
+    stopped = list(records)
     (la.state / "pids.json").unlink(missing_ok=True)
-    info = la.state / "instance.json"
-    embedded_used = info.exists() and json.loads(info.read_text()).get("embedded_postgres")
-    if embedded_used and embedded.stop(settings.home):
+    info_path = la.state / "instance.json"
+    info = json.loads(info_path.read_text()) if info_path.exists() else {}
+    if info.get("started_embedded_postgres") and embedded.stop(settings.home):
         stopped.append("embedded PostgreSQL")
+    info_path.unlink(missing_ok=True)
     return stopped
 
 

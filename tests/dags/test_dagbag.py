@@ -179,19 +179,15 @@ def test_asset_subtrees_reads_the_triggering_events() -> None:
     assert asset_subtrees({}, ARTICLES) == []
 
 
-def test_an_export_triggered_only_by_runs_that_accepted_nothing_has_nothing_new() -> None:
+def test_asset_triggered_tells_a_scheduled_run_from_a_manual_one() -> None:
     from types import SimpleNamespace
 
-    from meshdistill_airflow import QA, nothing_new
+    from meshdistill_airflow import ARTICLES, QA, asset_triggered
 
-    def ctx(*accepted: int | None) -> dict[str, object]:
-        return {"triggering_asset_events": {QA: [
-            SimpleNamespace(extra={} if a is None else {"accepted": a}) for a in accepted]}}
-
-    assert nothing_new({}, QA) is None  # a manual run
-    assert "2 distill run(s)" in (nothing_new(ctx(0, 0), QA) or "")
-    assert nothing_new(ctx(0, 3), QA) is None
-    assert nothing_new(ctx(None), QA) is None  # an event of unknown content: export
+    context = {"triggering_asset_events": {QA: [SimpleNamespace(extra={"accepted": 3})]}}
+    assert asset_triggered(context, QA)
+    assert not asset_triggered(context, ARTICLES)
+    assert not asset_triggered({}, QA)  # a manual run
 
 
 def test_export_shards_follows_distill_and_updates_the_exports_asset(dagbag: DagBag) -> None:

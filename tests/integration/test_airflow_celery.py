@@ -28,6 +28,7 @@ SUBTREES = ["C04", "C14", "C10", "C06"]
 NAMES = ["Neoplasms", "Cardiovascular Diseases", "Nervous System Diseases",
          "Digestive System Diseases"]
 NCBI_LIMIT = 10  # requests per second with an API key
+LLM_SLOTS = 2
 # A database of its own on the machine's Redis, so a `make up EXECUTOR=celery` beside the
 # tests never shares their queue.
 BROKER = os.environ.get("MESHDISTILL_TEST_CELERY_BROKER_URL", "redis://127.0.0.1:6379/7")
@@ -61,6 +62,9 @@ def airflow(make_database: Callable[[], str], tmp_path_factory: pytest.TempPathF
 def test_distill_runs_its_mapped_tasks_on_both_workers(airflow: LiveAirflow) -> None:
     with airflow.client() as api:
         api.patch("/api/v2/dags/distill", json={"is_paused": False}).raise_for_status()
+        # Fewer llm slots than subtrees and than the workers' 4 task slots: the pool,
+        # not the executor, is what must hold the distill tasks back.
+        api.patch("/api/v2/pools/llm", json={"slots": LLM_SLOTS}).raise_for_status()
         conf = {"subtrees": SUBTREES, "max_articles": 2, "questions_per_article": 2,
                 "backend": "offline", "budget_usd": 1.0}
         r = api.post("/api/v2/dags/distill/dagRuns", json={"logical_date": None, "conf": conf})
@@ -84,7 +88,7 @@ def test_distill_runs_its_mapped_tasks_on_both_workers(airflow: LiveAirflow) -> 
             assert out["value"]["budget"]["limit_usd"] == pytest.approx(0.25)
         spans = [(t["start_date"], t["end_date"]) for t in mapped]
         most = max(sum(s <= at < e for s, e in spans) for at, _ in spans)
-        assert most <= 4
+        assert most <= LLM_SLOTS
         summary = api.get(f"/api/v2/dags/distill/dagRuns/{run_id}/taskInstances/summary/"
                           "xcomEntries/return_value", params={"deserialize": True}).json()
         value = summary["value"]

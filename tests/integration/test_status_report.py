@@ -4,6 +4,7 @@ pages and plot built from it, on real distill runs of the offline backend."""
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 
 import pytest
 from meshdistill import dashboard
@@ -96,3 +97,28 @@ def test_dashboard_pages_show_the_report_and_escape_model_output(distill_url: st
     png = dashboard.subtree_plot(status["subtrees"])
     assert png.startswith(b"\x89PNG") and len(png) > 5000
     assert dashboard.subtree_plot({}).startswith(b"\x89PNG")
+
+
+def test_export_up_to_date_until_something_is_distilled(distill_url: str,
+                                                         tmp_path: Path) -> None:
+    from meshdistill.errors import UnknownSubtreeError
+    from meshdistill.export.settings import ExportSettings
+    from meshdistill.pipeline import export_shards, export_up_to_date
+
+    _run(distill_url, "C04", "current-1")
+    settings = ExportSettings(out=str(tmp_path / "a"))
+    assert export_up_to_date(settings, distill_url) is None  # never exported so
+    out = export_shards(settings, database_url=distill_url)
+    reason = export_up_to_date(settings, distill_url)
+    assert reason and out["export_id"] in reason
+    # Other settings: their own history.
+    assert export_up_to_date(ExportSettings(out=str(tmp_path / "b")), distill_url) is None
+    # A candidate written after the export began: the export no longer holds everything.
+    with get_engine(distill_url).begin() as conn:
+        conn.execute(text("UPDATE qa_item SET updated_at = now() "
+                          "WHERE id = (SELECT max(id) FROM qa_item)"))
+    assert export_up_to_date(settings, distill_url) is None
+
+    # A subtree asked for by name must exist; one only found in the rows may not.
+    with pytest.raises(UnknownSubtreeError, match="C4"):
+        status_report(["C4"], database_url=distill_url)

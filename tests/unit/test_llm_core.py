@@ -144,3 +144,23 @@ def test_an_output_cap_is_a_parameter_of_the_request() -> None:
     assert capped.params.temperature == request.params.temperature
     assert capped.cache_key("m") != request.cache_key("m")
     assert capped.cache_key("m") == request.capped(512).cache_key("m")
+
+
+def test_an_empty_openai_base_url_in_the_environment_means_openai(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Docker Compose passes unset settings as empty strings; the SDK would take ``''``."""
+    import asyncio
+
+    from meshdistill.llm.embeddings import OpenAIEmbedder
+    from meshdistill.llm.openai_backend import OpenAIBackend
+
+    monkeypatch.setenv("OPENAI_BASE_URL", "")
+    monkeypatch.setenv("MESHDISTILL_EMBEDDING_BASE_URL", "")
+
+    async def client_url() -> str:
+        client, _ = OpenAIBackend(model="m", api_key="k", transport="httpx")._state()
+        return str(client.base_url)
+
+    assert asyncio.run(client_url()).startswith("https://api.openai.com/v1")
+    embedder = OpenAIEmbedder(model="e", api_key="k")
+    assert str(embedder._get_client().base_url).startswith("https://api.openai.com/v1")

@@ -23,6 +23,7 @@ import openai
 from openai import OpenAI
 
 from meshdistill.errors import ConfigError, MeshDistillError
+from meshdistill.llm.config import OPENAI_API_URL
 from meshdistill.llm.retrying import RetryPolicy
 
 DEFAULT_BATCH_SIZE = 128
@@ -124,7 +125,7 @@ class OpenAIEmbedder:
         with self._lock:
             if self._client is None:
                 self._client = OpenAI(
-                    api_key=self._api_key, base_url=self.base_url,
+                    api_key=self._api_key, base_url=self.base_url or OPENAI_API_URL,
                     organization=self.organization, timeout=self.timeout, max_retries=0,
                 )
             return self._client

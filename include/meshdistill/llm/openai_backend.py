@@ -35,7 +35,7 @@ from pydantic import BaseModel, ValidationError
 
 from meshdistill.errors import ConfigError
 from meshdistill.llm.backend import FailureKind, LLMRequest, LLMResult, T
-from meshdistill.llm.config import DEFAULT_CONCURRENCY
+from meshdistill.llm.config import DEFAULT_CONCURRENCY, OPENAI_API_URL
 from meshdistill.llm.retrying import RetryPolicy, refuses_response_format
 from meshdistill.llm.retrying import retry_after_seconds as retry_after_seconds
 
@@ -245,7 +245,8 @@ class OpenAIBackend:
             if self.transport == "aiohttp":
                 extra["http_client"] = DefaultAioHttpClient()
             self._client = AsyncOpenAI(
-                api_key=self._api_key, base_url=self.base_url, organization=self.organization,
+                api_key=self._api_key, base_url=self.base_url or OPENAI_API_URL,
+                organization=self.organization,
                 timeout=self.timeout, max_retries=0, **extra,
             )
             self._semaphore = asyncio.Semaphore(self.max_concurrency)
