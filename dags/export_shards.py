@@ -8,6 +8,7 @@ import pendulum
 from airflow.sdk import ObjectStoragePath, dag, get_current_context, task
 from airflow.sdk.exceptions import AirflowSkipException
 from meshdistill import pipeline
+from meshdistill.errors import NothingToExportError
 from meshdistill.export.settings import ExportSettings
 from meshdistill_airflow import (
     DEFAULT_ARGS,
@@ -33,8 +34,8 @@ connection settings), recorded in the `export` table and announced on
 `meshdistill://exports` with its id. Runs after each `distill` run (`meshdistill://qa`)
 with the defaults, or by hand with the form. A run triggered by `distill` is skipped when
 the latest export with the same settings already holds everything (nothing was distilled
-since it began); a manual run always exports, and fails with the reason when nothing
-matches. Details: `docs/export.md`.
+since it began), or when nothing matches yet; a manual run always exports, and fails
+with the reason when nothing matches. Details: `docs/export.md`.
 """
 
 
@@ -56,13 +57,19 @@ def export_shards() -> None:
         context = get_current_context()
         with fail_fast():
             settings = pipeline.export_settings(params)
-            if asset_triggered(context, QA):
+            scheduled = asset_triggered(context, QA)
+            if scheduled:
                 repeat = pipeline.export_up_to_date(settings, database_url())
                 if repeat:
                     raise AirflowSkipException(repeat)
             where = ObjectStoragePath(settings.out or pipeline.default_export_location())
-            out = pipeline.export_shards(settings, fs=where.fs, root=where.path,
-                                         database_url=database_url())
+            try:
+                out = pipeline.export_shards(settings, fs=where.fs, root=where.path,
+                                             database_url=database_url())
+            except NothingToExportError as exc:
+                if scheduled:  # nothing accepted yet: normal for a new schedule
+                    raise AirflowSkipException(str(exc)) from exc
+                raise
         context["outlet_events"][EXPORTS].extra = {
             "export_id": out["export_id"], "path": out["path"], "counts": out["counts"]}
         return out

@@ -64,7 +64,7 @@ def test_distill_runs_its_mapped_tasks_on_both_workers(airflow: LiveAirflow) -> 
         api.patch("/api/v2/dags/distill", json={"is_paused": False}).raise_for_status()
         # Fewer llm slots than subtrees and than the workers' 4 task slots: the pool,
         # not the executor, is what must hold the distill tasks back.
-        api.patch("/api/v2/pools/llm", json={"slots": LLM_SLOTS}).raise_for_status()
+        airflow.cli("pools", "set", "llm", str(LLM_SLOTS), "distill tasks at once")
         conf = {"subtrees": SUBTREES, "max_articles": 2, "questions_per_article": 2,
                 "backend": "offline", "budget_usd": 1.0}
         r = api.post("/api/v2/dags/distill/dagRuns", json={"logical_date": None, "conf": conf})
