@@ -236,7 +236,10 @@ def _healthy(data: dict[str, Any] | None) -> bool:
 
 
 def _port_free(port: int) -> bool:
+    """Nothing listens on ``port``: a bind as the api-server makes it (SO_REUSEADDR, so
+    the connections a stopped server left in TIME_WAIT do not count) succeeds."""
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
         except OSError:
@@ -375,7 +378,11 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(data, indent=1) if data else f"no Airflow answers at {la.url}")
         return 0 if _healthy(data) else 1
     print(f"starting Airflow ({la.executor} executor) under {la.home} ...", flush=True)
-    out = up(la, settings)
+    try:
+        out = up(la, settings)
+    except RuntimeError as exc:  # a refusal or a component that did not start: no trace
+        print(f"make up: {exc}", file=sys.stderr)
+        return 1
     print(f"Airflow is up: {out['url']}\n"
           f"  login: {out['user']} / {la.password()}  (kept in {la.passwords_file})\n"
           f"  components: {', '.join(out['pids'])}; logs in {la.state / 'logs'}\n"
