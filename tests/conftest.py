@@ -145,11 +145,9 @@ def distill_url(corpus_url: str) -> str:
 
 def run_airflow(*args: str) -> None:
     """The ``airflow`` command of this environment, failing the test on a non-zero exit."""
-    import subprocess
-    import sys
+    from meshdistill_airflow.local import airflow_cli
 
-    airflow = Path(sys.executable).parent / "airflow"
-    subprocess.run([str(airflow), *args], check=True, capture_output=True, env=os.environ)
+    airflow_cli(os.environ, *args)
 
 
 @pytest.fixture(scope="session")

@@ -4,6 +4,7 @@ of its REST API (the real one, over HTTP, with a JWT from ``/auth/token``)."""
 
 from __future__ import annotations
 
+import json
 import socket
 import time
 from collections.abc import Iterator, Mapping
@@ -19,6 +20,13 @@ from meshdistill_airflow import local
 from tests.support import REPO
 
 TERMINAL_RUN_STATES = ("success", "failed")
+
+
+def ncbi_connection(base_url: str) -> str:
+    """``AIRFLOW_CONN_MESHDISTILL_NCBI`` for a local E-utilities server, with an API key
+    (NCBI's 10 requests/s)."""
+    return json.dumps({"conn_type": "http", "host": base_url, "login": "dev@example.org",
+                       "password": "test-key"})
 
 
 def free_port() -> int:
@@ -75,11 +83,8 @@ class LiveAirflow:
             time.sleep(2)
 
     def task_states(self, api: httpx.Client, dag_id: str, run_id: str) -> list[tuple[Any, ...]]:
-        r = api.get(f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances",
-                    params={"limit": 100})
-        r.raise_for_status()
         return [(t["task_id"], t.get("map_index"), t["state"], t.get("hostname"))
-                for t in r.json()["task_instances"]]
+                for t in self.task_instances(api, dag_id, run_id)]
 
     def task_instances(self, api: httpx.Client, dag_id: str, run_id: str
                        ) -> list[dict[str, Any]]:
@@ -87,6 +92,16 @@ class LiveAirflow:
                     params={"limit": 100})
         r.raise_for_status()
         return list(r.json()["task_instances"])
+
+    def xcom(self, api: httpx.Client, dag_id: str, run_id: str, task_id: str,
+             map_index: int = -1) -> Any:
+        """What a task instance returned (its ``return_value`` XCom), deserialized."""
+        r = api.get(f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/"
+                    "xcomEntries/return_value",
+                    params={"map_index": map_index, "deserialize": True})
+        r.raise_for_status()
+        value = r.json()["value"]
+        return json.loads(value) if isinstance(value, str) else value
 
 
 @contextmanager

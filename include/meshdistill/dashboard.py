@@ -7,10 +7,11 @@ Jinja templates with autoescaping, since questions and answers are model output.
 
 from __future__ import annotations
 
-import io
 from typing import Any
 
 from jinja2 import Environment, PackageLoader, select_autoescape
+
+from meshdistill.plotting import figure, to_png
 
 _TEMPLATES = Environment(loader=PackageLoader("meshdistill", "templates"),
                          autoescape=select_autoescape(default=True), trim_blocks=True,
@@ -37,13 +38,8 @@ def subtree_plot(subtrees: dict[str, dict[str, Any]]) -> bytes:
     """PNG: candidates by state and acceptance rate per subtree, beside the LLM calls (with
     tokens and cost) each subtree's runs paid for: what a person compares at a glance
     rather than in the table."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib.figure import Figure
-
     names = list(subtrees)
-    fig = Figure(figsize=(10, 3.6), dpi=100, layout="constrained")
+    fig = figure(10, 3.6)
     states, cost = fig.subplots(1, 2)
     if not names:
         for ax in (states, cost):
@@ -76,6 +72,4 @@ def subtree_plot(subtrees: dict[str, dict[str, Any]]) -> bytes:
                           ha="center", va="bottom", fontsize=8)
         for ax in (states, cost):
             ax.tick_params(axis="x", rotation=30)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    return buf.getvalue()
+    return to_png(fig)

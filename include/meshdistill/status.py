@@ -138,11 +138,6 @@ def subtree_report(conn: Connection, requested: Sequence[str] = ()) -> dict[str,
     yet); None before any is settled. ``meshdistill status --json`` and the Airflow
     dashboard both read this, so they cannot disagree.
     """
-    prefixes = dict.fromkeys(requested)
-    for (prefix,) in conn.exec_driver_sql(
-            "SELECT subtree FROM ingest_watermark UNION SELECT DISTINCT subtree FROM qa_item "
-            "ORDER BY 1"):
-        prefixes.setdefault(prefix)
     states: dict[str, dict[str, int]] = {}
     for prefix, state, n in conn.exec_driver_sql(
             "SELECT subtree, state, count(*) FROM qa_item GROUP BY subtree, state"):
@@ -164,6 +159,7 @@ def subtree_report(conn: Connection, requested: Sequence[str] = ()) -> dict[str,
             "ORDER BY subtree, source"):
         watermarks.setdefault(prefix, []).append(
             {"source": source, "watermark": mark.isoformat(), "last_count": last})
+    prefixes = dict.fromkeys([*requested, *sorted(watermarks.keys() | states.keys())])
     out: dict[str, Any] = {}
     for prefix in prefixes:
         try:

@@ -53,7 +53,6 @@ DEFAULT_ARGS: dict[str, Any] = {
 }
 
 
-
 # Errors no retry can fix (a bad Param, a malformed file): fail the task at once.
 PERMANENT_ERRORS: tuple[type[Exception], ...] = (
     ConfigError,

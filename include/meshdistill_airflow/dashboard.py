@@ -15,8 +15,9 @@ from typing import Any
 from fastapi import Depends, FastAPI, Query
 from fastapi.responses import HTMLResponse, Response
 from meshdistill import dashboard, pipeline
+from meshdistill.llm.schemas import QuestionType
 
-QTYPES = ["yesno", "factoid", "list", "summary"]
+QTYPES = [t.value for t in QuestionType]
 
 
 def database_url() -> str | None:

@@ -45,6 +45,7 @@ CELERY_WORKERS = ("worker1", "worker2")
 CELERY_CONCURRENCY = 2  # task slots per worker: one per core of a small machine
 COMPONENTS = ("api-server", "scheduler", "dag-processor", "triggerer")
 DEFAULT_BROKER = "redis://127.0.0.1:6379/0"
+AIRFLOW = str(Path(sys.executable).parent / "airflow")  # this environment's CLI
 SIMPLE_AUTH = "airflow.api_fastapi.auth.managers.simple.simple_auth_manager.SimpleAuthManager"
 
 
@@ -86,8 +87,7 @@ class LocalAirflow:
                     extra: Mapping[str, str] | None = None) -> dict[str, str]:
         """The environment every Airflow process of this instance runs with (``extra``
         last: more connections, say, as ``AIRFLOW_CONN_*`` variables)."""
-        if not self.passwords_file.exists():
-            self._secret("passwords.json", lambda: json.dumps({USER: secrets.token_urlsafe(12)}))
+        self._secret("passwords.json", lambda: json.dumps({USER: secrets.token_urlsafe(12)}))
         from cryptography.fernet import Fernet
 
         env = dict(os.environ)
@@ -149,8 +149,7 @@ def _databases(settings: Settings, metadata: str | None, pipeline: str | None
 
 def airflow_cli(env: Mapping[str, str], *args: str) -> str:
     """Run one ``airflow`` CLI command to completion; its output, or a clear error."""
-    done = subprocess.run([str(Path(sys.executable).parent / "airflow"), *args],
-                          env=dict(env), capture_output=True, text=True)
+    done = subprocess.run([AIRFLOW, *args], env=dict(env), capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"airflow {' '.join(args)} failed ({done.returncode}):\n"
                            f"{(done.stderr or done.stdout)[-3000:]}")
@@ -181,9 +180,8 @@ def _running(record: Mapping[str, Any]) -> bool:
 
 def _commands(la: LocalAirflow) -> dict[str, tuple[list[str], dict[str, str]]]:
     """Each process to start: its command line and what its environment adds."""
-    airflow = str(Path(sys.executable).parent / "airflow")
     commands: dict[str, tuple[list[str], dict[str, str]]] = {
-        name: ([airflow, name], {}) for name in COMPONENTS}
+        name: ([AIRFLOW, name], {}) for name in COMPONENTS}
     if la.executor == "celery":
         host = socket.gethostname()
         for worker in CELERY_WORKERS:
@@ -191,7 +189,7 @@ def _commands(la: LocalAirflow) -> dict[str, tuple[list[str], dict[str, str]]]:
             # it runs (as two machines would), and neither serves logs on the shared port
             # (the api-server reads them from the common log folder).
             commands[f"celery-{worker}"] = (
-                [airflow, "celery", "worker", "--celery-hostname", f"{worker}@{host}",
+                [AIRFLOW, "celery", "worker", "--celery-hostname", f"{worker}@{host}",
                  "--concurrency", str(CELERY_CONCURRENCY), "--skip-serve-logs"],
                 {"MESHDISTILL_WORKER_HOSTNAME": f"{worker}@{host}",
                  "AIRFLOW__CORE__HOSTNAME_CALLABLE":

@@ -20,7 +20,7 @@ from meshdistill.store.db import get_engine
 from sqlalchemy import text
 
 from tests.fakes.eutils_server import FakeEutils, baseline_corpus, explode_from_mtrees
-from tests.live_airflow import LiveAirflow, running_airflow
+from tests.live_airflow import LiveAirflow, ncbi_connection, running_airflow
 from tests.support import load_test_mesh
 
 pytestmark = pytest.mark.integration
@@ -46,13 +46,11 @@ def airflow(make_database: Callable[[], str], tmp_path_factory: pytest.TempPathF
     pipeline_url = make_database()
     load_test_mesh(pipeline_url)
     home = tmp_path_factory.mktemp("airflow-backfill")
-    with FakeEutils(corpus, explode=explode) as eutils:
-        ncbi = {"conn_type": "http", "host": eutils.base_url, "login": "dev@example.org",
-                "password": "test-key"}  # a key: NCBI's 10 requests/s
-        with running_airflow(home / "airflow", make_database(), pipeline_url, extra_env={
-                "MESHDISTILL_HOME": str(home / "meshdistill"),
-                "AIRFLOW_CONN_MESHDISTILL_NCBI": json.dumps(ncbi)}) as af:
-            yield af
+    with (FakeEutils(corpus, explode=explode) as eutils,
+          running_airflow(home / "airflow", make_database(), pipeline_url, extra_env={
+              "MESHDISTILL_HOME": str(home / "meshdistill"),
+              "AIRFLOW_CONN_MESHDISTILL_NCBI": ncbi_connection(eutils.base_url)}) as af):
+        yield af
 
 
 def _expected(corpus: tuple[Any, ...], explode: dict[str, set[str]]) -> dict[str, set[int]]:
@@ -75,14 +73,6 @@ def _snapshot(url: str) -> dict[str, Any]:
             "llm_calls": one("SELECT count(*) FROM llm_call"),
             "exports": one("SELECT count(*) FROM export"),
         }
-
-
-def _xcom(api: Any, dag_id: str, run_id: str, task_id: str, map_index: int) -> Any:
-    r = api.get(f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/xcomEntries/"
-                "return_value", params={"map_index": map_index, "deserialize": True})
-    r.raise_for_status()
-    value = r.json()["value"]
-    return json.loads(value) if isinstance(value, str) else value
 
 
 def _settled(airflow: LiveAirflow, api: Any) -> None:
@@ -118,7 +108,7 @@ def test_backfill_fetches_each_window_once_and_the_asset_chain_follows(
             r["state"] == "success" for r in runs), what="the scheduled run")
         assert daily["run_type"] == "scheduled"
         yesterday = date.fromisoformat(daily["data_interval_start"][:10])
-        out = _xcom(api, "pubmed_ingest", daily["dag_run_id"], "ingest_subtree", 0)
+        out = airflow.xcom(api, "pubmed_ingest", daily["dag_run_id"], "ingest_subtree", 0)
         assert out["window"] == [yesterday.isoformat()] * 2 and out["subtree"] == "C04"
         assert out["watermark"] == yesterday.isoformat()
 
@@ -134,7 +124,7 @@ def test_backfill_fetches_each_window_once_and_the_asset_chain_follows(
         marks: dict[str, list[str]] = {p: [] for p in SUBTREES}
         for run in sorted(runs, key=lambda r: r["end_date"]):
             for i, prefix in enumerate(SUBTREES):
-                out = _xcom(api, "pubmed_ingest", run["dag_run_id"], "ingest_subtree", i)
+                out = airflow.xcom(api, "pubmed_ingest", run["dag_run_id"], "ingest_subtree", i)
                 assert out["subtree"] == prefix and out["reconciled"] is True
                 windows[prefix].append(tuple(out["window"]))
                 marks[prefix].append(out["watermark"])

@@ -19,7 +19,7 @@ import redis
 from meshdistill_airflow.local import CELERY_WORKERS
 
 from tests.fakes.eutils_server import FakeEutils, baseline_corpus, explode_from_mtrees
-from tests.live_airflow import LiveAirflow, running_airflow
+from tests.live_airflow import LiveAirflow, ncbi_connection, running_airflow
 from tests.support import load_test_corpus
 
 pytestmark = pytest.mark.integration
@@ -47,16 +47,16 @@ def airflow(make_database: Callable[[], str], tmp_path_factory: pytest.TempPathF
     load_test_corpus(pipeline_url)
     home = tmp_path_factory.mktemp("airflow-celery")
     corpus = baseline_corpus(date(1977, 4, 1), date(1977, 7, 31))
-    with FakeEutils(corpus, explode=explode_from_mtrees(NAMES), rate_limit=NCBI_LIMIT) as fake:
-        ncbi = {"conn_type": "http", "host": fake.base_url, "login": "dev@example.org",
-                "password": "test-key"}
-        with running_airflow(home / "airflow", make_database(), pipeline_url,
-                             executor="celery", extra_env={
-                                 "MESHDISTILL_HOME": str(home / "meshdistill"),
-                                 "MESHDISTILL_CELERY_BROKER_URL": BROKER,
-                                 "AIRFLOW_CONN_MESHDISTILL_NCBI": json.dumps(ncbi)}) as af:
-            af.eutils = fake  # type: ignore[attr-defined]
-            yield af
+    with (FakeEutils(corpus, explode=explode_from_mtrees(NAMES),
+                     rate_limit=NCBI_LIMIT) as fake,
+          running_airflow(home / "airflow", make_database(), pipeline_url, executor="celery",
+                          extra_env={
+                              "MESHDISTILL_HOME": str(home / "meshdistill"),
+                              "MESHDISTILL_CELERY_BROKER_URL": BROKER,
+                              "AIRFLOW_CONN_MESHDISTILL_NCBI": ncbi_connection(fake.base_url),
+                          }) as af):
+        af.eutils = fake  # type: ignore[attr-defined]
+        yield af
 
 
 def test_distill_runs_its_mapped_tasks_on_both_workers(airflow: LiveAirflow) -> None:
@@ -82,16 +82,12 @@ def test_distill_runs_its_mapped_tasks_on_both_workers(airflow: LiveAirflow) -> 
         # The run's budget, split before mapping, whichever worker runs each share; and
         # the llm pool's 4 slots held across both workers.
         for t in mapped:
-            out = api.get(f"/api/v2/dags/distill/dagRuns/{run_id}/taskInstances/"
-                          f"subtree.distill/xcomEntries/return_value",
-                          params={"map_index": t["map_index"], "deserialize": True}).json()
-            assert out["value"]["budget"]["limit_usd"] == pytest.approx(0.25)
+            out = airflow.xcom(api, "distill", run_id, "subtree.distill", t["map_index"])
+            assert out["budget"]["limit_usd"] == pytest.approx(0.25)
         spans = [(t["start_date"], t["end_date"]) for t in mapped]
         most = max(sum(s <= at < e for s, e in spans) for at, _ in spans)
         assert most <= LLM_SLOTS
-        summary = api.get(f"/api/v2/dags/distill/dagRuns/{run_id}/taskInstances/summary/"
-                          "xcomEntries/return_value", params={"deserialize": True}).json()
-        value = summary["value"]
+        value = airflow.xcom(api, "distill", run_id, "summary")
         assert set(value["subtrees"]) == set(SUBTREES)
         for row in value["subtrees"].values():
             assert row["articles"] == 2

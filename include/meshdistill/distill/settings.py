@@ -28,7 +28,6 @@ WHAT, HOW_MUCH, QUALITY, LLM, BUDGET, RUN = (
     "What to distill", "How much", "Quality thresholds", "LLM", "Budget", "How it runs")
 
 
-
 def _form(section: str, **extra: Any) -> dict[str, Any]:
     """``json_schema_extra`` of a field shown in the DAG form: its section, and more."""
     return {"section": section, **extra}

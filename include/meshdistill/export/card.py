@@ -16,7 +16,6 @@ ask, names the limits and shows one record per format.
 
 from __future__ import annotations
 
-import io
 import json
 import re
 from collections.abc import Callable, Iterable, Mapping
@@ -30,6 +29,7 @@ import yaml
 
 from meshdistill.export.schemas import FORMATS, JUDGE_CRITERIA, SCHEMAS
 from meshdistill.export.settings import SPLITS
+from meshdistill.plotting import figure, to_png
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -40,7 +40,6 @@ __all__ = ["PLOTS", "CardStats", "hf_features", "render_card", "render_plots",
 KAILIN = "https://arxiv.org/abs/2501.15108"
 NLM_TERMS = "https://www.nlm.nih.gov/databases/download.html"
 MESH_TERMS = "https://www.nlm.nih.gov/databases/download/terms_and_conditions_mesh.html"
-DPI = 100
 CLIP_CHARS = 300
 CLIP_ITEMS = 4
 MAX_BARS = 30
@@ -148,22 +147,6 @@ def size_category(n: int) -> str:
 # --- plots ----------------------------------------------------------------------------
 
 
-def _figure(width: float, height: float) -> Figure:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
-    FigureCanvasAgg(fig)  # Agg on this figure only: no pyplot, no global backend
-    return fig
-
-
-def _png(fig: Figure) -> bytes:
-    buf = io.BytesIO()
-    # PNG metadata would only hold matplotlib's "Software" tag; None leaves it out.
-    fig.savefig(buf, format="png", dpi=DPI, metadata={"Software": None})
-    return buf.getvalue()
-
-
 def _whole(axis: Any) -> None:
     """Counts are whole numbers: no 2.5 on their axis."""
     from matplotlib.ticker import MaxNLocator
@@ -195,7 +178,7 @@ def _plot_subtrees(stats: CardStats) -> Figure | None:
     counts = _top({k: v for k, v in stats.items_per_subtree.items() if v}, MAX_BARS)
     if not counts:
         return None
-    fig = _figure(6.4, 1.4 + 0.28 * len(counts))
+    fig = figure(6.4, 1.4 + 0.28 * len(counts))
     ax = fig.add_subplot()
     names = list(counts)[::-1]  # largest on top
     ax.barh(names, [counts[n] for n in names], color=_COLOURS[0])
@@ -211,7 +194,7 @@ def _histogram(values: npt.NDArray[np.float64], title: str, xlabel: str, colour:
     values = values[np.isfinite(values)]
     if not len(values):
         return None
-    fig = _figure(6.4, 3.2)
+    fig = figure(6.4, 3.2)
     ax = fig.add_subplot()
     ax.hist(values, bins=20, range=span, color=colour)
     ax.set_title(f"{title} (n={len(values):,}, median {np.median(values):.3f})", fontsize=10)
@@ -236,7 +219,7 @@ def _plot_judge(stats: CardStats) -> Figure | None:
               for c in JUDGE_CRITERIA}
     if not any(len(v) for v in scores.values()):
         return None
-    fig = _figure(8.8, 2.6)
+    fig = figure(8.8, 2.6)
     axes = fig.subplots(1, len(scores), sharey=True)
     for ax, (criterion, values) in zip(axes, scores.items(), strict=True):
         values = values[(values >= 1) & (values <= 5)]
@@ -258,7 +241,7 @@ def _plot_mix(stats: CardStats) -> Figure | None:
         (labels, "Labels of yesno items", _COLOURS[4])) if c]
     if not panels:
         return None
-    fig = _figure(4.2 * len(panels), 3.2)
+    fig = figure(4.2 * len(panels), 3.2)
     for i, (counts, title, colour) in enumerate(panels, start=1):
         _bars(fig, i, len(panels), counts, title, colour)
     return fig
@@ -285,7 +268,7 @@ def render_plots(stats: CardStats) -> dict[str, bytes]:
         for path, draw in _DRAW.items():
             fig = draw(stats)
             if fig is not None:
-                out[path] = _png(fig)
+                out[path] = to_png(fig)
     return out
 
 

@@ -25,10 +25,10 @@ if TYPE_CHECKING:  # the backends load when one is made: options and forms need 
 Backend = Literal["offline", "openai"]
 BACKENDS: tuple[str, ...] = get_args(Backend)
 DEFAULT_CONCURRENCY = 32
+"""Requests in flight per distill task (per ``openai`` backend) unless configured."""
 OPENAI_API_URL = "https://api.openai.com/v1"
 """The SDK's own default, passed explicitly: given no base URL the SDK reads
 ``OPENAI_BASE_URL`` itself, and Docker Compose passes an unset setting as an empty one."""
-"""Requests in flight per distill task (per ``openai`` backend) unless configured."""
 
 
 @dataclass(frozen=True)
