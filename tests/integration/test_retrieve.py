@@ -14,6 +14,8 @@ from collections.abc import Callable, Iterator
 import pytest
 from meshdistill.distill.retrieve import (
     CANDIDATE_CAP,
+    QUERY_LEXEMES,
+    RANK_NORMALIZATION,
     ContextHit,
     refresh_index,
     retrieve,
@@ -326,6 +328,41 @@ def test_a_question_of_common_words_takes_articles_sharing_its_two_rarest(
     exhaustive = {h.pmid: h.score for h in retrieve_many(
         conn, [(COMMON, 1)], k=5000, candidate_budget=None)[0]}
     assert all(h.score == exhaustive[h.pmid] for h in hits if not h.is_source)
+
+
+def test_scores_are_ts_rank_cd_against_the_whole_question(conn: Connection) -> None:
+    """Each candidate is ranked against the question's lexemes it holds (docs/retrieval.md,
+    rule 4), and its score is, to the bit, ``ts_rank_cd`` against all of them."""
+    rows = conn.execute(
+        text(f"SELECT pmid, title, abstract FROM article WHERE {WITH_ABSTRACT} ORDER BY pmid")
+    ).all()
+    rng = random.Random(24)
+    items = []
+    for i, (pmid, title, abstract) in enumerate(sample := rng.sample(rows, 40)):
+        words = abstract.split()
+        rng.shuffle(words)
+        items.append((" ".join(words[:14]), pmid))  # weak: abstract words in no order
+        items.append((title, sample[i - 1][0]))  # another article as the source
+    items.append(("O'Brien's \\ AT&T http://x.org/a?b=1&c=2 cancer", sample[0][0]))
+    checked = questions = 0
+    for (question, source), hits in zip(items, retrieve_many(conn, items, k=10), strict=True):
+        lexemes = conn.execute(
+            text("SELECT tsvector_to_array(to_tsvector('english', :q))"), {"q": question}
+        ).scalar_one()
+        if len(lexemes) > QUERY_LEXEMES:
+            continue  # ranked on its rarest QUERY_LEXEMES: not the whole question
+        whole = " | ".join(
+            "'" + lx.replace("\\", "\\\\").replace("'", "''") + "'" for lx in lexemes)
+        expected = dict(conn.execute(
+            text(f"SELECT pmid, ts_rank_cd(fts, CAST(:q AS tsquery), {RANK_NORMALIZATION})"
+                 " FROM article_fts WHERE pmid = ANY(:p)"),
+            {"q": whole, "p": [h.pmid for h in hits]},
+        ).all())
+        assert [h.score for h in hits] == [expected[h.pmid] for h in hits], question
+        assert any(h.is_source for h in hits) and hits[0].score > 0
+        checked += len(hits)
+        questions += 1
+    assert questions >= 60 and checked >= 500
 
 
 def test_refresh_index_follows_changes(conn: Connection) -> None:
