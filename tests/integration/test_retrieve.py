@@ -333,6 +333,10 @@ def test_a_question_of_common_words_takes_articles_sharing_its_two_rarest(
 def test_scores_are_ts_rank_cd_against_the_whole_question(conn: Connection) -> None:
     """Each candidate is ranked against the question's lexemes it holds (docs/retrieval.md,
     rule 4), and its score is, to the bit, ``ts_rank_cd`` against all of them."""
+    # What the cut relies on: the stored vectors carry weights A and B only.
+    assert conn.exec_driver_sql(
+        "SELECT count(*) FROM article_fts WHERE ts_filter(fts, '{c,d}') <> ''::tsvector"
+    ).scalar_one() == 0
     rows = conn.execute(
         text(f"SELECT pmid, title, abstract FROM article WHERE {WITH_ABSTRACT} ORDER BY pmid")
     ).all()

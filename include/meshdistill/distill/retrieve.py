@@ -277,8 +277,9 @@ def retrieve_many(
     }
     if subtree_uis is not None:
         params["uis"] = list(subtree_uis)
-    # JIT compilation costs ~0.2 s per batch statement for nothing (the work is in
-    # ts_rank_cd, not in expressions): off for this statement, the caller's value back.
+    # JIT compilation costs ~0.2 s per batch statement for nothing (the work is in the
+    # text-search functions, not in expressions): off for this statement, the caller's
+    # value back.
     jit = conn.exec_driver_sql(
         "SELECT current_setting('jit'), set_config('jit', 'off', true)"
     ).one()[0]
