@@ -90,12 +90,17 @@ EXHAUSTIVE_SQL = r"""
 """
 
 # The pipeline's statement with each candidate ranked against the whole query (every
-# lexeme the question ranks on) instead of the lexemes the article holds: the same
-# scores, so the same hits, at the cost retrieval's ranking would have without the cut.
+# lexeme the question ranks on, ORed once per question as ``t.q``) instead of the lexemes
+# the article holds: the same scores, so the same hits, at the cost retrieval's ranking
+# would have without the cut.
+_LEXEMES = "SELECT array_agg(l ORDER BY l) AS lexemes,"
+_WITH_Q = _LEXEMES + " string_agg(op, ' | ' ORDER BY l)::tsquery AS q,"
 _SCORE_WHOLE_QUERY = f"coalesce(ts_rank_cd({FTS_EXPRESSION}, t.q, {RANK_NORMALIZATION}), 0)"
 _SCORE_PIPELINE = SCORE.format(fts=FTS_EXPRESSION)
-WHOLE_QUERY_SQL = pipeline_sql(False).replace(_SCORE_PIPELINE, _SCORE_WHOLE_QUERY)
-if WHOLE_QUERY_SQL.count(_SCORE_WHOLE_QUERY) != 2 or _SCORE_PIPELINE in WHOLE_QUERY_SQL:
+WHOLE_QUERY_SQL = (pipeline_sql(False).replace(_SCORE_PIPELINE, _SCORE_WHOLE_QUERY)
+                   .replace(_LEXEMES, _WITH_Q))
+if (WHOLE_QUERY_SQL.count(_SCORE_WHOLE_QUERY) != 2 or _SCORE_PIPELINE in WHOLE_QUERY_SQL
+        or WHOLE_QUERY_SQL.count(_WITH_Q) != 1):
     raise SystemExit("retrieve._sql no longer ranks with _SCORE: update WHOLE_QUERY_SQL")
 
 Items = list[tuple[str, int]]

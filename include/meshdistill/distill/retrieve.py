@@ -57,8 +57,8 @@ _REFRESH_LOCK = 0x6D64_6674  # pg_advisory_xact_lock key of refresh_index ("mdft
 _OPERAND = r"'''' || replace(replace(l, '\', '\\'), '''', '''''') || ''''"
 
 # A question is its QUERY_LEXEMES rarest lexemes that occur in the corpus, then unknown
-# ones (which match nothing). Per question: ``q``, those lexemes ORed, ``lexemes``, the
-# same as an array (ranking, see _SCORE), and ``candidates`` (matching).
+# ones (which match nothing). Per question: ``lexemes``, those lexemes (ranking, see
+# _SCORE), and ``candidates``, a tsquery of some of them (matching).
 # Lexemes are taken by ascending document frequency (unknown ones count 0) while the
 # frequencies taken add up to at most :budget; every lexeme up to and including the first
 # that occurs at all is always taken, and ``candidates`` is the OR of those taken. When
@@ -66,12 +66,11 @@ _OPERAND = r"'''' || replace(replace(l, '\', '\\'), '''', '''''') || ''''"
 # common), ``candidates`` is instead the AND of the two rarest occurring lexemes: the
 # articles sharing two of its least common words, as an article shares every word of its
 # title. A question with a single occurring lexeme keeps the OR. ``candidates`` is empty
-# only when ``q`` is; both NULL when the question has no lexeme (empty or stop words
-# only), which matches nothing and scores NULL (read as 0 for the source). A NULL
+# only when ``lexemes`` is; both NULL when the question has no lexeme (empty or stop
+# words only), which matches nothing and scores NULL (read as 0 for the source). A NULL
 # :budget takes every lexeme (the exhaustive search).
 _QUERIES = f"""
-    SELECT string_agg(op, ' | ' ORDER BY l)::tsquery AS q,
-           array_agg(l ORDER BY l) AS lexemes,
+    SELECT array_agg(l ORDER BY l) AS lexemes,
            (CASE WHEN bool_or(occurs = 1 AND df > CAST(:budget AS bigint))
                       AND count(*) FILTER (WHERE occurs <= 2) = 2
                  THEN string_agg(op, ' & ' ORDER BY l) FILTER (WHERE occurs <= 2)
