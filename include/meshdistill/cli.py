@@ -164,7 +164,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
     values = {k: v for k, v in given.items() if v is not None}  # None: the default
     request, settings = pipeline.distill_request(values), pipeline.distill_settings(values)
     llm = pipeline.llm_for(request, base_url=args.base_url, max_concurrency=args.concurrency,
-                           timeout=args.timeout, max_output_tokens=args.max_output_tokens)
+                           timeout=args.timeout, max_output_tokens=args.max_output_tokens,
+                           narrow_schema=args.narrow_schema)
     shares = pipeline.budget_shares(request.budget_usd, request.budget_tokens, len(subtrees))
     run_id = args.run_id or f"cli-{time.strftime('%Y%m%dT%H%M%S')}"
     summaries = [
@@ -386,6 +387,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="seconds per request (default 60; a small local server needs more)")
     di.add_argument("--max-output-tokens", type=int,
                     help="cap on every call's output tokens (default: each stage's own)")
+    di.add_argument("--narrow-schema", action="store_true", default=None,
+                    help="send each generate request a schema narrowed to its article (the "
+                         "questions asked for, evidence among its sentences): for servers "
+                         "that constrain decoding to the schema, such as llama.cpp and vLLM")
     di.add_argument("--processes", type=int, default=DEFAULTS.processes,
                     help=f"worker processes per subtree (default {DEFAULTS.processes}); the "
                          "--concurrency cap and the budget are split evenly between them")

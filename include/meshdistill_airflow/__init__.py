@@ -115,7 +115,8 @@ def llm_config() -> LLMConfig | None:
     host = the OpenAI-compatible base URL (``https://api.openai.com/v1``; a bare host
     gets the connection's schema, default https, and port), password = API key, extra
     JSON = ``model``, ``organization``, ``max_concurrency``, ``timeout``,
-    ``max_attempts``, ``max_output_tokens``, ``client_process``, ``backend``. Unknown
+    ``max_attempts``, ``max_output_tokens``, ``narrow_schema``, ``client_process``,
+    ``backend``. Unknown
     extra keys are a ConfigError. The key is kept out of logs: Airflow masks connection
     passwords and ``LLMConfig`` hides it.
     """

@@ -149,11 +149,11 @@ def test_llm_connection_becomes_an_llm_config(monkeypatch: pytest.MonkeyPatch) -
     assert llm_config() is None
     monkeypatch.setenv("AIRFLOW_CONN_MESHDISTILL_LLM", json.dumps({
         "conn_type": "http", "host": "http://127.0.0.1:8000/v1", "password": "sk-secret-1",
-        "extra": {"model": "m", "max_concurrency": 4}}))
+        "extra": {"model": "m", "max_concurrency": 4, "narrow_schema": True}}))
     config = llm_config()
     assert config is not None
-    assert (config.kind, config.model, config.base_url, config.max_concurrency) == (
-        "openai", "m", "http://127.0.0.1:8000/v1", 4)
+    assert (config.kind, config.model, config.base_url, config.max_concurrency,
+            config.narrow_schema) == ("openai", "m", "http://127.0.0.1:8000/v1", 4, True)
     assert config.api_key == "sk-secret-1" and "sk-secret-1" not in repr(config)
     monkeypatch.setenv("AIRFLOW_CONN_MESHDISTILL_LLM", json.dumps({
         "conn_type": "http", "host": "llm.internal", "port": 8080, "schema": "http"}))

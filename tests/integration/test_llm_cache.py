@@ -26,12 +26,13 @@ from meshdistill.llm.backend import (
 )
 from meshdistill.llm.budget import DEFERRED_REASON, Budget, estimate_prompt_tokens, is_deferred
 from meshdistill.llm.cache import CachedBackend, is_cached, usage
-from meshdistill.llm.inputs import ArticleInput, JudgeInput, MeshHeading, Passage
+from meshdistill.llm.config import LLMConfig, cached_backend
+from meshdistill.llm.inputs import ArticleInput, GenerateInput, JudgeInput, MeshHeading, Passage
 from meshdistill.llm.offline import OfflineBackend
 from meshdistill.llm.openai_backend import OpenAIBackend
 from meshdistill.llm.pricing import Pricing
 from meshdistill.llm.schemas import Judgement, Question, QuestionType
-from meshdistill.llm.stages import judge_request
+from meshdistill.llm.stages import generate_request, judge_request
 from meshdistill.store.db import get_engine
 from meshdistill.store.migrate import current_revision, downgrade, upgrade
 from sqlalchemy import text
@@ -185,6 +186,35 @@ def test_an_output_cap_is_sent_stored_and_keyed(database_url: str, server: FakeO
     assert len(rows(database_url)) == 2
     with pytest.raises(ConfigError, match="at least 16"):
         CachedBackend(openai_backend(server), database_url, max_output_tokens=8)
+
+
+def test_a_narrowed_schema_is_sent_stored_and_keyed(database_url: str) -> None:
+    """``narrow_schema``: the generate request that reaches the server carries its
+    article's choices, and it is a call of its own in the cache, not the general one."""
+    abstract = ("Programmed cell death is the regulated death of cells. "
+                "It shapes the leaves of the lace plant.")
+    gen = generate_request(GenerateInput(
+        ArticleInput(pmid="1", title="Lace plant", abstract=abstract), "domain", 2))
+    with FakeOpenAI() as fake:
+        narrow = run(openai_backend(fake), database_url, [gen], narrow_schema=True)[0]
+        schema = fake.requests[-1].body["response_format"]["json_schema"]["schema"]
+        evidence = schema["$defs"]["Question"]["properties"]["evidence"]
+        assert evidence["enum"] == [
+            "Programmed cell death is the regulated death of cells.",
+            "It shapes the leaves of the lace plant."]
+        assert narrow.ok and narrow.params["choices"] and len(rows(database_url)) == 1
+        again = run(openai_backend(fake), database_url, [gen], narrow_schema=True)[0]
+        assert is_cached(again) and len(fake.requests) == 1
+        general = run(openai_backend(fake), database_url, [gen])[0]
+        assert not is_cached(general) and len(fake.requests) == 2
+        assert "enum" not in json.dumps(
+            fake.requests[-1].body["response_format"]["json_schema"]["schema"]["$defs"][
+                "Question"]["properties"]["evidence"])
+    assert len(rows(database_url)) == 2
+    config = LLMConfig(backend="offline", narrow_schema=True)
+    assert cached_backend(config, get_engine(database_url)).narrow_schema is True
+    assert cached_backend(LLMConfig(backend="offline"), get_engine(database_url)
+                          ).narrow_schema is False
 
 
 def test_concurrent_identical_requests_share_one_call_and_one_row(

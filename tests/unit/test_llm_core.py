@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
+from meshdistill.distill.candidates import evidence_in
 from meshdistill.llm import prompts
 from meshdistill.llm.backend import (
     MODEL_ANSWER_FAILURES,
@@ -13,9 +15,16 @@ from meshdistill.llm.backend import (
     LLMResult,
     cache_key,
 )
-from meshdistill.llm.inputs import ArticleInput, GenerateInput, MeshHeading
-from meshdistill.llm.schemas import Answer, GeneratedQuestions, Judgement
-from meshdistill.llm.stages import generate_request
+from meshdistill.llm.inputs import ArticleInput, GenerateInput, JudgeInput, MeshHeading
+from meshdistill.llm.schemas import (
+    Answer,
+    GeneratedQuestions,
+    Judgement,
+    Question,
+    QuestionChoices,
+    QuestionType,
+)
+from meshdistill.llm.stages import generate_request, judge_request, narrowed
 from pydantic import ValidationError
 
 ARTICLE = ArticleInput(
@@ -164,3 +173,81 @@ def test_an_empty_openai_base_url_in_the_environment_means_openai(
     assert asyncio.run(client_url()).startswith("https://api.openai.com/v1")
     embedder = OpenAIEmbedder(model="e", api_key="k")
     assert str(embedder._get_client().base_url).startswith("https://api.openai.com/v1")
+
+
+TWO_SENTENCES = ArticleInput(
+    pmid="7", title="Aspirin", abstract=(
+        "Aspirin lowered the risk of colorectal cancer by 20%.\nThe effect took ten\nyears "
+        "to appear. Short one. Aspirin lowered the risk of colorectal cancer by 20%. "
+        'Patients called it "the pill" in interviews. The dose was 75 \u03bcg a day. '
+        "A path C:\\trial was logged."),
+)
+
+
+def test_a_generate_request_is_narrowed_to_its_articles_sentences_and_count() -> None:
+    request = generate_request(GenerateInput(TWO_SENTENCES, "domain", 3))
+    narrow = narrowed(request)
+    # Repeated once; short ones, and those a llama.cpp grammar cannot hold, left out;
+    # line breaks made spaces (grounding compares up to whitespace).
+    assert narrow.choices == QuestionChoices(3, (
+        "Aspirin lowered the risk of colorectal cancer by 20%.",
+        "The effect took ten years to appear."))
+    assert all(evidence_in(s, TWO_SENTENCES.abstract) for s in narrow.choices.sentences)
+    assert narrow.messages == request.messages and narrow.params == request.params
+    assert narrowed(narrow) is narrow
+    # Another count or another sentence is another call; the same input is the same call.
+    assert narrow.cache_key("m") != request.cache_key("m")
+    assert narrow.cache_key("m") == narrowed(request).cache_key("m")
+    fewer = narrowed(generate_request(GenerateInput(TWO_SENTENCES, "domain", 2)))
+    assert fewer.cache_key("m") != narrow.cache_key("m")
+    # Only generate requests carry choices.
+    judge = judge_request(JudgeInput(Question(
+        type=QuestionType.YESNO, question="Does aspirin lower risk?", answer_hint=None,
+        evidence="Aspirin lowered risk by 20%."), ARTICLE))
+    assert narrowed(judge) is judge
+
+
+def test_choices_narrow_a_copy_of_the_schema() -> None:
+    schema = GeneratedQuestions.model_json_schema()
+    before = json.dumps(schema, sort_keys=True)
+    out = QuestionChoices(2, ("First sentence of it.", "Second sentence of it.")).narrow(schema)
+    assert json.dumps(schema, sort_keys=True) == before  # the shared schema is untouched
+    questions = out["properties"]["questions"]
+    assert questions["minItems"] == questions["maxItems"] == 2
+    assert questions["items"] == schema["properties"]["questions"]["items"]
+    evidence = out["$defs"]["Question"]["properties"]["evidence"]
+    assert evidence["enum"] == ["First sentence of it.", "Second sentence of it."]
+    assert evidence["type"] == "string"
+    # The rest of a question is as the model says.
+    rest = {k: v for k, v in out["$defs"]["Question"]["properties"].items() if k != "evidence"}
+    assert rest == {k: v for k, v in schema["$defs"]["Question"]["properties"].items()
+                    if k != "evidence"}
+    # No sentence to choose from (an abstract of fragments): the count alone.
+    bare = QuestionChoices(1, ()).narrow(schema)
+    assert bare["$defs"] == schema["$defs"] and bare["properties"]["questions"]["maxItems"] == 1
+
+
+def test_llama_cpp_builds_a_grammar_of_the_choices() -> None:
+    """The grammar llama-cpp-python's converter builds from the narrowed schema holds each
+    choice as one literal and exactly the questions asked for. A sentence with a quote
+    shows why those are left out: its literal comes out broken."""
+    from llama_cpp.llama_grammar import LlamaGrammar
+    from meshdistill.llm.openai_backend import _grammar_schema
+
+    def rules(*sentences: str) -> dict[str, str]:
+        schema = QuestionChoices(2, sentences).narrow(_grammar_schema(GeneratedQuestions))
+        text = LlamaGrammar.from_json_schema(json.dumps(schema))._grammar
+        return dict(line.split(" ::= ", 1) for line in text.splitlines())
+
+    chosen = narrowed(generate_request(GenerateInput(TWO_SENTENCES, "domain", 2))).choices
+    assert chosen is not None
+    got = rules(*chosen.sentences)
+    assert got["Question-evidence"] == " | ".join(
+        '"\\"' + s + '\\""' for s in chosen.sentences)
+    assert got["questions"] == '"[" space questions-item "," space questions-item "]" space'
+    # The judge's 1-5 scores: the converter ignores minimum and maximum, so they go as enums.
+    judge = LlamaGrammar.from_json_schema(json.dumps(_grammar_schema(Judgement)))._grammar
+    assert 'clarity ::= "1" | "2" | "3" | "4" | "5"' in judge.splitlines()
+    quoted = rules('Patients called it "the pill" in interviews.')["Question-evidence"]
+    assert quoted == '"\\"Patients called it \\\\"the pill\\\\" in interviews.\\""'
+    # ^ the backslash of \" is not escaped: in GBNF the literal ends after "called it \\"

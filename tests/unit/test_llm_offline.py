@@ -17,8 +17,9 @@ from meshdistill.llm.inputs import (
     JudgeInput,
     MeshHeading,
     Passage,
+    split_sentences,
 )
-from meshdistill.llm.offline import OfflineBackend, split_sentences
+from meshdistill.llm.offline import OfflineBackend
 from meshdistill.llm.schemas import (
     AnswerLabel,
     GeneratedQuestions,

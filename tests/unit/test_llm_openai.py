@@ -27,7 +27,7 @@ from meshdistill.llm.inputs import (
 )
 from meshdistill.llm.openai_backend import OpenAIBackend
 from meshdistill.llm.schemas import GeneratedQuestions, Judgement, Question, QuestionType
-from meshdistill.llm.stages import generate_request, judge_request
+from meshdistill.llm.stages import generate_request, judge_request, narrowed
 
 from tests.fakes.openai_server import FakeOpenAI, example_from_schema
 
@@ -123,8 +123,10 @@ def test_each_refusal_of_json_schema_moves_to_json_mode_with_the_schema(shape: s
         assert b.structured_outputs is False and b.response_format == "json_object+schema"
         assert server.statuses == [int(shape), 200, 200]  # the refusal is not retried
         fmt = server.requests[1].body["response_format"]
-        assert fmt == {"type": "json_object", "schema": without_length_bounds(
-            Judgement.model_json_schema())}
+        schema = without_length_bounds(Judgement.model_json_schema())
+        for score in ("groundedness", "relevance", "clarity", "informativeness", "safety"):
+            schema["properties"][score]["enum"] = [1, 2, 3, 4, 5]
+        assert fmt == {"type": "json_object", "schema": schema}
         assert first.response_format == second.response_format == "json_object"
 
 
@@ -152,6 +154,33 @@ def test_the_schema_beside_json_mode_has_no_bounds_a_grammar_unrolls() -> None:
     assert '"maxLength"' not in sent_text and '"maxItems"' not in sent_text
     assert '"minLength": 8' in sent_text and '"enum"' in sent_text
     assert result.ok, result.error
+
+
+@pytest.mark.parametrize("refuse", [False, True])
+def test_a_narrowed_request_sends_its_choices_in_either_schema(refuse: bool) -> None:
+    """``json_schema`` and the schema beside JSON mode both carry the request's choices;
+    the system message of JSON mode keeps the general schema (the sentences are in the
+    prompt already). The fake server answers from the schema it was sent."""
+    abstract = ("Aspirin lowered the risk of colorectal cancer by 20%. "
+                "The effect took ten years to appear.")
+    req = narrowed(generate_request(GenerateInput(
+        ArticleInput(pmid="1", title="T", abstract=abstract), "domain", 3)))
+    assert req.choices is not None
+    with FakeOpenAI(reject_json_schema="500" if refuse else False) as server:
+        result = run(backend(server), req)
+        body = server.requests[-1].body
+    fmt = body["response_format"]
+    sent = fmt["schema"] if refuse else fmt["json_schema"]["schema"]
+    assert sent["properties"]["questions"]["minItems"] == 3
+    assert sent["properties"]["questions"]["maxItems"] == 3
+    evidence = sent["$defs"]["Question"]["properties"]["evidence"]
+    assert evidence["enum"] == list(req.choices.sentences)
+    assert result.ok, result.error
+    assert result.output is not None and len(result.output.questions) == 3
+    assert {q.evidence for q in result.output.questions} <= set(req.choices.sentences)
+    system = body["messages"][0]["content"]
+    assert ("The effect took ten years" in system) is False
+    assert ('JSON Schema:' in system) is refuse  # JSON mode only: the schema in the prompt
 
 
 def test_a_server_refusing_the_schema_in_json_mode_gets_plain_json_mode() -> None:

@@ -28,6 +28,7 @@ from pydantic import BaseModel
 
 from meshdistill.llm.inputs import StageInput
 from meshdistill.llm.prompts import ChatMessage
+from meshdistill.llm.schemas import QuestionChoices
 
 T = TypeVar("T", bound=BaseModel)
 
@@ -120,14 +121,19 @@ class LLMRequest(Generic[T]):
     output_model: type[T]
     params: LLMParams = field(default_factory=LLMParams)
     inputs: StageInput | None = None  # what the prompt was rendered from (offline backend)
+    # the output schema narrowed to this request's input (generate; see QuestionChoices)
+    choices: QuestionChoices | None = None
 
     def key_params(self) -> dict[str, Any]:
         """Parameters that enter the cache key: sampling plus the output schema."""
-        return {
+        params = {
             **self.params.as_dict(),
             "output": self.output_model.__name__,
             "schema": schema_digest(self.output_model),
         }
+        if self.choices is not None:
+            params["choices"] = self.choices.digest
+        return params
 
     def capped(self, max_tokens: int | None) -> LLMRequest[T]:
         """This request with ``max_tokens`` lowered to ``max_tokens`` (itself when it is

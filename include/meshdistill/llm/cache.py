@@ -39,6 +39,7 @@ from meshdistill.llm.budget import (
     is_deferred,
 )
 from meshdistill.llm.pricing import Pricing, default_pricing
+from meshdistill.llm.stages import narrowed
 from meshdistill.store.bulk import upsert_sql, values_template
 
 log = logging.getLogger(__name__)
@@ -179,8 +180,10 @@ class CachedBackend:
     URLs go through :func:`meshdistill.store.db.get_engine`, which migrates to head.
     ``max_output_tokens`` lowers every request's ``max_tokens`` before it is keyed and
     sent (:meth:`LLMRequest.capped`): a small local model that loops inside a string then
-    holds its server for that many tokens, not for the stage's own limit. ``subtree``
-    is recorded on every call this backend stores (who paid for it).
+    holds its server for that many tokens, not for the stage's own limit.
+    ``narrow_schema`` narrows each generate request's output schema to its input the same
+    way (:func:`~meshdistill.llm.stages.narrowed`), for servers that constrain decoding to
+    the schema. ``subtree`` is recorded on every call this backend stores (who paid for it).
     """
 
     def __init__(
@@ -192,11 +195,13 @@ class CachedBackend:
         pricing: Pricing | None = None,
         db_threads: int = 4,
         max_output_tokens: int | None = None,
+        narrow_schema: bool = False,
         subtree: str | None = None,
     ) -> None:
         if max_output_tokens is not None and max_output_tokens < 16:
             raise ConfigError(f"max_output_tokens must be at least 16, got {max_output_tokens}")
         self.max_output_tokens = max_output_tokens
+        self.narrow_schema = narrow_schema
         self.subtree = subtree
         if isinstance(engine_or_url, Engine):
             self.engine = engine_or_url
@@ -346,6 +351,8 @@ class CachedBackend:
         """Cached output, a deferral, or the inner backend's result (stored when
         :attr:`~LLMResult.cacheable`)."""
         request = request.capped(self.max_output_tokens)
+        if self.narrow_schema:
+            request = narrowed(request)
         key = request.cache_key(self.model)
         slot = (id(asyncio.get_running_loop()), key)
         task = self._inflight.get(slot)

@@ -3,7 +3,7 @@
 Settings come, in order, from the caller (CLI flags, DAG Params), the Airflow connection
 ``meshdistill_llm`` (read by the DAG glue and passed in here: host = base URL, password =
 API key, extra ``model``/``organization``/``max_concurrency``/``timeout``/
-``max_attempts``/``max_output_tokens``) and the
+``max_attempts``/``max_output_tokens``/``narrow_schema``/``client_process``) and the
 environment (``MESHDISTILL_LLM_BACKEND``, ``MESHDISTILL_LLM_MODEL``, ``OPENAI_BASE_URL``,
 ``OPENAI_API_KEY``, ``OPENAI_ORG_ID``). The key is never logged; repr hides it.
 """
@@ -48,6 +48,10 @@ class LLMConfig:
     max_output_tokens: int | None = None
     # None: MESHDISTILL_LLM_CLIENT_PROCESS (default on); see meshdistill.llm.client_process
     client_process: bool | None = None
+    # True: generate requests carry a schema narrowed to their input (QuestionChoices):
+    # for servers that constrain decoding to the schema (llama.cpp, vLLM). Off by default:
+    # a schema per request defeats a hosted API's cache of compiled schemas.
+    narrow_schema: bool | None = None
 
     def merged(self, fallback: LLMConfig | None) -> LLMConfig:
         """This config with its unset fields taken from ``fallback`` (e.g. the connection)."""
@@ -80,7 +84,7 @@ class LLMConfig:
                    extra: dict[str, Any]) -> LLMConfig:
         """From an Airflow connection's parts (no Airflow import here)."""
         allowed = {"backend", "model", "organization", "max_concurrency", "timeout",
-                   "max_attempts", "max_output_tokens", "client_process"}
+                   "max_attempts", "max_output_tokens", "client_process", "narrow_schema"}
         unknown = set(extra) - allowed
         if unknown:
             raise ConfigError(f"unknown keys in the meshdistill_llm connection extra: "
@@ -119,4 +123,5 @@ def cached_backend(config: LLMConfig, engine: Engine, *, budget_usd: float | Non
     budget = (Budget(usd=budget_usd, tokens=budget_tokens)
               if budget_usd is not None or budget_tokens is not None else None)
     return CachedBackend(make_backend(config), engine, budget=budget,
-                         max_output_tokens=config.max_output_tokens, subtree=subtree)
+                         max_output_tokens=config.max_output_tokens,
+                         narrow_schema=bool(config.narrow_schema), subtree=subtree)

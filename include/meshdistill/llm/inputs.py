@@ -7,9 +7,20 @@ verbatim, and re-parsing a rendered prompt to find it again would be fragile).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from meshdistill.llm.schemas import Question, QuestionType
+
+# A sentence ends at . ! ? followed by space and an upper-case letter, digit or bracket;
+# "e.g. the" and "vs. placebo" (lower case after the stop) are not split.
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9(\[])")
+
+
+def split_sentences(text: str) -> list[str]:
+    """Sentences of ``text`` of 20 characters or more, each a verbatim substring of it
+    (structured-abstract labels kept as written)."""
+    return [s.strip() for s in _SENTENCE_END.split(text) if len(s.strip()) >= 20]
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,14 @@ from collections.abc import Iterable, Sequence
 from pydantic import BaseModel, ValidationError
 
 from meshdistill.llm.backend import FailureKind, LLMRequest, LLMResult, T
-from meshdistill.llm.inputs import AnswerInput, ArticleInput, GenerateInput, JudgeInput, Passage
+from meshdistill.llm.inputs import (
+    AnswerInput,
+    ArticleInput,
+    GenerateInput,
+    JudgeInput,
+    Passage,
+    split_sentences,
+)
 from meshdistill.llm.schemas import (
     Answer,
     AnswerLabel,
@@ -33,9 +40,6 @@ from meshdistill.llm.schemas import (
 
 OFFLINE_MODEL = "offline-extractive-v1"
 
-# A sentence ends at . ! ? followed by space and an upper-case letter, digit or bracket;
-# "e.g. the" and "vs. placebo" (lower case after the stop) are not split.
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9(\[])")
 _WORD = re.compile(r"[A-Za-z][A-Za-z0-9\-]+|[0-9]+(?:\.[0-9]+)?")
 _LABEL = re.compile(r"^[A-Z][A-Z /&]{2,40}:\s*")  # structured-abstract labels: "RESULTS: "
 STOPWORDS = frozenset(
@@ -63,11 +67,6 @@ _NOT_A_CLAIM = re.compile(
     r"(?:this|the present|our)\s(?:study|trial|review|paper)\s(?:aim|was designed|sought)|"
     r"we\s(?:aimed|sought|investigated|examined|evaluated|assessed|studied)\b)", re.I)
 _DANGLING = re.compile(r"\b(this study|the authors|the abstract|this article|this paper)\b", re.I)
-
-
-def split_sentences(text: str) -> list[str]:
-    """Sentences of ``text``, each a verbatim substring of it (labels kept as written)."""
-    return [s.strip() for s in _SENTENCE_END.split(text) if len(s.strip()) >= 20]
 
 
 def content_words(text: str) -> set[str]:

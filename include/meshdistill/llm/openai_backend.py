@@ -6,7 +6,8 @@ strict ``json_schema`` ``response_format``, falling back for good to JSON mode w
 server refuses that shape (a 400, 422 or 5xx naming the response format): first JSON mode
 with the schema alongside (``{"type": "json_object", "schema": ...}``, which llama.cpp's
 servers use to constrain their output), then plain JSON mode if that is refused too, the
-schema always also in the system message; validation and one repair, after which bad output is an
+schema always also in the system message; a request's ``QuestionChoices`` narrow the
+schema sent; validation and one repair, after which bad output is an
 ``invalid_output`` failure, never an exception, so it costs one item, not the task;
 retries under our control (the SDK's are off; :mod:`meshdistill.llm.retrying`), where a
 ``Retry-After`` beyond ``max_retry_after`` ends the call as ``rate_limited`` instead of
@@ -146,20 +147,39 @@ llama.cpp's converter refuses a ``maxLength`` in the hundreds ("number of rules 
 exceeds sane defaults"), and its server process then aborts."""
 
 
+_ENUMERATED_RANGE = 32
+"""An integer range at most this wide is sent beside JSON mode as the list of its values:
+llama.cpp's converter ignores ``minimum`` and ``maximum`` (a judge then scores 10 of 5),
+and it holds an enum."""
+
+
 @functools.cache
 def _grammar_schema(model: type[BaseModel]) -> dict[str, Any]:
     """The schema sent beside JSON mode: the output schema without
-    :data:`_EXPANDED_BOUNDS`. The server still constrains the structure, types and enums;
-    the lengths are checked here when the reply is validated (and repaired once)."""
+    :data:`_EXPANDED_BOUNDS`, its small integer ranges as enums
+    (:data:`_ENUMERATED_RANGE`). The server still constrains the structure, types and
+    enums; the lengths are checked here when the reply is validated (and repaired once)."""
 
     def strip(node: Any) -> Any:
         if isinstance(node, dict):
-            return {k: strip(v) for k, v in node.items() if k not in _EXPANDED_BOUNDS}
+            out = {k: strip(v) for k, v in node.items() if k not in _EXPANDED_BOUNDS}
+            low, high = out.get("minimum"), out.get("maximum")
+            if out.get("type") == "integer" and "enum" not in out \
+                    and isinstance(low, int) and isinstance(high, int) \
+                    and 0 <= high - low <= _ENUMERATED_RANGE:
+                out["enum"] = list(range(low, high + 1))
+            return out
         if isinstance(node, list):
             return [strip(v) for v in node]
         return node
 
     return cast(dict[str, Any], strip(_output_schema(model)))
+
+
+def _narrowed(request: LLMRequest[Any], schema: dict[str, Any]) -> dict[str, Any]:
+    """``schema`` narrowed to the request's input when it carries choices (the system
+    message of JSON mode keeps the general schema: the choices are in the prompt already)."""
+    return schema if request.choices is None else request.choices.narrow(schema)
 
 
 def _strip_fences(text: str) -> str:
@@ -307,11 +327,13 @@ class OpenAIBackend:
         schema = _output_schema(request.output_model)
         if shape == "json_schema":
             response_format: dict[str, Any] = {"type": "json_schema", "json_schema": {
-                "name": request.output_model.__name__, "schema": schema, "strict": True}}
+                "name": request.output_model.__name__,
+                "schema": _narrowed(request, schema), "strict": True}}
         else:
             response_format = {"type": "json_object"}
             if shape == "json_object+schema":
-                response_format["schema"] = _grammar_schema(request.output_model)
+                response_format["schema"] = _narrowed(
+                    request, _grammar_schema(request.output_model))
             messages = [dict(m) for m in messages]
             system = next((m for m in messages if m["role"] == "system"), None)
             if system is None:

@@ -13,8 +13,13 @@ structured outputs reject schemas whose properties are not all listed in ``requi
 
 from __future__ import annotations
 
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
 from enum import StrEnum
-from typing import Annotated
+from functools import cached_property
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
@@ -63,6 +68,47 @@ class GeneratedQuestions(BaseModel):
     model_config = _STRICT
 
     questions: list[Question] = Field(min_length=1, max_length=20)
+
+
+@dataclass(frozen=True)
+class QuestionChoices:
+    """One generate request's output narrowed to its input, for servers that constrain
+    decoding to the schema: exactly ``count`` questions, each ``evidence`` one of
+    ``sentences`` (the source's own, verbatim).
+
+    A small model asked to copy a sentence writes one of its own and loses the question to
+    the grounding check; choosing among the sentences it cannot miss, and a fixed number
+    of items stops it from writing questions until its token limit. The reply is still
+    validated against :class:`GeneratedQuestions` and grounded like any other: a server
+    that ignores the schema gains nothing and loses nothing.
+    """
+
+    count: int
+    sentences: tuple[str, ...]
+
+    def narrow(self, schema: Mapping[str, Any]) -> dict[str, Any]:
+        """A copy of ``GeneratedQuestions``' ``schema`` with these choices in it."""
+        out = dict(schema)
+        props = dict(out["properties"])
+        props["questions"] = {**props["questions"], "minItems": self.count,
+                              "maxItems": self.count}
+        out["properties"] = props
+        if self.sentences:
+            defs = dict(out["$defs"])
+            question = dict(defs["Question"])
+            fields = dict(question["properties"])
+            fields["evidence"] = {"type": "string", "enum": list(self.sentences),
+                                  "description": fields["evidence"].get("description", "")}
+            question["properties"] = fields
+            defs["Question"] = question
+            out["$defs"] = defs
+        return out
+
+    @cached_property
+    def digest(self) -> str:
+        """What enters the call's cache key: another count or sentence is another call."""
+        text = json.dumps([self.count, self.sentences], ensure_ascii=False)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 class Judgement(BaseModel):

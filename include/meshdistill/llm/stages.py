@@ -8,11 +8,19 @@ hands the requests to whichever backend is configured.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import replace
 
 from meshdistill.llm import prompts
-from meshdistill.llm.backend import LLMParams, LLMRequest, Stage
-from meshdistill.llm.inputs import AnswerInput, ArticleInput, GenerateInput, JudgeInput, Passage
-from meshdistill.llm.schemas import Answer, GeneratedQuestions, Judgement
+from meshdistill.llm.backend import LLMParams, LLMRequest, Stage, T
+from meshdistill.llm.inputs import (
+    AnswerInput,
+    ArticleInput,
+    GenerateInput,
+    JudgeInput,
+    Passage,
+    split_sentences,
+)
+from meshdistill.llm.schemas import Answer, GeneratedQuestions, Judgement, QuestionChoices
 
 GENERATOR_PROFILES = ("domain", "general")
 
@@ -64,6 +72,28 @@ def generate_request(
         params=params or LLMParams(temperature=0.7),
         inputs=inp,
     )
+
+
+def narrowed(request: LLMRequest[T]) -> LLMRequest[T]:
+    """``request`` with its output schema narrowed to its input when it is a generate
+    request (:class:`QuestionChoices`: the number of questions asked for, evidence among
+    the abstract's sentences); any other request as it is."""
+    inp = request.inputs
+    if request.stage is not Stage.GENERATE or not isinstance(inp, GenerateInput) \
+            or request.choices is not None:
+        return request
+    spaced = (" ".join(s.split()) for s in split_sentences(inp.article.abstract))
+    sentences = tuple(dict.fromkeys(s for s in spaced if _fits_a_grammar(s)))
+    return replace(request, choices=QuestionChoices(inp.n_questions, sentences))
+
+
+def _fits_a_grammar(sentence: str) -> bool:
+    """Whether llama-cpp-python's JSON-schema-to-grammar converter puts ``sentence`` into
+    a grammar intact: it writes a choice as JSON, with ``\\uXXXX`` for
+    anything not ASCII and ``\\"`` for a quote, and does not escape that backslash, so
+    the grammar it builds from such a sentence is broken. Those sentences are left out of
+    the choices (line breaks are already spaces: grounding compares up to whitespace)."""
+    return sentence.isascii() and sentence.isprintable() and not {'"', "\\"} & set(sentence)
 
 
 def judge_request(
