@@ -204,7 +204,8 @@ def _demo(llm: str, stack: contextlib.ExitStack) -> int:
         print(f"    {prefix:<5} {st['name']:<34} {st['active_articles']:>6} "
               f"{st['with_abstract']:>6} {st['as_major_topic']:>6}")
     for run, done in zip(passes, distilled, strict=True):
-        print(f"  distill    {run.label}, up to {run.conf['max_articles']} new articles per "
+        n = run.conf["max_articles"]
+        print(f"  distill    {run.label}, up to {n} new article{'s' if n > 1 else ''} per "
               f"subtree; {done['new_llm_calls']} new LLM calls stored in the cache "
               f"({done['new_llm_tokens']:,} tokens)")
         rows = {p: {k: 0 for k in pipeline.STORED_COUNTS} | done["subtrees"].get(p, {})
