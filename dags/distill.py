@@ -38,9 +38,11 @@ pool, each task keeping at most `max_concurrency` requests in flight (32 by defa
 `meshdistill://qa`. The Airflow run id is the pipeline's: a cleared task or run redoes its
 articles from the `llm_call` cache (which keeps the model's unusable answers too), with no
 new calls and no duplicate rows. LLM: connection `meshdistill_llm` (host = base URL,
-password = key, extra = `model`, `max_concurrency`, `timeout`, `max_output_tokens`, ...;
-a small local server wants `{{"max_concurrency": 2, "timeout": 300, "max_output_tokens":
-1024}}`); database: `meshdistill_db`. Steps and modules: `docs/architecture.md`.
+password = key, extra = `model`, `max_concurrency`, `timeout`, `max_output_tokens`,
+`narrow_schema`, ...; a small local server wants `{{"max_concurrency": 2, "timeout": 300,
+"max_output_tokens": 1024, "narrow_schema": true}}`, `narrow_schema` holding its model to
+evidence among the abstract's sentences); database: `meshdistill_db`. Steps and modules:
+`docs/architecture.md`.
 """
 
 

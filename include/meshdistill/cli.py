@@ -387,10 +387,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="seconds per request (default 60; a small local server needs more)")
     di.add_argument("--max-output-tokens", type=int,
                     help="cap on every call's output tokens (default: each stage's own)")
-    di.add_argument("--narrow-schema", action="store_true", default=None,
+    di.add_argument("--narrow-schema", action=argparse.BooleanOptionalAction, default=None,
                     help="send each generate request a schema narrowed to its article (the "
                          "questions asked for, evidence among its sentences): for servers "
-                         "that constrain decoding to the schema, such as llama.cpp and vLLM")
+                         "that constrain decoding to the schema, such as llama.cpp and vLLM; "
+                         "default: the meshdistill_llm connection's, else off")
     di.add_argument("--processes", type=int, default=DEFAULTS.processes,
                     help=f"worker processes per subtree (default {DEFAULTS.processes}); the "
                          "--concurrency cap and the budget are split evenly between them")

@@ -163,6 +163,10 @@ def test_llm_connection_becomes_an_llm_config(monkeypatch: pytest.MonkeyPatch) -
         "conn_type": "http", "host": "x", "extra": {"temperature": 0}}))
     with pytest.raises(ConfigError, match="temperature"):
         llm_config()
+    monkeypatch.setenv("AIRFLOW_CONN_MESHDISTILL_LLM", json.dumps({
+        "conn_type": "http", "host": "x", "extra": {"narrow_schema": "false"}}))
+    with pytest.raises(ConfigError, match=r"narrow_schema.*true or false"):
+        llm_config()
 
 
 def test_asset_subtrees_reads_the_triggering_events() -> None:

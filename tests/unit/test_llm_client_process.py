@@ -23,8 +23,10 @@ from meshdistill.errors import ConfigError
 from meshdistill.llm.backend import FailureKind, LLMResult, complete_all, start
 from meshdistill.llm.client_process import ClientProcessBackend
 from meshdistill.llm.config import LLMConfig, make_backend
+from meshdistill.llm.inputs import ArticleInput, GenerateInput
 from meshdistill.llm.openai_backend import OpenAIBackend
 from meshdistill.llm.schemas import Judgement
+from meshdistill.llm.stages import generate_request, narrowed
 
 from tests.fakes.openai_server import FakeOpenAI
 from tests.unit.test_llm_openai import VALID, judgement_responder, request
@@ -62,6 +64,25 @@ def test_results_match_the_backend_run_in_place(server: FakeOpenAI) -> None:
                 b.cache_key, b.output, b.raw_text, b.tokens_in, b.tokens_out, b.attempts,
                 b.response_format, b.params, b.backend, b.model)
     assert len(server.requests) == 6
+
+
+def test_a_narrowed_request_reaches_the_server_through_the_child() -> None:
+    """The choices travel with the request to the child (its inputs stay here)."""
+    abstract = "Aspirin lowered the risk of colorectal cancer by 20%. It took ten years."
+    req = narrowed(generate_request(GenerateInput(
+        ArticleInput(pmid="1", title="T", abstract=abstract), "domain", 2)))
+    with FakeOpenAI() as server:
+        async def go() -> LLMResult[Any]:
+            async with child(server) as backend:
+                return await backend.complete(req)
+
+        result = aio.run(go())
+        sent = server.requests[-1].body["response_format"]["json_schema"]["schema"]
+    assert result.ok, result.error
+    assert result.cache_key == req.cache_key("fake-model") and result.params["choices"]
+    assert sent["$defs"]["Question"]["properties"]["evidence"]["enum"] == [
+        "Aspirin lowered the risk of colorectal cancer by 20%."]
+    assert sent["properties"]["questions"]["maxItems"] == 2
 
 
 def test_the_cap_holds_in_the_child() -> None:

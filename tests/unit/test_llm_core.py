@@ -17,12 +17,14 @@ from meshdistill.llm.backend import (
 )
 from meshdistill.llm.inputs import ArticleInput, GenerateInput, JudgeInput, MeshHeading
 from meshdistill.llm.schemas import (
+    MAX_QUESTIONS,
     Answer,
     GeneratedQuestions,
     Judgement,
     Question,
     QuestionChoices,
     QuestionType,
+    grammar_schema,
 )
 from meshdistill.llm.stages import generate_request, judge_request, narrowed
 from pydantic import ValidationError
@@ -187,19 +189,27 @@ TWO_SENTENCES = ArticleInput(
 def test_a_generate_request_is_narrowed_to_its_articles_sentences_and_count() -> None:
     request = generate_request(GenerateInput(TWO_SENTENCES, "domain", 3))
     narrow = narrowed(request)
-    # Repeated once; short ones, and those a llama.cpp grammar cannot hold, left out;
-    # line breaks made spaces (grounding compares up to whitespace).
-    assert narrow.choices == QuestionChoices(3, (
+    # Repeated once; short ones, and those a llama.cpp grammar cannot hold (a quote, a
+    # backslash) left out, other non-ASCII kept; line breaks made spaces (grounding
+    # compares up to whitespace).
+    assert narrow.choices == QuestionChoices(3, tuple(t.value for t in QuestionType), (
         "Aspirin lowered the risk of colorectal cancer by 20%.",
-        "The effect took ten years to appear."))
+        "The effect took ten years to appear.", "The dose was 75 \u03bcg a day."))
+    assert narrow.choices is not None
     assert all(evidence_in(s, TWO_SENTENCES.abstract) for s in narrow.choices.sentences)
     assert narrow.messages == request.messages and narrow.params == request.params
     assert narrowed(narrow) is narrow
-    # Another count or another sentence is another call; the same input is the same call.
+    # Another count, type or sentence is another call; the same input is the same call.
     assert narrow.cache_key("m") != request.cache_key("m")
     assert narrow.cache_key("m") == narrowed(request).cache_key("m")
     fewer = narrowed(generate_request(GenerateInput(TWO_SENTENCES, "domain", 2)))
-    assert fewer.cache_key("m") != narrow.cache_key("m")
+    yesno = narrowed(generate_request(GenerateInput(TWO_SENTENCES, "domain", 3,
+                                                    (QuestionType.YESNO,))))
+    assert yesno.choices is not None and yesno.choices.types == ("yesno",)
+    assert len({narrow.cache_key("m"), fewer.cache_key("m"), yesno.cache_key("m")}) == 3
+    # The count stays within what GeneratedQuestions accepts.
+    many = narrowed(generate_request(GenerateInput(TWO_SENTENCES, "domain", 50)))
+    assert many.choices is not None and many.choices.count == MAX_QUESTIONS
     # Only generate requests carry choices.
     judge = judge_request(JudgeInput(Question(
         type=QuestionType.YESNO, question="Does aspirin lower risk?", answer_hint=None,
@@ -210,44 +220,61 @@ def test_a_generate_request_is_narrowed_to_its_articles_sentences_and_count() ->
 def test_choices_narrow_a_copy_of_the_schema() -> None:
     schema = GeneratedQuestions.model_json_schema()
     before = json.dumps(schema, sort_keys=True)
-    out = QuestionChoices(2, ("First sentence of it.", "Second sentence of it.")).narrow(schema)
+    out = QuestionChoices(2, ("yesno", "list"), (
+        "First sentence of it.", "Second sentence of it.")).narrow(schema)
     assert json.dumps(schema, sort_keys=True) == before  # the shared schema is untouched
     questions = out["properties"]["questions"]
-    assert questions["minItems"] == questions["maxItems"] == 2
+    assert (questions["minItems"], questions["maxItems"]) == (1, 2)
     assert questions["items"] == schema["properties"]["questions"]["items"]
-    evidence = out["$defs"]["Question"]["properties"]["evidence"]
-    assert evidence["enum"] == ["First sentence of it.", "Second sentence of it."]
-    assert evidence["type"] == "string"
+    fields = out["$defs"]["Question"]["properties"]
+    assert fields["evidence"]["enum"] == ["First sentence of it.", "Second sentence of it."]
+    assert fields["evidence"]["type"] == "string"
+    assert fields["type"] == {"type": "string", "enum": ["yesno", "list"]}
     # The rest of a question is as the model says.
-    rest = {k: v for k, v in out["$defs"]["Question"]["properties"].items() if k != "evidence"}
+    rest = {k: v for k, v in fields.items() if k not in ("evidence", "type")}
     assert rest == {k: v for k, v in schema["$defs"]["Question"]["properties"].items()
-                    if k != "evidence"}
-    # No sentence to choose from (an abstract of fragments): the count alone.
-    bare = QuestionChoices(1, ()).narrow(schema)
-    assert bare["$defs"] == schema["$defs"] and bare["properties"]["questions"]["maxItems"] == 1
+                    if k not in ("evidence", "type")}
+    # No sentence to choose from (an abstract of fragments): the evidence stays free.
+    bare = QuestionChoices(1, ("yesno",), ()).narrow(schema)
+    assert bare["$defs"]["Question"]["properties"]["evidence"] == \
+        schema["$defs"]["Question"]["properties"]["evidence"]
+    assert bare["properties"]["questions"]["maxItems"] == 1
 
 
-def test_llama_cpp_builds_a_grammar_of_the_choices() -> None:
-    """The grammar llama-cpp-python's converter builds from the narrowed schema holds each
-    choice as one literal and exactly the questions asked for. A sentence with a quote
-    shows why those are left out: its literal comes out broken."""
+def test_llama_cpp_parses_the_grammar_of_the_choices() -> None:
+    """llama.cpp itself (the bundled model's vocabulary, no weights) parses the grammar
+    llama-cpp-python's converter builds from the narrowed schema, with each choice as
+    one literal and at most the questions asked for. A sentence with a quote shows why
+    those are left out: llama.cpp cannot parse its grammar."""
+    import llama_cpp
     from llama_cpp.llama_grammar import LlamaGrammar
-    from meshdistill.llm.openai_backend import _grammar_schema
+    from meshdistill.llm.local_server import bundled_model
 
-    def rules(*sentences: str) -> dict[str, str]:
-        schema = QuestionChoices(2, sentences).narrow(_grammar_schema(GeneratedQuestions))
-        text = LlamaGrammar.from_json_schema(json.dumps(schema))._grammar
-        return dict(line.split(" ::= ", 1) for line in text.splitlines())
+    vocab_model = llama_cpp.Llama(model_path=str(bundled_model()), vocab_only=True,
+                                  verbose=False)
+    vocab = llama_cpp.llama_model_get_vocab(vocab_model._model.model)
+
+    def parses(grammar: str) -> bool:
+        sampler = llama_cpp.llama_sampler_init_grammar(vocab, grammar.encode(), b"root")
+        if sampler:
+            llama_cpp.llama_sampler_free(sampler)
+        return bool(sampler)
+
+    def grammar(*sentences: str) -> str:
+        choices = QuestionChoices(2, ("yesno", "factoid"), sentences)
+        schema = choices.narrow(grammar_schema(GeneratedQuestions))
+        return str(LlamaGrammar.from_json_schema(json.dumps(schema))._grammar)
 
     chosen = narrowed(generate_request(GenerateInput(TWO_SENTENCES, "domain", 2))).choices
-    assert chosen is not None
-    got = rules(*chosen.sentences)
-    assert got["Question-evidence"] == " | ".join(
-        '"\\"' + s + '\\""' for s in chosen.sentences)
-    assert got["questions"] == '"[" space questions-item "," space questions-item "]" space'
+    assert chosen is not None and any(not s.isascii() for s in chosen.sentences)
+    text = grammar(*chosen.sentences)
+    assert parses(text)
+    rules = dict(line.split(" ::= ", 1) for line in text.splitlines())
+    assert rules["Question-evidence"].count(" | ") == len(chosen.sentences) - 1
+    assert "The effect took ten years to appear." in rules["Question-evidence"]
+    assert rules["Question-type"] == '"\\"yesno\\"" | "\\"factoid\\""'
+    assert "questions-item" in rules["questions"] and "(" in rules["questions"]  # up to 2
     # The judge's 1-5 scores: the converter ignores minimum and maximum, so they go as enums.
-    judge = LlamaGrammar.from_json_schema(json.dumps(_grammar_schema(Judgement)))._grammar
-    assert 'clarity ::= "1" | "2" | "3" | "4" | "5"' in judge.splitlines()
-    quoted = rules('Patients called it "the pill" in interviews.')["Question-evidence"]
-    assert quoted == '"\\"Patients called it \\\\"the pill\\\\" in interviews.\\""'
-    # ^ the backslash of \" is not escaped: in GBNF the literal ends after "called it \\"
+    judge = str(LlamaGrammar.from_json_schema(json.dumps(grammar_schema(Judgement)))._grammar)
+    assert 'clarity ::= "1" | "2" | "3" | "4" | "5"' in judge.splitlines() and parses(judge)
+    assert not parses(grammar('Patients called it "the pill" in interviews.'))

@@ -171,12 +171,11 @@ def test_a_narrowed_request_sends_its_choices_in_either_schema(refuse: bool) -> 
         body = server.requests[-1].body
     fmt = body["response_format"]
     sent = fmt["schema"] if refuse else fmt["json_schema"]["schema"]
-    assert sent["properties"]["questions"]["minItems"] == 3
     assert sent["properties"]["questions"]["maxItems"] == 3
     evidence = sent["$defs"]["Question"]["properties"]["evidence"]
     assert evidence["enum"] == list(req.choices.sentences)
     assert result.ok, result.error
-    assert result.output is not None and len(result.output.questions) == 3
+    assert result.output is not None and result.output.questions
     assert {q.evidence for q in result.output.questions} <= set(req.choices.sentences)
     system = body["messages"][0]["content"]
     assert ("The effect took ten years" in system) is False

@@ -89,3 +89,18 @@ def test_summary_table_lines_up_and_marks_unknown_counts() -> None:
     assert len(pipeline.summary_table({"C04": rows["C04"]})) == 2  # no total for one
     stored = pipeline.summary_table(rows, pipeline.STORED_COUNTS)
     assert stored[0].split()[-1] == "pairs" and stored[1].split()[-1] == "3"
+
+
+def test_the_narrow_schema_flag_is_on_off_or_the_connections() -> None:
+    from meshdistill.cli import build_parser
+    from meshdistill.llm.config import LLMConfig
+
+    parse = build_parser().parse_args
+    assert parse(["distill", "--subtree", "C04", "--narrow-schema"]).narrow_schema is True
+    assert parse(["distill", "--subtree", "C04", "--no-narrow-schema"]).narrow_schema is False
+    assert parse(["distill", "--subtree", "C04"]).narrow_schema is None
+    request = pipeline.distill_request({})
+    connection = LLMConfig(narrow_schema=True)
+    assert pipeline.llm_for(request, connection, narrow_schema=None).narrow_schema is True
+    assert pipeline.llm_for(request, connection, narrow_schema=False).narrow_schema is False
+    assert pipeline.llm_for(request, None, narrow_schema=None).narrow_schema is None

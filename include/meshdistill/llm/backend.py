@@ -28,7 +28,7 @@ from pydantic import BaseModel
 
 from meshdistill.llm.inputs import StageInput
 from meshdistill.llm.prompts import ChatMessage
-from meshdistill.llm.schemas import QuestionChoices
+from meshdistill.llm.schemas import QuestionChoices, grammar_schema, output_schema
 
 T = TypeVar("T", bound=BaseModel)
 
@@ -104,11 +104,14 @@ def cache_key(
 
 @functools.cache
 def schema_digest(model: type[BaseModel]) -> str:
-    """Short digest of a pydantic model's JSON schema: a changed schema is a new call.
+    """Short digest of what a server may be sent for a pydantic model: its JSON schema and
+    the form of it a grammar-constraining server gets. A change to either is a new call
+    (a judge held to 1-5 answers another request than one that could score 10).
 
     Cached per model class: building the schema was the largest CPU cost of a call.
     """
-    return hashlib.sha256(_canonical(model.model_json_schema()).encode()).hexdigest()[:16]
+    both = [output_schema(model), grammar_schema(model)]
+    return hashlib.sha256(_canonical(both).encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)

@@ -89,6 +89,10 @@ class LLMConfig:
         if unknown:
             raise ConfigError(f"unknown keys in the meshdistill_llm connection extra: "
                               f"{sorted(unknown)}; allowed: {sorted(allowed)}")
+        for flag in ("narrow_schema", "client_process"):
+            if flag in extra and not isinstance(extra[flag], bool):
+                raise ConfigError(f"the meshdistill_llm connection extra {flag!r} must be "
+                                  f"true or false (JSON), got {extra[flag]!r}")
         base = host if not host or "://" in host else f"https://{host}"
         return cls(base_url=base or None, api_key=password or None,
                    backend=extra.get("backend") or ("openai" if host else None),

@@ -35,15 +35,14 @@ CONTEXT_TOKENS = 8192
 """SmolLM2's trained context: a judge prompt with three abstracts needs more than the
 server's default of 2,048."""
 CLIENT_SETTINGS: dict[str, Any] = {"max_concurrency": 2, "timeout": 300, "max_attempts": 2,
-                                   "max_output_tokens": 512, "narrow_schema": True}
+                                   "max_output_tokens": 1024, "narrow_schema": True}
 """``meshdistill_llm`` connection extras that suit a single-slot local server and a small
 model: two requests in flight keep it busy without queueing the rest into their
-timeouts; a reply that loops inside a string stops at 512 tokens instead of the stages'
-2,048 (SmolLM2-135M's answers that parse stay under 350 tokens for two questions, and
-in the demo its looping replies held the server 35 to 53 s each at 1,024); and each generate
-request's schema is narrowed to its article (``QuestionChoices``): the server's grammar
-then holds the model to the number of questions asked for and to evidence among the
-abstract's sentences."""
+timeouts; a reply that loops inside a string stops at 1,024 tokens instead of the stages'
+2,048 (room for the default four questions, each with a sentence of evidence); and each
+generate request's schema is narrowed to its article (``QuestionChoices``): the
+server's grammar then holds the model to the questions and types asked for and to
+evidence among the abstract's sentences."""
 
 
 def bundled_model() -> Path:

@@ -30,6 +30,7 @@ from meshdistill.llm.inputs import (
     split_sentences,
 )
 from meshdistill.llm.schemas import (
+    MAX_QUESTIONS,
     Answer,
     AnswerLabel,
     GeneratedQuestions,
@@ -216,7 +217,7 @@ def generate_questions(inp: GenerateInput) -> GeneratedQuestions:
              else _rank_general(sentences))
     types = list(inp.types) or list(QuestionType)
     questions: list[Question] = []
-    for n in range(max(1, min(inp.n_questions, 20))):
+    for n in range(max(1, min(inp.n_questions, MAX_QUESTIONS))):
         sentence = sentences[order[n % len(order)]]
         questions.append(_make_question(types[n % len(types)], sentence, article, inp.profile,
                                         sentences))

@@ -21,24 +21,24 @@ piece, with measurements: ``docs/llm.md``.
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
 import logging
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 import openai
 import pydantic_core
 from openai import AsyncOpenAI, DefaultAioHttpClient
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 
 from meshdistill.errors import ConfigError
 from meshdistill.llm.backend import FailureKind, LLMRequest, LLMResult, T
 from meshdistill.llm.config import DEFAULT_CONCURRENCY, OPENAI_API_URL
 from meshdistill.llm.retrying import RetryPolicy, refuses_response_format
 from meshdistill.llm.retrying import retry_after_seconds as retry_after_seconds
+from meshdistill.llm.schemas import grammar_schema, output_schema
 
 log = logging.getLogger(__name__)
 
@@ -128,52 +128,6 @@ def _json_mode_instruction(schema: dict[str, Any]) -> str:
         "\n\nReply with one JSON object and nothing else. It must validate against this "
         f"JSON Schema:\n{json.dumps(schema, separators=(',', ':'))}"
     )
-
-
-@functools.cache
-def _output_schema(model: type[BaseModel]) -> dict[str, Any]:
-    """The output model's JSON schema, built once per model class.
-
-    ``model_json_schema()`` costs 0.45-0.8 ms per call, the largest CPU cost of a request
-    on the event loop. The dict is shared by every request body: read-only from here on
-    (it is only ever serialised).
-    """
-    return model.model_json_schema()
-
-
-_EXPANDED_BOUNDS = frozenset({"maxLength", "maxItems"})
-"""Schema bounds that a grammar-constraining server unrolls into one rule per repetition:
-llama.cpp's converter refuses a ``maxLength`` in the hundreds ("number of rules ...
-exceeds sane defaults"), and its server process then aborts."""
-
-
-_ENUMERATED_RANGE = 32
-"""An integer range at most this wide is sent beside JSON mode as the list of its values:
-llama.cpp's converter ignores ``minimum`` and ``maximum`` (a judge then scores 10 of 5),
-and it holds an enum."""
-
-
-@functools.cache
-def _grammar_schema(model: type[BaseModel]) -> dict[str, Any]:
-    """The schema sent beside JSON mode: the output schema without
-    :data:`_EXPANDED_BOUNDS`, its small integer ranges as enums
-    (:data:`_ENUMERATED_RANGE`). The server still constrains the structure, types and
-    enums; the lengths are checked here when the reply is validated (and repaired once)."""
-
-    def strip(node: Any) -> Any:
-        if isinstance(node, dict):
-            out = {k: strip(v) for k, v in node.items() if k not in _EXPANDED_BOUNDS}
-            low, high = out.get("minimum"), out.get("maximum")
-            if out.get("type") == "integer" and "enum" not in out \
-                    and isinstance(low, int) and isinstance(high, int) \
-                    and 0 <= high - low <= _ENUMERATED_RANGE:
-                out["enum"] = list(range(low, high + 1))
-            return out
-        if isinstance(node, list):
-            return [strip(v) for v in node]
-        return node
-
-    return cast(dict[str, Any], strip(_output_schema(model)))
 
 
 def _narrowed(request: LLMRequest[Any], schema: dict[str, Any]) -> dict[str, Any]:
@@ -324,7 +278,7 @@ class OpenAIBackend:
     def _body(
         self, request: LLMRequest[T], messages: list[dict[str, str]], shape: str
     ) -> dict[str, Any]:
-        schema = _output_schema(request.output_model)
+        schema = output_schema(request.output_model)
         if shape == "json_schema":
             response_format: dict[str, Any] = {"type": "json_schema", "json_schema": {
                 "name": request.output_model.__name__,
@@ -333,7 +287,7 @@ class OpenAIBackend:
             response_format = {"type": "json_object"}
             if shape == "json_object+schema":
                 response_format["schema"] = _narrowed(
-                    request, _grammar_schema(request.output_model))
+                    request, grammar_schema(request.output_model))
             messages = [dict(m) for m in messages]
             system = next((m for m in messages if m["role"] == "system"), None)
             if system is None:

@@ -20,7 +20,14 @@ from meshdistill.llm.inputs import (
     Passage,
     split_sentences,
 )
-from meshdistill.llm.schemas import Answer, GeneratedQuestions, Judgement, QuestionChoices
+from meshdistill.llm.schemas import (
+    MAX_QUESTIONS,
+    Answer,
+    GeneratedQuestions,
+    Judgement,
+    QuestionChoices,
+    QuestionType,
+)
 
 GENERATOR_PROFILES = ("domain", "general")
 
@@ -76,7 +83,7 @@ def generate_request(
 
 def narrowed(request: LLMRequest[T]) -> LLMRequest[T]:
     """``request`` with its output schema narrowed to its input when it is a generate
-    request (:class:`QuestionChoices`: the number of questions asked for, evidence among
+    request (:class:`QuestionChoices`: the questions and types asked for, evidence among
     the abstract's sentences); any other request as it is."""
     inp = request.inputs
     if request.stage is not Stage.GENERATE or not isinstance(inp, GenerateInput) \
@@ -84,16 +91,23 @@ def narrowed(request: LLMRequest[T]) -> LLMRequest[T]:
         return request
     spaced = (" ".join(s.split()) for s in split_sentences(inp.article.abstract))
     sentences = tuple(dict.fromkeys(s for s in spaced if _fits_a_grammar(s)))
-    return replace(request, choices=QuestionChoices(inp.n_questions, sentences))
+    count = max(1, min(inp.n_questions, MAX_QUESTIONS))
+    types = tuple(dict.fromkeys(t.value for t in inp.types)) or tuple(QuestionType)
+    return replace(request, choices=QuestionChoices(count, types, sentences))
 
 
 def _fits_a_grammar(sentence: str) -> bool:
     """Whether llama-cpp-python's JSON-schema-to-grammar converter puts ``sentence`` into
-    a grammar intact: it writes a choice as JSON, with ``\\uXXXX`` for
-    anything not ASCII and ``\\"`` for a quote, and does not escape that backslash, so
-    the grammar it builds from such a sentence is broken. Those sentences are left out of
-    the choices (line breaks are already spaces: grounding compares up to whitespace)."""
-    return sentence.isascii() and sentence.isprintable() and not {'"', "\\"} & set(sentence)
+    a grammar that only its own text matches. It writes a choice as a JSON string inside
+    a grammar literal without escaping the JSON escapes' backslash: a double quote then
+    ends the literal early (llama.cpp cannot parse the grammar, and the server drops the
+    connection), a backslash turns into another character, and a character outside the
+    Basic Multilingual Plane into a surrogate pair no reply can produce. Sentences with
+    any of them are left out of the choices; other non-ASCII characters (µ, ±, β) come
+    through as ``\\uXXXX``, which the grammar reads as the character itself. Line breaks
+    are already spaces (grounding compares up to whitespace)."""
+    return (sentence.isprintable() and not {'"', "\\"} & set(sentence)
+            and all(ord(c) < 0x10000 for c in sentence))
 
 
 def judge_request(
