@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from meshdistill.llm.schemas import Question, QuestionType
+from meshdistill.llm.schemas import MAX_QUESTIONS, Question, QuestionType
 
 # A sentence ends at . ! ? followed by space and an upper-case letter, digit or bracket;
 # "e.g. the" and "vs. placebo" (lower case after the stop) are not split.
@@ -64,6 +64,16 @@ class GenerateInput:
     profile: str = "domain"
     n_questions: int = 4
     types: tuple[QuestionType, ...] = tuple(QuestionType)
+
+    @property
+    def question_count(self) -> int:
+        """``n_questions`` within what one reply may hold (1 to ``MAX_QUESTIONS``)."""
+        return max(1, min(self.n_questions, MAX_QUESTIONS))
+
+    @property
+    def question_types(self) -> tuple[QuestionType, ...]:
+        """``types``, or every type when none is given."""
+        return self.types or tuple(QuestionType)
 
 
 @dataclass(frozen=True)

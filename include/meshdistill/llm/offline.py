@@ -30,7 +30,6 @@ from meshdistill.llm.inputs import (
     split_sentences,
 )
 from meshdistill.llm.schemas import (
-    MAX_QUESTIONS,
     Answer,
     AnswerLabel,
     GeneratedQuestions,
@@ -215,9 +214,9 @@ def generate_questions(inp: GenerateInput) -> GeneratedQuestions:
     sentences = split_sentences(article.abstract) or [article.abstract.strip() or article.title]
     order = (_rank_domain(sentences, article) if inp.profile == "domain"
              else _rank_general(sentences))
-    types = list(inp.types) or list(QuestionType)
+    types = inp.question_types
     questions: list[Question] = []
-    for n in range(max(1, min(inp.n_questions, MAX_QUESTIONS))):
+    for n in range(inp.question_count):
         sentence = sentences[order[n % len(order)]]
         questions.append(_make_question(types[n % len(types)], sentence, article, inp.profile,
                                         sentences))

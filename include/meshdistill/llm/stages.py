@@ -20,14 +20,7 @@ from meshdistill.llm.inputs import (
     Passage,
     split_sentences,
 )
-from meshdistill.llm.schemas import (
-    MAX_QUESTIONS,
-    Answer,
-    GeneratedQuestions,
-    Judgement,
-    QuestionChoices,
-    QuestionType,
-)
+from meshdistill.llm.schemas import Answer, GeneratedQuestions, Judgement, QuestionChoices
 
 GENERATOR_PROFILES = ("domain", "general")
 
@@ -91,9 +84,8 @@ def narrowed(request: LLMRequest[T]) -> LLMRequest[T]:
         return request
     spaced = (" ".join(s.split()) for s in split_sentences(inp.article.abstract))
     sentences = tuple(dict.fromkeys(s for s in spaced if _fits_a_grammar(s)))
-    count = max(1, min(inp.n_questions, MAX_QUESTIONS))
-    types = tuple(dict.fromkeys(t.value for t in inp.types)) or tuple(QuestionType)
-    return replace(request, choices=QuestionChoices(count, types, sentences))
+    types = tuple(dict.fromkeys(t.value for t in inp.question_types))
+    return replace(request, choices=QuestionChoices(inp.question_count, types, sentences))
 
 
 def _fits_a_grammar(sentence: str) -> bool:
